@@ -1,0 +1,258 @@
+"""Fused Ghost-module forward (eval mode) in Triton: one launch, x read once, output written once.
+
+Design note
+===========
+Computes, for BN folded as in ``fold.py`` (``act`` is ReLU or identity)::
+
+    y1  = act(conv1x1(x, w1, stride) * scale1 + shift1)             # intrinsic channels, fp32 math
+    y2  = act(dwconv(y1, wd, pad=d//2) + shift2)                    # ghost channel j reads y1[j // (r-1)]
+    out = cat([y1, y2], 1)[:, :oup]                                  # written in place, no cat
+
+Tiling. The output plane of one image is cut into tiles of TH x TW pixels. A program owns one tile and
+one block of BLOCK_M intrinsic channels (plus their BLOCK_M * (r-1) ghost channels), and works on the
+tile *with its halo*: HALO_H x HALO_W = (TH + 2p) x (TW + 2p) pixels, p = d // 2, flattened into
+BLOCK_P = HALO_H * HALO_W lanes (both powers of two, so the lane -> (row, col) split is a shift).
+
+1. Primary conv as a GEMM on the halo tile: ``acc[BLOCK_M, BLOCK_P] = w1[BLOCK_M, Cin] @ x[Cin, BLOCK_P]``
+   with ``tl.dot`` (tensor cores for fp16/bf16; exact fp32 "ieee" for fp32), K-loop over Cin.
+2. Epilogue: scale, shift, act in fp32. **Halo pixels outside the image are set to 0 after the
+   activation**: the depthwise conv zero-pads y1, not x, so the halo must not hold act(shift1).
+   The interior pixels of y1 are stored straight into output channels [0, m).
+3. The y1 halo tile is stored, rounded to the output dtype exactly like eager PyTorch's y1, to this
+   program's private scratch slot, and read back after a CTA barrier at d*d shifted offsets
+   (one per tap) for the depthwise conv. Ghost channels are stored into output channels [m, oup);
+   those past ``oup`` are never computed.
+
+Where the scratch lives. The grid is persistent: ``min(#tiles, PROGRAMS_PER_SM * #SMs)`` programs loop
+over tiles, and each owns one fixed slot of BLOCK_M * BLOCK_P elements (8 KiB to 32 KiB), rewritten
+for every tile. All slots together are a few MiB (e.g. 132 SMs x 4 x 16 KiB = 8.4 MiB for bf16),
+well inside the 50 MiB L2 of an H100, and a slot is read back right after it is written, so the
+scratch traffic stays in L1/L2 and does not reach HBM as a tensor round trip. Two barriers per
+tile order the slot's accesses: write-after-read against the previous tile, read-after-write.
+
+Bytes per output pixel (ratio 2, b bytes per element, Cin input and oup = 2m output channels):
+the floor is ``(Cin / s^2 + oup) * b`` -- read x once, write out once. This kernel reads x from HBM
+once; the halo rows/cols overlapping the neighbour tile (BLOCK_P / (TH * TW) - 1, 30% for a 16x16
+halo of a 3x3 dw) and the re-reads of the x tile by the other channel blocks of the same tile come
+from L2, since neighbouring tiles and channel blocks run on the GPU at the same time. y1 and y2 never
+exist in HBM, so HBM traffic is the floor plus the weights.
+
+Indexing: image, channel and pixel offsets are 64-bit; within-tile indices are 32-bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .fold import FoldedGhost
+from .spec import GhostSpec
+
+try:  # triton is optional: without it the backend reports why it cannot run.
+    import triton
+    import triton.language as tl
+
+    TRITON_IMPORT_ERROR = None
+except Exception as exc:  # pragma: no cover - exercised only where triton is missing
+    triton, tl = None, None
+    TRITON_IMPORT_ERROR = exc
+
+# What this kernel supports; dispatch.py turns these into reasons.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_STRIDES = (1, 2)
+SUPPORTED_RATIOS = (2, 3, 4)
+SUPPORTED_DW_SIZES = (1, 3, 5, 7)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+class TileConfig(NamedTuple):
+    HALO_H: int
+    HALO_W: int
+    BLOCK_M: int
+    BLOCK_K: int
+    num_warps: int
+
+
+def pick_config(spec: GhostSpec, ho: int, wo: int, max_lanes: int = 256) -> TileConfig:
+    """Tile shape for an ``ho`` x ``wo`` output: the halo tile covers the image when it is small,
+    else 32-wide strips; about ``max_lanes`` pixels per program."""
+    pad = spec.dw_size // 2
+    halo_w = min(max(_next_pow2(wo + 2 * pad), _next_pow2(2 * pad + 1)), 32)
+    halo_h = min(_next_pow2(ho + 2 * pad), max(max_lanes // halo_w, 1))
+    halo_h = max(halo_h, _next_pow2(2 * pad + 1), 16 // halo_w if halo_w < 16 else 1)  # tl.dot: N >= 16
+    block_m = 16 if spec.m <= 16 else 32
+    block_k = 16 if spec.inp <= 16 else 32
+    num_warps = 4 if halo_h * halo_w * block_m <= 8192 else 8
+    return TileConfig(halo_h, halo_w, block_m, block_k, num_warps)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _ghost_fwd_kernel(
+        x_ptr, out_ptr, w1_ptr, scale1_ptr, shift1_ptr, wd_ptr, shift2_ptr, scratch_ptr,
+        C_IN, HO, WO, M, OUP,
+        sxn, sxc, sxh, sxw,
+        son, soc, soh, sow,
+        n_tiles_h, n_tiles_w, n_mblocks, total_tiles,
+        STRIDE: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, RELU: tl.constexpr,
+        HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
+    ):
+        PAD: tl.constexpr = DW // 2
+        TH: tl.constexpr = HALO_H - 2 * PAD
+        TW: tl.constexpr = HALO_W - 2 * PAD
+        BLOCK_P: tl.constexpr = HALO_H * HALO_W
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+
+        q = tl.arange(0, BLOCK_P)                   # lane = pixel of the halo tile
+        hh = q // HALO_W
+        ww = q % HALO_W
+        interior = (hh >= PAD) & (hh < HALO_H - PAD) & (ww >= PAD) & (ww < HALO_W - PAD)
+        cm = tl.arange(0, BLOCK_M)
+        ck = tl.arange(0, BLOCK_K)
+        slot = scratch_ptr + pid.to(tl.int64) * BLOCK_P * BLOCK_M + cm[:, None] * BLOCK_P + q[None, :]
+
+        for tile in range(pid, total_tiles, nprog):
+            # channel block fastest: programs running together share the x tile through L2
+            mb = tile % n_mblocks
+            t = tile // n_mblocks
+            tw = t % n_tiles_w
+            t = t // n_tiles_w
+            th = t % n_tiles_h
+            n = (t // n_tiles_h).to(tl.int64)
+
+            oh = th * TH - PAD + hh                 # output row/col of each lane (halo may be outside)
+            ow = tw * TW - PAD + ww
+            in_img = (oh >= 0) & (oh < HO) & (ow >= 0) & (ow < WO)
+            c = mb * BLOCK_M + cm                   # intrinsic channels of this block
+            c_ok = c < M
+
+            # 1. primary 1x1 conv on the halo tile
+            x_pix = n * sxn + (oh * STRIDE).to(tl.int64) * sxh + (ow * STRIDE).to(tl.int64) * sxw
+            acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+            for k0 in range(0, C_IN, BLOCK_K):
+                k = k0 + ck
+                k_ok = k < C_IN
+                xt = tl.load(x_ptr + k.to(tl.int64)[:, None] * sxc + x_pix[None, :],
+                             mask=k_ok[:, None] & in_img[None, :], other=0.0)
+                wt = tl.load(w1_ptr + c[:, None] * C_IN + k[None, :],
+                             mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+                if DOT_F32:  # interpreter only: its bf16 tl.dot multiplies raw bits (triton#11584)
+                    acc = tl.dot(wt.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+                elif IEEE:
+                    acc = tl.dot(wt, xt, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(wt, xt, acc)
+
+            # 2. BN1 + act; zero outside the image (dw padding is on y1); interior -> out[:, :m]
+            s1 = tl.load(scale1_ptr + c, mask=c_ok, other=0.0)
+            b1 = tl.load(shift1_ptr + c, mask=c_ok, other=0.0)
+            y1 = acc * s1[:, None] + b1[:, None]
+            if RELU:
+                y1 = tl.where(y1 < 0.0, 0.0, y1)    # not max(): NaN must propagate as in eager
+            y1 = tl.where(in_img[None, :], y1, 0.0).to(out_ptr.dtype.element_ty)
+            o_pix = n * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow
+            keep = interior & in_img
+            tl.store(out_ptr + c.to(tl.int64)[:, None] * soc + o_pix[None, :], y1,
+                     mask=c_ok[:, None] & keep[None, :])
+
+            # 3. y1 halo tile -> private scratch slot; depthwise conv from shifted reads
+            tl.debug_barrier()                      # previous tile's reads of the slot are done
+            tl.store(slot, y1)
+            tl.debug_barrier()                      # this tile's writes are visible to the CTA
+            for r in tl.static_range(RATIO - 1):
+                j = c * (RATIO - 1) + r             # ghost channel, reads intrinsic channel c
+                j_ok = c_ok & (j < OUP - M)
+                acc2 = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+                for tap in tl.static_range(DW * DW):
+                    wv = tl.load(wd_ptr + j * (DW * DW) + tap, mask=j_ok, other=0.0)
+                    v = tl.load(slot + ((tap // DW - PAD) * HALO_W + (tap % DW - PAD)),
+                                mask=interior[None, :], other=0.0)
+                    acc2 += wv[:, None] * v.to(tl.float32)
+                b2 = tl.load(shift2_ptr + j, mask=j_ok, other=0.0)
+                y2 = acc2 + b2[:, None]
+                if RELU:
+                    y2 = tl.where(y2 < 0.0, 0.0, y2)
+                tl.store(out_ptr + (M + j).to(tl.int64)[:, None] * soc + o_pix[None, :],
+                         y2.to(out_ptr.dtype.element_ty), mask=j_ok[:, None] & keep[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+PROGRAMS_PER_SM = 4
+INTERPRETER_PROGRAMS = 3  # few programs, so the interpreter also runs several tiles per program
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def output_memory_format(x: Tensor) -> torch.memory_format:
+    """The memory format eager conv2d gives its output for input ``x`` (PyTorch's own rule)."""
+    try:
+        from torch._prims_common import suggest_memory_format
+    except ImportError:  # pragma: no cover - the rule for dense tensors, should the helper move
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return torch.channels_last if cl else torch.contiguous_format
+    return suggest_memory_format(x)
+
+
+def ghost_forward_triton(x: Tensor, folded: FoldedGhost, spec: GhostSpec, out: Optional[Tensor] = None) -> Tensor:
+    """Launch the fused kernel. ``x``: N x inp x H x W, any strides; legality is checked by dispatch.py.
+
+    ``out``, if given, receives the result (N x oup x H' x W', x's dtype and device, any strides);
+    the tests pass a NaN-filled ``out`` so that unwritten elements show.
+
+    Equivalent PyTorch (eval mode; see ``reference.ghost_reference``)::
+
+        y1 = act(F.conv2d(x, w1[:, :, None, None], stride=s) * scale1[:, None, None] + shift1[:, None, None])
+        y2 = act(F.conv2d(y1, wd.view(-1, 1, d, d), padding=d // 2, groups=m) + shift2[:, None, None])
+        out = torch.cat([y1, y2], 1)[:, :oup]
+    """
+    n, _, h, w = x.shape
+    ho, wo = spec.out_hw(h, w)
+    if out is None:
+        out = torch.empty((n, spec.oup, ho, wo), dtype=x.dtype, device=x.device,
+                          memory_format=output_memory_format(x))
+    elif out.shape != (n, spec.oup, ho, wo) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must be a {x.dtype} tensor of shape {(n, spec.oup, ho, wo)} on {x.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if out.numel() == 0:
+        return out
+    cfg = pick_config(spec, ho, wo)
+    pad = spec.dw_size // 2
+    th, tw = cfg.HALO_H - 2 * pad, cfg.HALO_W - 2 * pad
+    n_th, n_tw = triton.cdiv(ho, th), triton.cdiv(wo, tw)
+    n_mb = triton.cdiv(spec.m, cfg.BLOCK_M)
+    total = n * n_th * n_tw * n_mb
+    if x.is_cuda:
+        programs = min(total, PROGRAMS_PER_SM * _num_sms(x.device.index))
+    else:
+        programs = min(total, INTERPRETER_PROGRAMS)
+    scratch = torch.empty(programs * cfg.BLOCK_M * cfg.HALO_H * cfg.HALO_W, dtype=x.dtype, device=x.device)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _ghost_fwd_kernel[(programs,)](
+            x, out, folded.w1, folded.scale1, folded.shift1, folded.wd, folded.shift2, scratch,
+            spec.inp, ho, wo, spec.m, spec.oup,
+            *x.stride(), *out.stride(),
+            n_th, n_tw, n_mb, total,
+            STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size, RELU=spec.act == "relu",
+            HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
+            IEEE=x.dtype == torch.float32, DOT_F32=interpreting() and x.dtype == torch.bfloat16,
+            num_warps=cfg.num_warps,
+        )
+    return out
+

@@ -1,0 +1,203 @@
+"""Drop-in use: constructors, state_dict compatibility, convert(), the fold cache, backend choice."""
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import DEVICE, OfficialStyleGhost, randomize, rel_err
+from torch import nn
+
+import ghost_kernels as gk
+
+timm = pytest.importorskip("timm")  # a test extra: installed by the README's test command
+from timm.models.ghostnet import GhostModule as TimmGhost  # noqa: E402
+from timm.models.ghostnet import GhostModuleV2 as TimmGhostV2  # noqa: E402
+
+# (args, kwargs) for the official-style constructor; the same numbers go to timm's.
+CONFIGS = [((16, 16), {}), ((16, 33, 1, 3, 5, 2, False), {}), ((8, 7), dict(ratio=4, dw_size=7)),
+           ((12, 24, 3), dict(stride=2))]
+
+
+def test_official_constructor_positional():
+    m = gk.GhostModule(16, 33, 1, 3, 5, 2, False)
+    assert m.oup == m.out_chs == 33
+    assert m.primary_conv[0].stride == (2, 2) and m.cheap_operation[0].kernel_size == (5, 5)
+    assert isinstance(m.primary_conv[2], nn.Sequential) and len(m.primary_conv[2]) == 0
+    assert m.spec == gk.GhostSpec(16, 33, 1, 3, 5, 2, "none")
+
+
+def test_timm_constructor_keywords_and_positional_act_layer():
+    m = gk.GhostModule(in_chs=16, out_chs=32, act_layer=nn.Identity, device="cpu", dtype=torch.float64)
+    assert m.primary_conv[0].weight.dtype == torch.float64 and m.spec.act == "none"
+    m2 = gk.GhostModule(16, 32, 1, 2, 3, 1, nn.ReLU)  # timm's 7th positional argument is act_layer
+    assert isinstance(m2.cheap_operation[2], nn.ReLU) and m2.spec.act == "relu"
+    m3 = gk.GhostModule(16, 32, act_layer=nn.Hardswish)
+    assert m3.spec.act == "other"
+
+
+@pytest.mark.parametrize("args,kwargs", CONFIGS)
+def test_official_state_dict_loads_strictly_both_ways(args, kwargs):
+    official = randomize(OfficialStyleGhost(*args, **kwargs))
+    ours = gk.GhostModule(*args, **kwargs)
+    assert list(ours.state_dict()) == list(official.state_dict())
+    ours.load_state_dict(official.state_dict(), strict=True)
+    official.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, args[0], 9, 8)
+    torch.testing.assert_close(ours.eval()(x), official.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("act_layer", [nn.ReLU, nn.Identity])
+@pytest.mark.parametrize("args,kwargs", CONFIGS[:1] + CONFIGS[2:])
+def test_timm_state_dict_loads_strictly(args, kwargs, act_layer):
+    timm_mod = randomize(TimmGhost(*args, act_layer=act_layer, **kwargs))
+    ours = gk.GhostModule(*args, act_layer=act_layer, **kwargs)
+    assert list(ours.state_dict()) == list(timm_mod.state_dict())
+    ours.load_state_dict(timm_mod.state_dict(), strict=True)
+    x = torch.randn(2, args[0], 9, 8)
+    torch.testing.assert_close(ours.eval()(x), timm_mod.eval()(x), rtol=0, atol=0)
+
+
+def test_train_mode_matches_timm_including_running_stats():
+    timm_mod = randomize(TimmGhost(8, 12)).to(DEVICE)
+    ours = gk.GhostModule(8, 12).to(DEVICE)
+    ours.load_state_dict(timm_mod.state_dict())
+    for _ in range(3):
+        x = torch.randn(4, 8, 6, 6, device=DEVICE)
+        torch.testing.assert_close(ours.train()(x), timm_mod.train()(x), rtol=0, atol=0)
+    for (name, a), (_, b) in zip(timm_mod.named_buffers(), ours.named_buffers()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+def random_ghostnet():
+    model = timm.create_model("ghostnet_100", pretrained=False, num_classes=10)
+    return randomize(model).to(DEVICE).eval()
+
+
+def test_convert_timm_ghostnet_100_reference_backend():
+    model = random_ghostnet()
+    original = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    gk.convert(model, backend="torch")
+    assert sum(isinstance(m, gk.GhostModule) for m in model.modules()) == 32
+    assert list(model.state_dict()) == keys
+    model.load_state_dict(original.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x), rtol=0, atol=0)
+
+
+def test_convert_timm_ghostnet_100_triton_backend():
+    model = random_ghostnet()
+    original = copy.deepcopy(model)
+    gk.convert(model, backend="triton")
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        out, ref = model(x), original(x)
+    assert rel_err(out, ref) < 1e-4  # fp32 through 32 fused modules (eager on GPU uses TF32 convs)
+
+
+def test_convert_filter_fn_and_official_model():
+    model = nn.Sequential(OfficialStyleGhost(8, 16), nn.Sequential(OfficialStyleGhost(16, 8, relu=False)))
+    gk.convert(model, filter_fn=lambda name, mod: name != "0")
+    assert type(model[0]) is OfficialStyleGhost and isinstance(model[1][0], gk.GhostModule)
+    assert gk.convert(model, backend="torch") is model
+    assert isinstance(model[0], gk.GhostModule) and model[1][0].backend == "torch"
+
+
+def test_convert_leaves_lookalikes_alone():
+    v2 = TimmGhostV2(8, 16)  # attention variant: different forward
+    assert gk.convert(nn.Sequential(v2))[0] is v2
+
+    class GhostModule(OfficialStyleGhost):  # same name, extra part
+        def __init__(self):
+            super().__init__(8, 16)
+            self.extra = nn.Conv2d(16, 16, 1)
+
+    odd = GhostModule()
+    assert not gk.is_ghost_module(odd) and gk.convert(nn.Sequential(odd))[0] is odd
+    converted = gk.convert(OfficialStyleGhost(8, 16))  # a Ghost module as the root is returned converted
+    assert isinstance(converted, gk.GhostModule)
+
+
+def count_folds(monkeypatch):
+    calls = []
+    real = gk.module.fold_ghost
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gk.module, "fold_ghost", counting)
+    return calls
+
+
+def test_fold_cache_refreshes_when_parameters_or_buffers_change(monkeypatch):
+    folds = count_folds(monkeypatch)
+    mod = randomize(gk.GhostModule(8, 12, backend="triton")).to(DEVICE).eval()
+    x = torch.randn(2, 8, 7, 9, device=DEVICE)
+
+    def check(what, dtype=torch.float32):
+        with torch.no_grad():
+            out = mod(x.to(dtype))
+            ref = gk.GhostModule(8, 12, backend="torch").to(DEVICE).double().eval()
+            ref.load_state_dict(mod.state_dict())
+            err = rel_err(out, ref(x.double()))
+        assert err < (1e-5 if dtype == torch.float32 else 1e-2), what  # bf16 rounding: ~4e-3
+
+    check("first call")
+    check("second call")
+    assert len(folds) == 1, "unchanged parameters must reuse the cached fold"
+    mod.load_state_dict(randomize(gk.GhostModule(8, 12)).state_dict())
+    check("after load_state_dict")
+    opt = torch.optim.SGD(mod.parameters(), lr=0.5)
+    for p in mod.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    check("after an optimizer step")
+    with torch.no_grad():
+        mod.cheap_operation[1].running_var.mul_(3.0)
+    check("after a running_var update")
+    mod.to(torch.bfloat16)
+    check("after .to(bfloat16)", torch.bfloat16)
+    assert len(folds) == 5
+
+
+def test_backend_choice_and_reasons():
+    mod = randomize(gk.GhostModule(8, 12)).to(DEVICE)
+    x = torch.randn(1, 8, 5, 5, device=DEVICE)
+    # train mode: auto falls back to torch and says why; an explicit fused backend refuses
+    assert "train-mode" in mod.explain(x) and "runs 'torch'" in mod.explain(x)
+    mod_t = copy.deepcopy(mod)
+    mod_t.backend = "triton"
+    with pytest.raises(gk.BackendNotSupported, match="train-mode"):
+        mod_t(x)
+    mod_t.eval()
+    with pytest.raises(gk.BackendNotSupported, match="no_grad"):
+        mod_t(x)
+    with torch.no_grad():
+        assert "runs 'triton'" in mod_t.explain(x)
+        mod_t(x)
+        expected = "runs 'triton'" if DEVICE == "cuda" else "CUDA tensors only"
+        assert expected in mod.eval().explain(x)
+
+
+def test_functional_api_matches_reference():
+    spec = gk.GhostSpec(8, 13, ratio=3, stride=2)
+    mod = randomize(gk.GhostModule(8, 13, ratio=3, stride=2)).to(DEVICE).eval()
+    x = torch.randn(2, 8, 9, 9, device=DEVICE)
+    bn1 = gk.BatchNormState.from_module(mod.primary_conv[1])
+    bn2 = gk.BatchNormState.from_module(mod.cheap_operation[1])
+    args = (x, mod.primary_conv[0].weight, bn1, mod.cheap_operation[0].weight, bn2, spec)
+    with torch.no_grad():
+        fused = gk.ghost_module(*args, backend="triton")
+        ref = gk.ghost_module(*args, backend="torch")
+    assert rel_err(fused, ref) < 1e-5
+
+
+def test_available_backends_and_info_command():
+    backends = gk.available_backends()
+    assert set(backends) == {"torch", "triton"} and backends["torch"] is None
+    assert backends["triton"] is None  # CUDA here, or TRITON_INTERPRET=1 (set by conftest) on a CPU
+    res = subprocess.run([sys.executable, "-m", "ghost_kernels.info"], capture_output=True, text=True, check=True)
+    assert "backends:" in res.stdout and "triton" in res.stdout
