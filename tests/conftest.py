@@ -11,6 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The oracle must be accurate: eager fp32 convs on a GPU default to TF32 (~1e-3 relative error).
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 import pytest  # noqa: E402
 
 

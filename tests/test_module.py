@@ -93,8 +93,8 @@ def test_convert_timm_ghostnet_100_triton_backend():
     gk.convert(model, backend="triton")
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
     with torch.no_grad():
-        out, ref = model(x), original(x)
-    assert rel_err(out, ref) < 1e-4  # fp32 through 32 fused modules (eager on GPU uses TF32 convs)
+        out, eager, ref = model(x), original(x), original.double()(x.double())
+    assert rel_err(out, ref) <= 2 * rel_err(eager, ref) + 1e-6  # fp32, through 32 fused modules
 
 
 def test_convert_filter_fn_and_official_model():
@@ -191,8 +191,11 @@ def test_functional_api_matches_reference():
     args = (x, mod.primary_conv[0].weight, bn1, mod.cheap_operation[0].weight, bn2, spec)
     with torch.no_grad():
         fused = gk.ghost_module(*args, backend="triton")
-        ref = gk.ghost_module(*args, backend="torch")
-    assert rel_err(fused, ref) < 1e-5
+        eager = gk.ghost_module(*args, backend="torch")
+        mod.double()
+        ref = gk.ghost_module(x.double(), mod.primary_conv[0].weight, gk.BatchNormState.from_module(mod.primary_conv[1]),
+                              mod.cheap_operation[0].weight, gk.BatchNormState.from_module(mod.cheap_operation[1]), spec)
+    assert rel_err(fused, ref) <= 2 * rel_err(eager, ref) + 1e-6
 
 
 def test_available_backends_and_info_command():

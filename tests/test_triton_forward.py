@@ -118,7 +118,8 @@ def test_nan_and_inf_propagate_like_eager(act):
     assert torch.equal(torch.isnan(out), torch.isnan(eager))
     assert torch.equal(torch.isinf(out), torch.isinf(eager))
     finite = torch.isfinite(eager)
-    assert rel_err(out[finite], eager[finite]) < 1e-5
+    ref = params.to(torch.float64).reference(x.double())
+    assert rel_err(out[finite], ref[finite]) <= 2 * rel_err(eager[finite], ref[finite]) + 1e-6
 
 
 def test_persistent_loop_covers_many_tiles():

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The one-call GPU suite: environment, install, build, the whole pytest suite on the GPU, the
+# microbenchmarks and the model benchmark. Logs, JSON, markdown and PNGs go into OUTDIR; a short
+# summary table is printed last.
+#
+#   benchmarks/gpu_suite.sh OUTDIR            # full run (< 8 min on an H100, build included)
+#   benchmarks/gpu_suite.sh OUTDIR --quick    # rerun in <= 3 min: one shape per resolution
+#
+# For a bare GPU machine with a preinstalled stack (torch, triton, timm, pytest): nothing is
+# downloaded; the package is installed without build isolation. Then publish the results with
+#   python benchmarks/publish.py OUTDIR
+set -uo pipefail
+OUT=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [--quick]}
+QUICK=0
+[[ "${2:-}" == "--quick" ]] && QUICK=1
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+stamp() { echo "== $* (+$(( $(date +%s) - T0 ))s)"; }
+
+stamp environment
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+  $PY - <<'PY'
+import sys, torch, triton
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| triton", triton.__version__, "| cudnn", torch.backends.cudnn.version())
+PY
+  command -v nvcc >/dev/null && nvcc --version | tail -1
+} 2>&1 | tee "$OUT/env.txt"
+
+stamp install
+if ! $PY -m pip install --no-build-isolation --no-deps --no-index -q -e . >>"$OUT/env.txt" 2>&1; then
+  echo "pip install failed (see env.txt); using the source tree through PYTHONPATH"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+$PY -m ghost_kernels.info 2>&1 | tee -a "$OUT/env.txt"
+
+stamp tests
+XDIST=""
+$PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+JUNIT=$(mktemp --suffix=.xml)
+PYTEST_ARGS=(-q -p no:cacheprovider $XDIST --junitxml "$JUNIT" tests)
+[[ $QUICK == 1 ]] && PYTEST_ARGS+=(-k "not random_configurations and not option_sweep")
+timeout 330 $PY -m pytest "${PYTEST_ARGS[@]}" >"$OUT/pytest.log" 2>&1
+TEST_RC=$?
+tail -n 30 "$OUT/pytest.log"
+
+stamp microbenchmarks and model
+BENCH_ARGS=(--out "$OUT" --junit "$JUNIT")
+if [[ $QUICK == 1 ]]; then
+  BENCH_ARGS+=(--quick --compile-budget 45)
+else
+  BENCH_ARGS+=(--compile-budget 150 --max-autotune-budget 40)
+fi
+timeout 360 $PY -m ghost_kernels.bench "${BENCH_ARGS[@]}" 2>"$OUT/bench.err" | tee "$OUT/bench.log"
+BENCH_RC=${PIPESTATUS[0]}
+[[ $BENCH_RC != 0 ]] && tail -n 20 "$OUT/bench.err"
+
+stamp summary
+$PY -m ghost_kernels.bench.summary "$OUT/bench.json" || true
+echo "tests rc=$TEST_RC bench rc=$BENCH_RC total $(( $(date +%s) - T0 ))s; outputs in $OUT"
+[[ $TEST_RC == 0 && $BENCH_RC == 0 ]]

@@ -1,0 +1,232 @@
+"""Microbenchmark harness: implementations, correctness gate, timing, bandwidth.
+
+Every implementation runs on the same inputs and weights, is checked against the float64 reference
+before it is timed, and is timed with CUDA events (``triton.testing.do_bench``, which also flushes
+L2 between calls) on a rotating set of inputs. On a CPU the same code times with ``perf_counter``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..module import GhostModule
+from ..spec import GhostSpec, ModuleShape
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
+# Relative-error gate per dtype (output vs float64 reference); the tests hold the kernels to a
+# tighter, eager-relative bound. This only keeps a broken implementation out of the tables.
+ERR_GATE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+IMPLS = ("eager", "eager_folded", "compile", "compile_max_autotune", "triton")
+
+
+class Skip(Exception):
+    """An implementation that cannot run here; the message says why."""
+
+
+@dataclass
+class Row:
+    op: str
+    impl: str
+    name: str
+    inp: int
+    oup: int
+    h: int
+    w: int
+    stride: int
+    batch: int
+    dtype: str
+    layout: str
+    count: int  # how many of the network's modules have this shape
+    bytes: int = 0
+    median_ms: Optional[float] = None
+    p20_ms: Optional[float] = None
+    p80_ms: Optional[float] = None
+    GBps: Optional[float] = None
+    copy_fraction: Optional[float] = None
+    rel_err: Optional[float] = None
+    status: str = "ok"
+    note: str = ""
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+def randomize_(module: nn.Module) -> nn.Module:
+    """Random weights and BN statistics (a fresh BN is the identity, which would hide folding bugs)."""
+    with torch.no_grad():
+        for mod in module.modules():
+            if isinstance(mod, nn.Conv2d):
+                nn.init.kaiming_uniform_(mod.weight, a=math.sqrt(5))
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.2)
+                mod.running_mean.normal_(0, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+    return module
+
+
+def eager_module(spec: GhostSpec) -> nn.Module:
+    """The module users have: timm's GhostModule if timm is installed, else ours on the torch path
+    (the same ops: conv, BN, act, depthwise conv, BN, act, cat, slice)."""
+    act = {"relu": nn.ReLU, "none": nn.Identity}[spec.act]
+    try:
+        from timm.models.ghostnet import GhostModule as TimmGhost
+
+        return TimmGhost(spec.inp, spec.oup, spec.kernel_size, spec.ratio, spec.dw_size, spec.stride, act_layer=act)
+    except ImportError:
+        return GhostModule(spec.inp, spec.oup, spec.kernel_size, spec.ratio, spec.dw_size, spec.stride,
+                           act_layer=act, backend="torch")
+
+
+class FoldedEager(nn.Module):
+    """Eager PyTorch with BN folded into the convs (conv+bias, act, dw conv+bias, act, cat, slice)."""
+
+    def __init__(self, module: nn.Module, spec: GhostSpec):
+        super().__init__()
+        self.spec = spec
+        folds = []
+        for seq in (module.primary_conv, module.cheap_operation):
+            conv, bn = seq[0], seq[1]
+            scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+            shift = bn.bias.float() - bn.running_mean.float() * scale
+            folds.append((conv.weight.float() * scale[:, None, None, None], shift))
+        dt = module.primary_conv[0].weight.dtype
+        self.w1, self.b1 = (t.to(dt) for t in folds[0])
+        self.wd, self.bd = (t.to(dt) for t in folds[1])
+        self.relu = spec.act == "relu"
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.spec
+        y1 = F.conv2d(x, self.w1, self.b1, s.stride, s.kernel_size // 2)
+        y1 = F.relu(y1) if self.relu else y1
+        y2 = F.conv2d(y1, self.wd, self.bd, 1, s.dw_size // 2, 1, s.m)
+        y2 = F.relu(y2) if self.relu else y2
+        return torch.cat([y1, y2], 1)[:, : s.oup]
+
+
+def build_impl(impl: str, base: nn.Module, spec: GhostSpec, device: torch.device,
+               compile_budget: Dict[str, float]) -> Callable[[Tensor], Tensor]:
+    """A callable for ``impl`` sharing ``base``'s weights, or raise :class:`Skip`."""
+    if impl == "eager":
+        return base
+    if impl == "eager_folded":
+        return FoldedEager(base, spec)
+    if impl == "triton":
+        mod = GhostModule.from_module(base, backend="triton")
+        return mod
+    if impl in ("compile", "compile_max_autotune"):
+        if device.type != "cuda":
+            raise Skip("torch.compile is timed on CUDA only")
+        if compile_budget.get(impl, 0.0) <= 0:
+            raise Skip(f"{impl}: time cap reached (--compile-budget)")
+        import torch._dynamo
+
+        torch._dynamo.reset()  # fresh caches: no recompile limit, no stale guards across shapes
+        mode = "max-autotune" if impl == "compile_max_autotune" else None
+        fn = torch.compile(base, mode=mode)
+        return fn
+    raise ValueError(f"unknown impl {impl!r}")
+
+
+def rel_err(out: Tensor, ref: Tensor) -> float:
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    return ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-300)).item()
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy in GB/s, counting bytes read plus bytes written (the practical ceiling)."""
+    if device.type != "cuda":
+        nbytes = min(nbytes, 1 << 27)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    median, _, _ = time_fn(lambda: dst.copy_(src), device)
+    return 2 * nbytes / (median * 1e-3) / 1e9
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: int = 25, rep_ms: int = 100):
+    """(median, p20, p80) in ms. CUDA: events via do_bench (L2 flushed between calls); CPU: perf_counter."""
+    if device.type == "cuda":
+        import triton.testing
+
+        res = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return tuple(float(v) for v in res)
+    fn()
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    return q(0.5), q(0.2), q(0.8)
+
+
+def rotating_inputs(shape, dtype, layout, device, min_bytes: int) -> List[Tensor]:
+    """Enough distinct inputs that cycling through them never hits L2 (``min_bytes`` in all)."""
+    one = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    n = max(2, min(64, math.ceil(min_bytes / max(one, 1))))
+    return [torch.randn(shape, device=device, dtype=torch.float32).to(dtype).contiguous(memory_format=layout)
+            for _ in range(n)]
+
+
+def module_bytes(spec: GhostSpec, n: int, h: int, w: int, elem: int) -> int:
+    """Bytes of x + output + weights: what one single-pass forward must move at least."""
+    ho, wo = spec.out_hw(h, w)
+    weights = (spec.m * spec.inp + spec.new * spec.dw_size ** 2) * elem + 4 * 2 * (spec.m + spec.new)
+    return (n * spec.inp * h * w + n * spec.oup * ho * wo) * elem + weights
+
+
+def bench_shape(shape: ModuleShape, count: int, batch: int, dtype_name: str, layout_name: str,
+                impls: List[str], device: torch.device, copy_GBps: float, l2_bytes: int,
+                compile_budget: Dict[str, float], rep_ms: int = 100) -> List[Row]:
+    """Check, then time, every implementation on one module shape."""
+    dtype, layout = DTYPES[dtype_name], LAYOUTS[layout_name]
+    spec = shape.spec
+    base = randomize_(eager_module(spec)).to(device=device).eval()
+    ref_mod = GhostModule.from_module(copy.deepcopy(base).double(), backend="torch")
+    base = base.to(dtype)
+    xs = rotating_inputs((batch, spec.inp, shape.h, shape.w), dtype, layout, device, 3 * l2_bytes)
+    with torch.no_grad():
+        ref = ref_mod(xs[0].double())
+    nbytes = module_bytes(spec, batch, shape.h, shape.w, xs[0].element_size())
+    rows = []
+    for impl in impls:
+        row = Row("forward", impl, shape.name, spec.inp, spec.oup, shape.h, shape.w, spec.stride, batch,
+                  dtype_name, layout_name, count, nbytes)
+        rows.append(row)
+        try:
+            t0 = time.perf_counter()
+            fn = build_impl(impl, base, spec, device, compile_budget)
+            with torch.no_grad():
+                out = fn(xs[0])  # also compiles
+            if impl.startswith("compile"):
+                compile_budget[impl] -= time.perf_counter() - t0
+            row.rel_err = rel_err(out, ref)
+            if not row.rel_err <= ERR_GATE[dtype]:
+                row.status, row.note = "wrong", f"rel err {row.rel_err:.2e} > {ERR_GATE[dtype]:.0e}: not timed"
+                continue
+            state = {"i": 0}
+
+            def step():
+                state["i"] = (state["i"] + 1) % len(xs)
+                return fn(xs[state["i"]])
+
+            with torch.no_grad():
+                row.median_ms, row.p20_ms, row.p80_ms = time_fn(step, device, rep_ms=rep_ms)
+            row.GBps = nbytes / (row.median_ms * 1e-3) / 1e9
+            row.copy_fraction = row.GBps / copy_GBps if copy_GBps else None
+        except Skip as exc:
+            row.status, row.note = "skipped", str(exc)
+        except Exception as exc:  # a failing implementation is reported, not fatal to the run
+            row.status, row.note = "error", f"{type(exc).__name__}: {exc}"[:300]
+    return rows
+

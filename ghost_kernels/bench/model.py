@@ -1,0 +1,80 @@
+"""Model-level benchmark: GhostNet 1.0x (timm ``ghostnet_100`` architecture, random weights), images/s."""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Dict, List
+
+import torch
+
+from ..convert import convert
+from .harness import Skip, randomize_, rel_err, time_fn
+
+
+def bench_model(device: torch.device, batch: int, dtype: torch.dtype, layout: torch.memory_format,
+                fused_backends: List[str], compile_budget: Dict[str, float], image_size: int = 224,
+                progress=print) -> List[dict]:
+    """Inference images/s: timm eager (bf16 weights and under AMP), timm + torch.compile, convert() for
+    each fused backend, and convert + torch.compile. Each output is checked against a float32 run first."""
+    try:
+        import timm
+    except ImportError:
+        return [dict(op="infer", impl="timm_eager", status="skipped", note="timm is not installed")]
+    base = randomize_(timm.create_model("ghostnet_100", pretrained=False)).eval()
+    x32 = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=layout)
+    with torch.no_grad():
+        ref = base.to(device).float()(x32[:8]).double()
+    model = copy.deepcopy(base).to(device=device, dtype=dtype, memory_format=layout)
+    x = x32.to(dtype)
+
+    def amp(fn):
+        def run(inp):
+            with torch.autocast(device.type, dtype=dtype):
+                return fn(inp.float())
+        return run
+
+    candidates = {"timm_eager": lambda: model}
+    if dtype in (torch.float16, torch.bfloat16):
+        candidates["timm_eager_amp"] = lambda: amp(base.to(memory_format=layout))
+    candidates["timm_compile"] = lambda: _compiled(model, compile_budget)
+    for b in fused_backends:
+        candidates[f"convert_{b}"] = lambda b=b: convert(copy.deepcopy(model), backend=b)
+        candidates[f"convert_{b}_compile"] = lambda b=b: _compiled(convert(copy.deepcopy(model), backend=b),
+                                                                   compile_budget)
+    rows = []
+    for impl, make in candidates.items():
+        progress(f"model: {impl}")
+        row = dict(op="infer", impl=impl, batch=batch, dtype=str(dtype).replace("torch.", ""),
+                   layout="channels_last" if layout == torch.channels_last else "nchw", image_size=image_size)
+        rows.append(row)
+        try:
+            t0 = time.perf_counter()
+            fn = make()
+            with torch.no_grad():
+                out = fn(x)  # compiles, for the compile rows
+            row["setup_s"] = round(time.perf_counter() - t0, 1)
+            if impl.endswith("compile"):
+                compile_budget["compile"] -= row["setup_s"]
+            row["rel_err"] = rel_err(out[:8], ref)
+            if not row["rel_err"] < 0.1:
+                row.update(status="wrong", note=f"logits rel err {row['rel_err']:.2e} vs float32")
+                continue
+            with torch.no_grad():
+                med, p20, p80 = time_fn(lambda: fn(x), device, rep_ms=300)
+            row.update(status="ok", median_ms=med, p20_ms=p20, p80_ms=p80, images_per_s=batch / (med * 1e-3))
+        except Skip as exc:
+            row.update(status="skipped", note=str(exc))
+        except Exception as exc:
+            row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
+    return rows
+
+
+def _compiled(model, compile_budget):
+    if model.training or next(model.parameters()).device.type != "cuda":
+        raise Skip("torch.compile is timed on CUDA only")
+    if compile_budget.get("compile", 0) <= 0:
+        raise Skip("compile: time cap reached (--compile-budget)")
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return torch.compile(model)

@@ -1,0 +1,48 @@
+"""The benchmark's CPU mode (what CI can run) and its report plumbing."""
+import json
+import os
+
+import pytest
+import torch
+
+from ghost_kernels.bench import report
+from ghost_kernels.bench.__main__ import main, select_shapes
+from ghost_kernels.bench.summary import summary
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU suite runs the GPU mode; this is the CPU mode")
+def test_cpu_mode_end_to_end(tmp_path):
+    rc = main(["--quick", "--out", str(tmp_path), "--impls", "eager,eager_folded,triton", "--shapes", "0",
+               "--batch", "1", "--dtype", "bfloat16", "--layout", "nchw,channels_last"])
+    assert rc == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    for key in ("device", "date", "torch", "triton", "cuda", "copy_GBps", "tests", "rows", "model", "network"):
+        assert key in data
+    assert data["copy_GBps"] > 0 and data["interpreter_check"].startswith("ok")
+    rows = data["rows"]
+    assert {r["impl"] for r in rows} == {"eager", "eager_folded", "triton"} and len(rows) == 6
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["GBps"] > 0
+        assert r["rel_err"] < 5e-2
+    assert (tmp_path / "bench.md").read_text().startswith("# ghost_kernels benchmark")
+    if pytest.importorskip("matplotlib"):
+        assert (tmp_path / "speedup.png").stat().st_size > 1000
+    assert "network Ghost modules" in summary(data)
+
+
+def test_shape_selection_and_network_sum():
+    everything = select_shapes("all", quick=False)
+    assert sum(count for _, count in everything) == 32  # all 32 Ghost modules of GhostNet 1.0x
+    assert len(select_shapes("quick", quick=False)) == 5  # one per resolution: 112, 56, 28, 14, 7
+    assert [m.name for m, _ in select_shapes("blocks.6.3.ghost1,0", quick=False)] == ["blocks.6.3.ghost1",
+                                                                                       "blocks.0.0.ghost1"]
+    with pytest.raises(SystemExit, match="unknown module"):
+        select_shapes("blocks.99.0.ghost1", quick=False)
+
+
+def test_junit_counts(tmp_path):
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite tests="10" failures="1" errors="1" skipped="2"/></testsuites>')
+    assert report.parse_junit(str(xml)) == {"passed": 6, "failed": 2, "skipped": 2}
+    assert report.parse_junit(os.path.join(str(tmp_path), "missing.xml")) == {"passed": 0, "failed": 0, "skipped": 0}
