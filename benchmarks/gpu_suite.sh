@@ -45,18 +45,18 @@ $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 JUNIT=$(mktemp --suffix=.xml)
 PYTEST_ARGS=(-q -p no:cacheprovider $XDIST --junitxml "$JUNIT" tests)
 [[ $QUICK == 1 ]] && PYTEST_ARGS+=(-k "not random_configurations and not option_sweep")
-timeout 330 $PY -m pytest "${PYTEST_ARGS[@]}" >"$OUT/pytest.log" 2>&1
+timeout 200 $PY -m pytest "${PYTEST_ARGS[@]}" >"$OUT/pytest.log" 2>&1
 TEST_RC=$?
 tail -n 30 "$OUT/pytest.log"
 
 stamp microbenchmarks and model
 BENCH_ARGS=(--out "$OUT" --junit "$JUNIT")
 if [[ $QUICK == 1 ]]; then
-  BENCH_ARGS+=(--quick --compile-budget 45)
+  BENCH_ARGS+=(--quick --compile-budget 30 --model-compile-budget 60)
 else
-  BENCH_ARGS+=(--compile-budget 150 --max-autotune-budget 40)
+  BENCH_ARGS+=(--compile-budget 90 --max-autotune-budget 30 --model-compile-budget 100)
 fi
-timeout 360 $PY -m ghost_kernels.bench "${BENCH_ARGS[@]}" 2>"$OUT/bench.err" | tee "$OUT/bench.log"
+timeout 320 $PY -m ghost_kernels.bench "${BENCH_ARGS[@]}" 2>"$OUT/bench.err" | tee "$OUT/bench.log"
 BENCH_RC=${PIPESTATUS[0]}
 [[ $BENCH_RC != 0 ]] && tail -n 20 "$OUT/bench.err"
 

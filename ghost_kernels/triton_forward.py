@@ -23,12 +23,14 @@ BLOCK_P = HALO_H * HALO_W lanes (both powers of two, so the lane -> (row, col) s
    (one per tap) for the depthwise conv. Ghost channels are stored into output channels [m, oup);
    those past ``oup`` are never computed.
 
-Where the scratch lives. The grid is persistent: ``min(#tiles, PROGRAMS_PER_SM * #SMs)`` programs loop
-over tiles, and each owns one fixed slot of BLOCK_M * BLOCK_P elements (8 KiB to 32 KiB), rewritten
-for every tile. All slots together are a few MiB (e.g. 132 SMs x 4 x 16 KiB = 8.4 MiB for bf16),
-well inside the 50 MiB L2 of an H100, and a slot is read back right after it is written, so the
-scratch traffic stays in L1/L2 and does not reach HBM as a tensor round trip. Two barriers per
-tile order the slot's accesses: write-after-read against the previous tile, read-after-write.
+Where the scratch lives. The grid is persistent: as many programs as fit on the GPU at once
+(resident programs per SM, from the compiled kernel's registers and shared memory, times #SMs) loop
+over the tiles, and each owns one fixed slot of BLOCK_M * BLOCK_P elements (16 x 256: 8 KiB in
+bf16/fp16, 16 KiB in fp32), rewritten for every tile. All slots together are a few MiB (132 SMs x 4
+x 8 KiB = 4.2 MiB), well inside the 50 MiB L2 of an H100, and a slot is read back right after it is
+written, so the scratch traffic stays in L1/L2 and does not reach HBM as a tensor round trip. Two
+barriers per tile order the slot's accesses: write-after-read against the previous tile, and
+read-after-write.
 
 Bytes per output pixel (ratio 2, b bytes per element, Cin input and oup = 2m output channels):
 the floor is ``(Cin / s^2 + oup) * b`` -- read x once, write out once. This kernel reads x from HBM
@@ -42,9 +44,8 @@ Indexing: image, channel and pixel offsets are 64-bit; within-tile indices are 3
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -87,10 +88,11 @@ def pick_config(spec: GhostSpec, ho: int, wo: int, max_lanes: int = 256) -> Tile
     halo_w = min(max(_next_pow2(wo + 2 * pad), _next_pow2(2 * pad + 1)), 32)
     halo_h = min(_next_pow2(ho + 2 * pad), max(max_lanes // halo_w, 1))
     halo_h = max(halo_h, _next_pow2(2 * pad + 1), 16 // halo_w if halo_w < 16 else 1)  # tl.dot: N >= 16
-    block_m = 16 if spec.m <= 16 else 32
+    # 16 channels x 256 lanes x 4 warps: ~100-130 registers (ptxas, sm_90), so 4-5 programs per SM
+    # stay resident; 32 channels or 512 lanes need ~250 and halve the warps in flight.
+    block_m = 16
     block_k = 16 if spec.inp <= 16 else 32
-    num_warps = 4 if halo_h * halo_w * block_m <= 8192 else 8
-    return TileConfig(halo_h, halo_w, block_m, block_k, num_warps)
+    return TileConfig(halo_h, halo_w, block_m, block_k, 4)
 
 
 if triton is not None:
@@ -173,11 +175,11 @@ if triton is not None:
                 j = c * (RATIO - 1) + r             # ghost channel, reads intrinsic channel c
                 j_ok = c_ok & (j < OUP - M)
                 acc2 = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
-                for tap in tl.static_range(DW * DW):
-                    wv = tl.load(wd_ptr + j * (DW * DW) + tap, mask=j_ok, other=0.0)
-                    v = tl.load(slot + ((tap // DW - PAD) * HALO_W + (tap % DW - PAD)),
-                                mask=interior[None, :], other=0.0)
-                    acc2 += wv[:, None] * v.to(tl.float32)
+                for dy in range(DW):  # runtime loops: unrolling 49 taps x 3 multipliers costs minutes of compile
+                    for dx in range(DW):
+                        wv = tl.load(wd_ptr + j * (DW * DW) + (dy * DW + dx), mask=j_ok, other=0.0)
+                        v = tl.load(slot + ((dy - PAD) * HALO_W + (dx - PAD)), mask=interior[None, :], other=0.0)
+                        acc2 += wv[:, None] * v.to(tl.float32)
                 b2 = tl.load(shift2_ptr + j, mask=j_ok, other=0.0)
                 y2 = acc2 + b2[:, None]
                 if RELU:
@@ -186,13 +188,27 @@ if triton is not None:
                          y2.to(out_ptr.dtype.element_ty), mask=j_ok[:, None] & keep[None, :])
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 3  # few programs, so the interpreter also runs several tiles per program
+# Resident programs per SM for each compiled variant, learned from its first launch (which runs
+# one program per SM). A persistent grid larger than what fits would serialize whole programs.
+_RESIDENT: Dict[tuple, int] = {}
+
+
+def _resident_programs(compiled, device_index: int, num_warps: int) -> int:
+    """How many programs of ``compiled`` fit on one SM at once (registers, shared memory, warps)."""
+    try:
+        compiled._init_handles()
+        regs, smem = compiled.n_regs, compiled.metadata.shared
+    except Exception:  # a Triton without these internals: a safe middle
+        return 2
+    props = torch.cuda.get_device_properties(device_index)
+    regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
+    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    warps_sm = getattr(props, "max_threads_per_multi_processor", 2048) // 32
+    regs_per_warp = -(-regs * 32 // 256) * 256  # allocated in units of 256 registers per warp
+    fit = min(regs_sm // max(regs_per_warp * num_warps, 1), warps_sm // num_warps,
+              smem_sm // (smem + 1024) if smem else 32)
+    return max(1, min(fit, 8))
 
 
 def interpreting() -> bool:
@@ -238,13 +254,15 @@ def ghost_forward_triton(x: Tensor, folded: FoldedGhost, spec: GhostSpec, out: O
     n_th, n_tw = triton.cdiv(ho, th), triton.cdiv(wo, tw)
     n_mb = triton.cdiv(spec.m, cfg.BLOCK_M)
     total = n * n_th * n_tw * n_mb
+    variant = (x.device.index, x.dtype, spec.stride, spec.ratio, spec.dw_size, spec.act, cfg)
     if x.is_cuda:
-        programs = min(total, PROGRAMS_PER_SM * _num_sms(x.device.index))
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        programs = min(total, _RESIDENT.get(variant, 1) * sms)
     else:
         programs = min(total, INTERPRETER_PROGRAMS)
     scratch = torch.empty(programs * cfg.BLOCK_M * cfg.HALO_H * cfg.HALO_W, dtype=x.dtype, device=x.device)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _ghost_fwd_kernel[(programs,)](
+        compiled = _ghost_fwd_kernel[(programs,)](
             x, out, folded.w1, folded.scale1, folded.shift1, folded.wd, folded.shift2, scratch,
             spec.inp, ho, wo, spec.m, spec.oup,
             *x.stride(), *out.stride(),
@@ -254,5 +272,7 @@ def ghost_forward_triton(x: Tensor, folded: FoldedGhost, spec: GhostSpec, out: O
             IEEE=x.dtype == torch.float32, DOT_F32=interpreting() and x.dtype == torch.bfloat16,
             num_warps=cfg.num_warps,
         )
+    if x.is_cuda and variant not in _RESIDENT:
+        _RESIDENT[variant] = _resident_programs(compiled, x.device.index, cfg.num_warps)
     return out
 

@@ -32,6 +32,8 @@ def parse_args(argv=None):
                    help="seconds of torch.compile time for the compile rows (the rest are skipped)")
     p.add_argument("--max-autotune-budget", type=float, default=60.0,
                    help="seconds of torch.compile(mode='max-autotune') time (0 disables)")
+    p.add_argument("--model-compile-budget", type=float, default=150.0,
+                   help="seconds of torch.compile time for the model-level compile rows")
     p.add_argument("--no-model", action="store_true", help="skip the model-level benchmark")
     p.add_argument("--model-batch", type=int, default=None, help="model-level batch (default: --batch)")
     p.add_argument("--no-plots", action="store_true")
@@ -118,7 +120,8 @@ def main(argv=None) -> int:
         impls = [i.strip() for i in args.impls.split(",")] if args.impls else ["eager", "eager_folded"]
     if args.quick or not gpu:
         args.max_autotune_budget = 0.0
-    budget = {"compile": args.compile_budget, "compile_max_autotune": args.max_autotune_budget}
+    budget = {"compile": args.compile_budget, "compile_max_autotune": args.max_autotune_budget,
+              "model_compile": args.model_compile_budget}
     shapes = select_shapes("quick" if not gpu and args.shapes == "all" else args.shapes, args.quick)
 
     t_start = time.perf_counter()

@@ -54,7 +54,7 @@ def bench_model(device: torch.device, batch: int, dtype: torch.dtype, layout: to
                 out = fn(x)  # compiles, for the compile rows
             row["setup_s"] = round(time.perf_counter() - t0, 1)
             if impl.endswith("compile"):
-                compile_budget["compile"] -= row["setup_s"]
+                compile_budget["model_compile"] -= row["setup_s"]
             row["rel_err"] = rel_err(out[:8], ref)
             if not row["rel_err"] < 0.1:
                 row.update(status="wrong", note=f"logits rel err {row['rel_err']:.2e} vs float32")
@@ -72,8 +72,8 @@ def bench_model(device: torch.device, batch: int, dtype: torch.dtype, layout: to
 def _compiled(model, compile_budget):
     if model.training or next(model.parameters()).device.type != "cuda":
         raise Skip("torch.compile is timed on CUDA only")
-    if compile_budget.get("compile", 0) <= 0:
-        raise Skip("compile: time cap reached (--compile-budget)")
+    if compile_budget.get("model_compile", 0) <= 0:
+        raise Skip("compile: time cap reached (--model-compile-budget)")
     import torch._dynamo
 
     torch._dynamo.reset()
