@@ -26,6 +26,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16", help="comma list of bfloat16,float16,float32")
     p.add_argument("--layout", default="channels_last", help="comma list of channels_last,nchw")
     p.add_argument("--impls", default=None, help="comma list (default: all that apply)")
+    p.add_argument("--secondary-shapes", default="all",
+                   help="shapes for the dtype/layout pairs after the first one ('quick' keeps a full "
+                        "dtype x layout matrix affordable); torch.compile rows run for the first pair only")
     p.add_argument("--ops", default="forward", help="comma list of ops (forward)")
     p.add_argument("--quick", action="store_true", help="quick shapes, shorter timing, no max-autotune")
     p.add_argument("--compile-budget", type=float, default=240.0,
@@ -132,11 +135,19 @@ def main(argv=None) -> int:
           f"{len(layouts)} layouts x {len(impls)} impls, batch {batch}", flush=True)
 
     rows = []
-    jobs = [(s, c, d, lay) for s, c in shapes for d in dtypes for lay in layouts]
-    for k, (shape, count, d, lay) in enumerate(jobs, 1):
+    secondary = {(m.name) for m, _ in select_shapes(args.secondary_shapes, args.quick)}
+    jobs = []
+    for d in dtypes:
+        for lay in layouts:
+            primary = (d, lay) == (dtypes[0], layouts[0])
+            for shape, count in shapes:
+                if primary or shape.name in secondary:
+                    jobs.append((shape, count, d, lay, impls if primary else
+                                 [i for i in impls if not i.startswith("compile")]))
+    for k, (shape, count, d, lay, job_impls) in enumerate(jobs, 1):
         print(f"\r[{k}/{len(jobs)}] {shape.name} {shape.spec.inp}->{shape.spec.oup} @{shape.h} {d} {lay}"
               + " " * 10, end="", file=sys.stderr, flush=True)
-        rows += bench_shape(shape, count, batch, d, lay, impls, device, copy_GBps, l2, budget,
+        rows += bench_shape(shape, count, batch, d, lay, job_impls, device, copy_GBps, l2, budget,
                             rep_ms=50 if args.quick or not gpu else 100)
     print(file=sys.stderr)
 
