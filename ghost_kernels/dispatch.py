@@ -4,6 +4,7 @@ Backends:
 
 * ``"torch"``: :func:`reference.ghost_reference`, plain PyTorch. Runs everything PyTorch runs.
 * ``"triton"``: the fused single-pass kernel of ``triton_forward.py`` (eval mode, inference).
+* ``"cuda"``: the same contract in CUDA C++ (``csrc/``, loaded by ``cuda_forward.py``).
 
 ``not_supported_reasons(backend, request)`` lists why a backend cannot run a request (empty: it can).
 An explicitly named backend with reasons raises :class:`BackendNotSupported` that lists them;
@@ -19,17 +20,19 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import triton_forward
+from . import cuda_forward, triton_forward
 from .fold import FoldedGhost, fold_ghost
 from .reference import Activation, BatchNormState, ghost_reference
 from .spec import GhostSpec
 
 logger = logging.getLogger("ghost_kernels")
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "cuda")
 BACKEND_CHOICES = ("auto",) + BACKENDS
-# "auto" tries these in order (fastest first).
-AUTO_ORDER = ("triton",)
+# "auto" tries these in order. The rule until GPU benchmark numbers say otherwise: the Triton kernel
+# first (its numerics are verified in CI through the interpreter), the CUDA C++ kernel when Triton
+# cannot run (triton missing or too old); benchmarks/RESULTS.md is where a per-shape rule will come from.
+AUTO_ORDER = ("triton", "cuda")
 
 
 class BackendNotSupported(RuntimeError):
@@ -114,6 +117,10 @@ def environment_reason(backend: str, device: Optional[torch.device] = None) -> O
         if device.type == "cpu":
             return "x is on the CPU: the triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 for the interpreter)"
         return f"x is on {device.type}: the triton backend runs on CUDA devices only"
+    if backend == "cuda":
+        if device is not None and device.type != "cuda":
+            return f"x is on {device.type}: the cuda backend needs a CUDA tensor"
+        return cuda_forward.UNAVAILABLE_REASON
     raise ValueError(f"unknown backend {backend!r}")
 
 
@@ -123,7 +130,7 @@ def not_supported_reasons(backend: str, req: Request) -> List[str]:
     if backend == "torch":
         return []
     reasons = [env] if env else []
-    if backend == "triton":
+    if backend in ("triton", "cuda"):  # the two fused kernels have the same contract
         spec, x = req.spec, req.x
         if x.dtype not in triton_forward.SUPPORTED_DTYPES:
             reasons.append(f"dtype {x.dtype} (supported: float32, float16, bfloat16)")
@@ -144,7 +151,7 @@ def not_supported_reasons(backend: str, req: Request) -> List[str]:
         if req.training:
             reasons.append("train-mode BatchNorm (the fused forward is inference-only; use module.eval())")
         if req.needs_grad:
-            reasons.append("autograd is needed (the fused forward has no backward yet; "
+            reasons.append("autograd is needed (the fused forwards have no backward yet; "
                            "run under torch.no_grad() or torch.inference_mode())")
         if not req.has_running_stats:
             reasons.append("BatchNorm without running statistics cannot be folded")
@@ -197,6 +204,7 @@ def available_backends() -> Dict[str, Optional[str]]:
 
 KERNELS: Dict[str, Callable[[Tensor, FoldedGhost, GhostSpec], Tensor]] = {
     "triton": triton_forward.ghost_forward_triton,
+    "cuda": cuda_forward.ghost_forward_cuda,
 }
 
 

@@ -46,7 +46,7 @@ def fold_ghost(
         acc = torch.float64 if primary_weight.dtype == torch.float64 else torch.float32
         scale1, shift1 = fold_batch_norm(primary_bn, acc)
         scale2, shift2 = fold_batch_norm(cheap_bn, acc)
-        w1 = primary_weight.reshape(spec.m, -1).to(compute_dtype).contiguous()
+        w1 = primary_weight.detach().reshape(spec.m, -1).to(compute_dtype).contiguous()
         wd = (cheap_weight.reshape(spec.new, -1).to(acc) * scale2[:, None]).contiguous()
         return FoldedGhost(w1, scale1.contiguous(), shift1.contiguous(), wd, shift2.contiguous())
 

@@ -8,7 +8,7 @@ import sys
 def collect() -> dict:
     import torch
 
-    from . import __version__, triton_forward
+    from . import __version__, cuda_forward, triton_forward
     from .dispatch import available_backends
 
     info = {
@@ -19,6 +19,7 @@ def collect() -> dict:
         "triton": getattr(triton_forward.triton, "__version__", None),
         "triton_interpreter": triton_forward.interpreting(),
         "cuda_available": torch.cuda.is_available(),
+        "cuda_extension_build": cuda_forward.BUILD_INFO or None,
         "devices": [],
         "backends": available_backends(),
     }

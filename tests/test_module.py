@@ -200,7 +200,7 @@ def test_functional_api_matches_reference():
 
 def test_available_backends_and_info_command():
     backends = gk.available_backends()
-    assert set(backends) == {"torch", "triton"} and backends["torch"] is None
+    assert set(backends) == {"torch", "triton", "cuda"} and backends["torch"] is None
     assert backends["triton"] is None  # CUDA here, or TRITON_INTERPRET=1 (set by conftest) on a CPU
     res = subprocess.run([sys.executable, "-m", "ghost_kernels.info"], capture_output=True, text=True, check=True)
     assert "backends:" in res.stdout and "triton" in res.stdout

@@ -10,6 +10,7 @@ from helpers import DEVICE, GhostParams, assert_close_to_reference, eager_and_re
 
 import ghost_kernels as gk
 from ghost_kernels.spec import distinct_ghostnet_100_specs
+from ghost_kernels import cuda_forward
 from ghost_kernels.triton_forward import ghost_forward_triton, output_memory_format
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -21,20 +22,30 @@ def make_x(n, c, h, w, dtype, layout):
     return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
 
 
-def run_poisoned(x, params, spec):
+def run_poisoned(x, params, spec, backend="triton"):
+    """Run a fused kernel into NaN-filled memory, so that unwritten output elements show as NaN."""
     n, _, h, w = x.shape
     ho, wo = spec.out_hw(h, w)
     out = torch.full((n, spec.oup, ho, wo), float("nan"), dtype=x.dtype, device=x.device)
     out = out.contiguous(memory_format=output_memory_format(x))
-    result = ghost_forward_triton(x, params.fold(x.dtype), spec, out=out)
-    assert result.data_ptr() == out.data_ptr()
-    return out
+    if backend == "triton":
+        result = ghost_forward_triton(x, params.fold(x.dtype), spec, out=out)
+        assert result.data_ptr() == out.data_ptr()
+        return out
+    # The CUDA op allocates its own output: free the poisoned block first so that the caching
+    # allocator hands that same memory to the op.
+    folded, ptr = params.fold(x.dtype), out.data_ptr()
+    del out
+    result = cuda_forward.ghost_forward_cuda(x, folded, spec)
+    if result.numel():
+        assert result.data_ptr() == ptr, "the output did not reuse the NaN-poisoned block"
+    return result
 
 
-def check(spec, n, h, w, dtype, layout, what):
+def check(spec, n, h, w, dtype, layout, what, backend="triton"):
     params = GhostParams(spec, DEVICE)
     x = make_x(n, spec.inp, h, w, dtype, layout)
-    out = run_poisoned(x, params, spec)
+    out = run_poisoned(x, params, spec, backend)
     eager, ref = eager_and_ref(params, x)
     assert out.shape == eager.shape
     assert not torch.isnan(out).any(), f"{what}: unwritten (NaN) elements"

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     from .. import available_backends
     from ..triton_forward import triton
     from . import report
-    from .harness import DTYPES, IMPLS, LAYOUTS, bench_shape, copy_bandwidth
+    from .harness import DTYPES, FUSED, IMPLS, LAYOUTS, bench_shape, copy_bandwidth
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     fused = [b for b, why in available_backends().items() if b != "torch" and why is None]
     if gpu:
         impls = [i.strip() for i in args.impls.split(",")] if args.impls else \
-            [i for i in IMPLS if i not in ("triton",) or i in fused]
+            [i for i in IMPLS if i not in FUSED or i in fused]
     else:
         print("No CUDA GPU here: timing the PyTorch reference path on the CPU and checking the Triton kernel "
               "under the interpreter. GPU numbers need a CUDA GPU (see benchmarks/gpu_suite.sh).", flush=True)

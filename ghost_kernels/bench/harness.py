@@ -24,7 +24,8 @@ LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format
 # Relative-error gate per dtype (output vs float64 reference); the tests hold the kernels to a
 # tighter, eager-relative bound. This only keeps a broken implementation out of the tables.
 ERR_GATE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-IMPLS = ("eager", "eager_folded", "compile", "compile_max_autotune", "triton")
+IMPLS = ("eager", "eager_folded", "compile", "compile_max_autotune", "triton", "cuda")
+FUSED = ("triton", "cuda")
 
 
 class Skip(Exception):
@@ -117,9 +118,8 @@ def build_impl(impl: str, base: nn.Module, spec: GhostSpec, device: torch.device
         return base
     if impl == "eager_folded":
         return FoldedEager(base, spec)
-    if impl == "triton":
-        mod = GhostModule.from_module(base, backend="triton")
-        return mod
+    if impl in FUSED:
+        return GhostModule.from_module(base, backend=impl)
     if impl in ("compile", "compile_max_autotune"):
         if device.type != "cuda":
             raise Skip("torch.compile is timed on CUDA only")

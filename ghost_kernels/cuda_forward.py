@@ -1,0 +1,87 @@
+"""The CUDA C++ backend: loading ``ghost_kernels._C``, the op's fake and CPU implementations, the launcher.
+
+The kernel is ``csrc/ghost_forward.cu`` (design note at its top), registered by ``python/bindings.cpp``
+as ``torch.ops.ghost_kernels.fused_forward``. Here:
+
+* the extension is imported if it was built; a missing, broken or mismatched build never breaks
+  ``import ghost_kernels``: it warns once and :data:`UNAVAILABLE_REASON` says why;
+* ``register_fake`` gives the op its output shape, dtype and memory format without running it, so
+  torch.compile and torch.export treat it as one op;
+* a CPU implementation (plain PyTorch, the folded eval-mode math) makes the op usable, and
+  ``torch.library.opcheck``-able, on machines without a GPU.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .fold import FoldedGhost
+from .spec import GhostSpec
+
+_C = None
+BUILD_INFO: dict = {}
+UNAVAILABLE_REASON: Optional[str] = None
+
+try:
+    from . import _C  # noqa: F811
+except ImportError as exc:
+    msg = str(exc)
+    if "No module named" in msg and "_C" in msg:
+        UNAVAILABLE_REASON = ("the CUDA extension ghost_kernels._C was not built (it needs nvcc and a CUDA build "
+                              "of torch at install time: pip install --no-build-isolation -e .)")
+    else:
+        UNAVAILABLE_REASON = f"the CUDA extension ghost_kernels._C failed to load: {msg}"
+        warnings.warn(f"ghost_kernels: {UNAVAILABLE_REASON}; the 'cuda' backend is unavailable", stacklevel=2)
+
+if _C is not None:
+    BUILD_INFO = dict(_C.build_info())
+    built, running = BUILD_INFO.get("torch", ""), torch.__version__
+    if built.split("+")[0].split(".")[:2] != running.split("+")[0].split(".")[:2]:
+        UNAVAILABLE_REASON = f"ghost_kernels._C was built against torch {built}, this is torch {running}: rebuild it"
+        warnings.warn(f"ghost_kernels: {UNAVAILABLE_REASON}", stacklevel=2)
+    elif not torch.cuda.is_available():
+        UNAVAILABLE_REASON = "no CUDA GPU is visible"
+
+OP = "ghost_kernels::fused_forward"
+
+
+def _out_shape(x: Tensor, oup: int, stride: int):
+    n, _, h, w = x.shape
+    return (n, oup, (h - 1) // stride + 1, (w - 1) // stride + 1)
+
+
+if _C is not None:
+
+    @torch.library.register_fake(OP)
+    def _fused_forward_fake(x, w1, scale1, shift1, wd, shift2, oup, stride, ratio, dw_size, relu):
+        torch._check(x.dim() == 4, lambda: f"x must be 4-D, got {x.dim()}-D")
+        fmt = torch._prims_common.suggest_memory_format(x)
+        return x.new_empty(_out_shape(x, oup, stride)).contiguous(memory_format=fmt)
+
+    @torch.library.impl(OP, "cpu")
+    def _fused_forward_cpu(x, w1, scale1, shift1, wd, shift2, oup, stride, ratio, dw_size, relu):
+        # The same folded eval-mode math as the kernel, in plain PyTorch (fp32 accumulation).
+        act = torch.relu if relu else (lambda t: t)
+        m = w1.shape[0]
+        z1 = F.conv2d(x.float(), w1.float()[:, :, None, None], stride=stride)
+        y1 = act(z1 * scale1[:, None, None] + shift1[:, None, None]).to(x.dtype)
+        y2 = F.conv2d(y1.float(), wd.view(-1, 1, dw_size, dw_size), padding=dw_size // 2, groups=m)
+        y2 = act(y2 + shift2[:, None, None]).to(x.dtype)
+        out = torch.cat([y1, y2], 1)[:, :oup]
+        return out.contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+
+
+def ghost_forward_cuda(x: Tensor, folded: FoldedGhost, spec: GhostSpec) -> Tensor:
+    """Run ``torch.ops.ghost_kernels.fused_forward``; legality is checked by dispatch.py.
+
+    Equivalent PyTorch: see ``triton_forward.ghost_forward_triton`` (same contract, same folding).
+    """
+    if _C is None:
+        raise RuntimeError(f"ghost_kernels: {UNAVAILABLE_REASON}")
+    return torch.ops.ghost_kernels.fused_forward(
+        x, folded.w1, folded.scale1, folded.shift1, folded.wd, folded.shift2,
+        spec.oup, spec.stride, spec.ratio, spec.dw_size, spec.act == "relu")

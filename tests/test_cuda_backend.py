@@ -1,0 +1,153 @@
+"""The CUDA C++ backend (ghost_kernels._C).
+
+CPU (CI): the extension is built and imports, the op's schema, fake and CPU implementations pass
+torch.library.opcheck, torch.export sees one op, and the cuda backend refuses CPU tensors clearly.
+GPU: the same numerical sweep as the Triton kernel, NaN-poisoned, plus > 2^31 outputs and agreement
+with the Triton backend.
+"""
+import os
+
+import pytest
+import torch
+from helpers import DEVICE, GhostParams, assert_close_to_reference, eager_and_ref, randomize, rel_err
+from test_triton_forward import (DTYPES, LAYOUTS, REDUCED, SWEEP, check, make_x, run_poisoned)
+
+import ghost_kernels as gk
+from ghost_kernels import cuda_forward
+from ghost_kernels.spec import distinct_ghostnet_100_specs
+
+BUILT = cuda_forward._C is not None
+# CI sets this: there, a silently skipped build is a failure, not a skip.
+REQUIRED = os.environ.get("GHOST_KERNELS_REQUIRE_CUDA_EXT", "0") == "1"
+needs_ext = pytest.mark.skipif(not BUILT and not REQUIRED, reason=f"not built: {cuda_forward.UNAVAILABLE_REASON}")
+needs_gpu = pytest.mark.skipif(not (BUILT and torch.cuda.is_available()), reason="needs the extension and a CUDA GPU")
+
+
+@needs_ext
+def test_extension_built_and_loaded():
+    assert BUILT, cuda_forward.UNAVAILABLE_REASON
+    info = cuda_forward.BUILD_INFO
+    assert info["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert info["cuda"] == torch.version.cuda and info["archs"]
+    assert hasattr(torch.ops.ghost_kernels, "fused_forward")
+
+
+def op_args(spec, dtype, device, layout="nchw", n=2, h=7, w=9):
+    p = GhostParams(spec, device)
+    f = p.fold(dtype)
+    x = make_x(n, spec.inp, h, w, dtype, layout).to(device)
+    return p, (x, f.w1, f.scale1, f.shift1, f.wd, f.shift2, spec.oup, spec.stride, spec.ratio, spec.dw_size,
+               spec.act == "relu")
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("spec", [gk.GhostSpec(8, 13, ratio=3, dw_size=5, stride=2), gk.GhostSpec(6, 12, act="none")])
+def test_opcheck_on_the_cpu(spec, layout):
+    """Schema, fake tensor, autograd registration and AOT dispatch checks of the op (CPU kernel)."""
+    _, args = op_args(spec, torch.float32, "cpu", layout)
+    torch.library.opcheck(torch.ops.ghost_kernels.fused_forward.default, args)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_implementation_matches_reference(dtype):
+    spec = gk.GhostSpec(8, 13, ratio=3, dw_size=3, stride=2)
+    p, args = op_args(spec, dtype, "cpu", "channels_last")
+    out = torch.ops.ghost_kernels.fused_forward(*args)
+    eager, ref = eager_and_ref(p, args[0])
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_to_reference(out, eager, ref, dtype, "cpu impl")
+
+
+@needs_ext
+def test_fake_implementation_and_export():
+    spec = gk.GhostSpec(8, 12)
+    mod = randomize(gk.GhostModule(8, 12)).eval()
+    folded = mod._folded(torch.float32)
+
+    class Fused(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.ghost_kernels.fused_forward(x, folded.w1, folded.scale1, folded.shift1, folded.wd,
+                                                         folded.shift2, 12, 1, 2, 3, True)
+
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        fout = torch.ops.ghost_kernels.fused_forward(fx, *[mode.from_tensor(t) for t in folded], 12, 1, 2, 3, True)
+        assert fout.shape == (2, 12, 6, 6) and fout.is_contiguous(memory_format=torch.channels_last)
+    ep = torch.export.export(Fused(), (x,))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets == ["ghost_kernels.fused_forward.default"], targets
+    with torch.no_grad():
+        assert rel_err(ep.module()(x), gk.GhostModule.from_module(mod, backend="torch")(x)) < 1e-5
+
+
+def test_cuda_backend_refuses_cpu_tensors_clearly():
+    mod = randomize(gk.GhostModule(8, 12, backend="cuda")).eval()
+    with torch.no_grad(), pytest.raises(gk.BackendNotSupported, match="x is on cpu: the cuda backend needs a CUDA tensor"):
+        mod(torch.randn(1, 8, 5, 5))
+    assert "x is on cpu" in gk.not_supported_reasons("cuda", gk.dispatch.make_request(
+        torch.randn(1, 8, 5, 5), mod.primary_conv[0].weight, *mod._bn_states()[:1],
+        mod.cheap_operation[0].weight, mod._bn_states()[1], mod.spec, False))[0]
+
+
+# ---- GPU: the same sweep as the Triton kernel ---------------------------------------------------
+
+@needs_gpu
+@pytest.mark.parametrize("shape", distinct_ghostnet_100_specs(), ids=lambda s: f"{s.spec.inp}-{s.spec.oup}-{s.h}-{s.spec.act}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_ghostnet_100_configurations(shape, dtype, layout):
+    check(shape.spec, 2, shape.h, shape.w, dtype, layout, f"cuda {shape.name} {dtype} {layout}", backend="cuda")
+
+
+@needs_gpu
+@pytest.mark.parametrize("i,ratio,dw,stride,act", [(i,) + c for i, c in enumerate(SWEEP)])
+def test_cuda_option_sweep(i, ratio, dw, stride, act):
+    oup = 2 * ratio + 1 + 4 * (i % 5)
+    spec = gk.GhostSpec(5 + i % 7 + 8 * (i % 2), oup, ratio=ratio, dw_size=dw, stride=stride, act=act)
+    for dtype in DTYPES:
+        for layout in LAYOUTS:
+            check(spec, 2, 9 + i % 4, 6 + i % 5, dtype, layout, f"cuda {spec} {dtype} {layout}", backend="cuda")
+
+
+@needs_gpu
+@pytest.mark.parametrize("hw", [(1, 1), (1, 7), (7, 1), (5, 37), (40, 9), (33, 70)])
+def test_cuda_spatial_sizes_and_empty_batch(hw):
+    spec = gk.GhostSpec(16, 24, dw_size=5)
+    check(spec, 2, *hw, torch.float16, LAYOUTS[hw[0] % 2], f"cuda {hw}", backend="cuda")
+    x = make_x(0, 16, *hw, torch.float16, "channels_last")
+    assert cuda_forward.ghost_forward_cuda(x, GhostParams(spec, DEVICE).fold(torch.float16), spec).shape[0] == 0
+
+
+@needs_gpu
+def test_cuda_and_triton_backends_agree():
+    for shape in distinct_ghostnet_100_specs()[::3]:
+        params = GhostParams(shape.spec, DEVICE)
+        x = make_x(4, shape.spec.inp, shape.h, shape.w, torch.bfloat16, "channels_last")
+        a = run_poisoned(x, params, shape.spec, "triton")
+        b = run_poisoned(x, params, shape.spec, "cuda")
+        eager, ref = eager_and_ref(params, x)
+        assert rel_err(a, b) <= 2 * rel_err(eager, ref) + 1e-3, shape.name
+
+
+@needs_gpu
+def test_cuda_more_than_2_31_output_elements():
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2**30:
+        pytest.skip(f"only {free / 2**30:.1f} GiB free on the GPU")
+    spec = gk.GhostSpec(16, 16)
+    n, h, w = 1040, 360, 360
+    params = GhostParams(spec, DEVICE)
+    x = torch.randn(n, 16, h, w, device=DEVICE, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    out = cuda_forward.ghost_forward_cuda(x, params.fold(torch.float16), spec)
+    assert out.numel() > 2**31
+    for i in (0, n // 2, n - 1):
+        eager, ref = eager_and_ref(params, x[i:i + 1])
+        assert_close_to_reference(out[i:i + 1], eager, ref, torch.float16, f"image {i}")
+
+
+_ = REDUCED  # the CPU sizes of the Triton tests do not apply: the CUDA sweep only runs on a GPU
