@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fold import FoldedGhost
+from .layout import empty_output
 from .spec import GhostSpec
 
 _C = None
@@ -49,18 +50,12 @@ if _C is not None:
 OP = "ghost_kernels::fused_forward"
 
 
-def _out_shape(x: Tensor, oup: int, stride: int):
-    n, _, h, w = x.shape
-    return (n, oup, (h - 1) // stride + 1, (w - 1) // stride + 1)
-
-
 if _C is not None:
 
     @torch.library.register_fake(OP)
     def _fused_forward_fake(x, w1, scale1, shift1, wd, shift2, oup, stride, ratio, dw_size, relu):
         torch._check(x.dim() == 4, lambda: f"x must be 4-D, got {x.dim()}-D")
-        fmt = torch._prims_common.suggest_memory_format(x)
-        return x.new_empty(_out_shape(x, oup, stride)).contiguous(memory_format=fmt)
+        return empty_output(x, oup, stride)
 
     @torch.library.impl(OP, "cpu")
     def _fused_forward_cpu(x, w1, scale1, shift1, wd, shift2, oup, stride, ratio, dw_size, relu):
@@ -71,8 +66,8 @@ if _C is not None:
         y1 = act(z1 * scale1[:, None, None] + shift1[:, None, None]).to(x.dtype)
         y2 = F.conv2d(y1.float(), wd.view(-1, 1, dw_size, dw_size), padding=dw_size // 2, groups=m)
         y2 = act(y2 + shift2[:, None, None]).to(x.dtype)
-        out = torch.cat([y1, y2], 1)[:, :oup]
-        return out.contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+        out = empty_output(x, oup, stride)
+        return out.copy_(torch.cat([y1, y2], 1)[:, :oup])
 
 
 def ghost_forward_cuda(x: Tensor, folded: FoldedGhost, spec: GhostSpec) -> Tensor:

@@ -203,7 +203,7 @@ def available_backends() -> Dict[str, Optional[str]]:
 
 
 KERNELS: Dict[str, Callable[[Tensor, FoldedGhost, GhostSpec], Tensor]] = {
-    "triton": triton_forward.ghost_forward_triton,
+    "triton": triton_forward.run_triton,
     "cuda": cuda_forward.ghost_forward_cuda,
 }
 

@@ -51,6 +51,12 @@ def fold_ghost(
         return FoldedGhost(w1, scale1.contiguous(), shift1.contiguous(), wd, shift2.contiguous())
 
 
+def is_compiling() -> bool:
+    """True while torch.compile (dynamo) traces the caller."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
 def _tensor_key(t: Optional[Tensor]):
     if t is None:
         return None
@@ -65,7 +71,13 @@ class FoldCache:
         self._value: Optional[FoldedGhost] = None
 
     def get(self, sources: Sequence[Optional[Tensor]], extra_key: Tuple, fold) -> FoldedGhost:
-        """The cached fold if no tensor in ``sources`` and nothing in ``extra_key`` changed, else ``fold()``."""
+        """The cached fold if no tensor in ``sources`` and nothing in ``extra_key`` changed, else ``fold()``.
+
+        Under torch.compile the fold is traced into the graph instead (a few tiny per-channel ops):
+        storage pointers and version counters are not traceable, and the graph sees fresh parameters.
+        """
+        if is_compiling():
+            return fold()
         key: Tuple = tuple(extra_key) + tuple(_tensor_key(t) for t in sources)
         if key != self._key or self._value is None:
             self._value = fold()
