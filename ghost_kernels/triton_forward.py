@@ -99,7 +99,10 @@ def pick_config(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype = torch.bf
 
 if triton is not None:
 
-    @triton.jit
+    # Sizes and counts are not specialized on (==1, %16): every new activation size would otherwise
+    # compile a new variant. The channel and column strides are, so that stride 1 is known statically.
+    @triton.jit(do_not_specialize=["C_IN", "HO", "WO", "M", "OUP", "sxn", "sxh", "son", "soh",
+                                   "n_tiles_h", "n_tiles_w", "n_mblocks", "total_tiles"])
     def _ghost_fwd_kernel(
         x_ptr, out_ptr, w1_ptr, scale1_ptr, shift1_ptr, wd_ptr, shift2_ptr, scratch_ptr,
         C_IN, HO, WO, M, OUP,

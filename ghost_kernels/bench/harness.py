@@ -23,7 +23,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 # Relative-error gate per dtype (output vs float64 reference); the tests hold the kernels to a
 # tighter, eager-relative bound. This only keeps a broken implementation out of the tables.
-ERR_GATE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+ERR_GATE = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}  # fp32: eager convs use TF32
 IMPLS = ("eager", "eager_folded", "compile", "compile_max_autotune", "triton", "cuda")
 FUSED = ("triton", "cuda")
 
