@@ -179,7 +179,8 @@ def rotating_inputs(shape, dtype, layout, device, min_bytes: int) -> List[Tensor
 
 
 def module_bytes(spec: GhostSpec, n: int, h: int, w: int, elem: int) -> int:
-    """Bytes of x + output + weights: what one single-pass forward must move at least."""
+    """Bytes of x + output + weights: what one single-pass forward must move at least (x counted
+    whole: exact for stride 1, which is every Ghost module of GhostNet)."""
     ho, wo = spec.out_hw(h, w)
     weights = (spec.m * spec.inp + spec.new * spec.dw_size ** 2) * elem + 4 * 2 * (spec.m + spec.new)
     return (n * spec.inp * h * w + n * spec.oup * ho * wo) * elem + weights
