@@ -220,16 +220,21 @@ def ghost_forward(
     backend: str = "auto",
     act: Optional[Activation] = None,
     folded: Optional[Callable[[torch.dtype], FoldedGhost]] = None,
+    eager: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
     """Run a Ghost module's forward on the chosen backend (see the module docstring).
 
     ``folded(dtype)`` returns the folded parameters for the fused kernels (a cache, in GhostModule);
-    by default they are folded on every call.
+    by default they are folded on every call. ``eager(x)``, if given, is the "torch" backend instead
+    of :func:`reference.ghost_reference`: GhostModule passes its own submodules, so that what they
+    do beyond ``nn.BatchNorm2d`` (SyncBatchNorm's all-reduce, hooks) happens as in the original.
     """
     validate_input(x, spec, primary_weight)
     req = make_request(x, primary_weight, primary_bn, cheap_weight, cheap_bn, spec, training)
     name, _ = select_backend(backend, req)
     if name == "torch":
+        if eager is not None:
+            return eager(x)
         return ghost_reference(x, primary_weight, primary_bn, cheap_weight, cheap_bn, spec,
                                training=training, act=act)
     if folded is None:

@@ -47,7 +47,7 @@ def structure_problems(module: nn.Module) -> list:
         seq = getattr(module, name, None)
         if not isinstance(seq, nn.Sequential) or len(seq) != 3:
             return [f"{name} is not Sequential(Conv2d, BatchNorm2d, act)"]
-        if type(seq[0]) is not nn.Conv2d or type(seq[1]) is not nn.BatchNorm2d:
+        if type(seq[0]) is not nn.Conv2d or type(seq[1]) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
             return [f"{name} is not Sequential(Conv2d, BatchNorm2d, act)"]
     oup = getattr(module, "oup", getattr(module, "out_chs", None))
     if not isinstance(oup, int):
@@ -93,7 +93,9 @@ class GhostModule(nn.Module):
     dw_size=3, stride=1, act_layer=nn.ReLU, device=None, dtype=None)``. Extra keyword: ``backend``,
     one of ``"auto"`` (default), ``"torch"``, ``"triton"``.
 
-    Equivalent PyTorch (this is exactly what ``backend="torch"`` runs)::
+    Equivalent PyTorch (this is exactly what ``backend="torch"`` runs, so SyncBatchNorm from
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``, forward hooks and custom activations behave as in
+    the original)::
 
         x1 = self.primary_conv(x)           # Conv2d(inp, m, k, stride, k//2) -> BN -> act
         x2 = self.cheap_operation(x1)       # Conv2d(m, m*(ratio-1), d, 1, d//2, groups=m) -> BN -> act
@@ -181,9 +183,14 @@ class GhostModule(nn.Module):
         s1, s2 = self._bn_states()
         return dispatch.ghost_forward(
             x, self.primary_conv[0].weight, s1, self.cheap_operation[0].weight, s2, self.spec,
-            training=self.training, backend=self.backend,
-            act=(self.primary_conv[2], self.cheap_operation[2]), folded=self._folded,
+            training=self.training, backend=self.backend, folded=self._folded, eager=self._forward_eager,
         )
+
+    def _forward_eager(self, x: Tensor) -> Tensor:
+        """The "torch" backend: the official module's forward, through the submodules themselves."""
+        x1 = self.primary_conv(x)
+        x2 = self.cheap_operation(x1)
+        return torch.cat([x1, x2], dim=1)[:, : self.oup]
 
     def extra_repr(self) -> str:
         return f"oup={self.oup}, backend={self.backend!r}"

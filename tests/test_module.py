@@ -204,3 +204,29 @@ def test_available_backends_and_info_command():
     assert backends["triton"] is None  # CUDA here, or TRITON_INTERPRET=1 (set by conftest) on a CPU
     res = subprocess.run([sys.executable, "-m", "ghost_kernels.info"], capture_output=True, text=True, check=True)
     assert "backends:" in res.stdout and "triton" in res.stdout
+
+
+def test_torch_backend_runs_the_submodules_themselves():
+    """BatchNorm subclasses (SyncBatchNorm after convert_sync_batchnorm) and hooks keep working."""
+    model = nn.Sequential(randomize(gk.GhostModule(8, 12)))
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ghost = model[0]
+    assert isinstance(ghost, gk.GhostModule) and type(ghost.primary_conv[1]) is nn.SyncBatchNorm
+    calls = []
+    ghost.cheap_operation[1].register_forward_hook(lambda mod, inp, out: calls.append(out.shape))
+    x = torch.randn(2, 8, 5, 5, device=DEVICE)
+    model.to(DEVICE).eval()
+    with torch.no_grad():
+        ref = gk.ghost_reference(x.double(), ghost.primary_conv[0].weight.double(),
+                                 *[_double_bn(ghost.primary_conv[1]), ghost.cheap_operation[0].weight.double(),
+                                   _double_bn(ghost.cheap_operation[1])], ghost.spec)
+        ghost.backend = "torch"
+        assert rel_err(model(x), ref) < 1e-5 and calls == [(2, 6, 5, 5)]
+        ghost.backend = "triton"  # eval: SyncBatchNorm normalizes like BatchNorm2d, so the fold applies
+        assert rel_err(model(x), ref) < 1e-5
+    assert gk.is_ghost_module(copy.deepcopy(ghost))  # convert() accepts SyncBatchNorm too
+
+
+def _double_bn(bn):
+    st = gk.BatchNormState.from_module(bn)
+    return st._replace(**{k: getattr(st, k).double() for k in ("weight", "bias", "running_mean", "running_var")})
