@@ -50,7 +50,15 @@ if _C is not None:
 OP = "ghost_kernels::fused_forward"
 
 
-if _C is not None:
+def _op_defined() -> bool:
+    try:
+        torch.ops.ghost_kernels.fused_forward
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+if _C is not None and _op_defined():
 
     @torch.library.register_fake(OP)
     def _fused_forward_fake(x, w1, scale1, shift1, wd, shift2, oup, stride, ratio, dw_size, relu):

@@ -151,3 +151,41 @@ def test_cuda_more_than_2_31_output_elements():
 
 
 _ = REDUCED  # the CPU sizes of the Triton tests do not apply: the CUDA sweep only runs on a GPU
+
+
+def _run_python(code: str) -> str:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()}
+    res = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout + res.stderr
+
+
+def test_missing_extension_never_breaks_import():
+    out = _run_python(
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'ghost_kernels._C': raise ImportError('No module named ghost_kernels._C')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import ghost_kernels as gk\n"
+        "print('REASON', gk.available_backends()['cuda'])\n")
+    assert "REASON the CUDA extension ghost_kernels._C was not built" in out
+
+
+def test_mismatched_extension_warns_once_and_reports():
+    out = _run_python(
+        "import sys, types\n"
+        "fake = types.ModuleType('ghost_kernels._C')\n"
+        "fake.build_info = lambda: {'torch': '1.0.0', 'cuda': '9.0', 'archs': '7.0'}\n"
+        "sys.modules['ghost_kernels._C'] = fake\n"
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import ghost_kernels as gk\n"
+        "    import ghost_kernels.cuda_forward\n"
+        "print('WARNINGS', sum('rebuild it' in str(x.message) for x in w))\n"
+        "print('REASON', gk.available_backends()['cuda'])\n")
+    assert "WARNINGS 1" in out and "REASON ghost_kernels._C was built against torch 1.0.0" in out
