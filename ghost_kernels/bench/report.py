@@ -159,7 +159,8 @@ def plots(data: dict, out_dir: str) -> List[str]:
         series: Dict[str, Dict[str, float]] = defaultdict(dict)
         labels: List[str] = []
         for r in data["rows"]:
-            label = f"{r['inp']}→{r['oup']}@{r['h']} {r['dtype'][:4]} {r['layout'][:4]}"
+            short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "channels_last": "CL", "nchw": "NCHW"}
+            label = f"{r['inp']}→{r['oup']}@{r['h']} {short[r['dtype']]} {short[r['layout']]}"
             if label not in labels:
                 labels.append(label)
             if r.get(key) is not None:
