@@ -55,9 +55,17 @@ class Request:
     needs_grad: bool
     has_running_stats: bool
 
-    @property
-    def autocast(self) -> bool:
-        return autocast_enabled(self.x.device)
+    compute_dtype: torch.dtype  # x's dtype, or the autocast dtype when torch.autocast is on
+
+
+def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype nn.Conv2d would compute in: the autocast dtype under torch.autocast, else x's."""
+    if not autocast_enabled(x.device):
+        return x.dtype
+    try:
+        return torch.get_autocast_dtype(x.device.type)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_gpu_dtype() if x.device.type == "cuda" else torch.get_autocast_cpu_dtype()
 
 
 def autocast_enabled(device: torch.device) -> bool:
@@ -77,7 +85,7 @@ def make_request(x: Tensor, primary_weight: Tensor, primary_bn: BatchNormState, 
         x.requires_grad or any(p is not None and p.requires_grad for p in params))
     has_stats = all(t is not None for t in (primary_bn.running_mean, primary_bn.running_var,
                                             cheap_bn.running_mean, cheap_bn.running_var))
-    return Request(x, spec, training, needs_grad, has_stats)
+    return Request(x, spec, training, needs_grad, has_stats, compute_dtype(x, primary_weight))
 
 
 def validate_input(x, spec: GhostSpec, weight: Tensor, argname: str = "x") -> None:
@@ -132,9 +140,10 @@ def not_supported_reasons(backend: str, req: Request) -> List[str]:
     reasons = [env] if env else []
     if backend in ("triton", "cuda"):  # the two fused kernels have the same contract
         spec, x = req.spec, req.x
-        if x.dtype not in triton_forward.SUPPORTED_DTYPES:
+        dtype = req.compute_dtype
+        if dtype not in triton_forward.SUPPORTED_DTYPES or x.dtype not in triton_forward.SUPPORTED_DTYPES:
             reasons.append(f"dtype {x.dtype} (supported: float32, float16, bfloat16)")
-        elif x.dtype == torch.bfloat16 and x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
+        elif dtype == torch.bfloat16 and x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
             reasons.append("bfloat16 needs compute capability 8.0 or newer")
         if spec.kernel_size != 1:
             reasons.append(f"kernel_size={spec.kernel_size} (supported: 1)")
@@ -155,8 +164,6 @@ def not_supported_reasons(backend: str, req: Request) -> List[str]:
                            "run under torch.no_grad() or torch.inference_mode())")
         if not req.has_running_stats:
             reasons.append("BatchNorm without running statistics cannot be folded")
-        if req.autocast:
-            reasons.append("torch.autocast is enabled")
     return reasons
 
 
@@ -237,8 +244,13 @@ def ghost_forward(
             return eager(x)
         return ghost_reference(x, primary_weight, primary_bn, cheap_weight, cheap_bn, spec,
                                training=training, act=act)
+    # Under autocast the kernels compute in the autocast dtype, as nn.Conv2d would: the weights are
+    # folded for it, and x is cast on load (triton) or before the launch (cuda).
+    dtype = req.compute_dtype
     if folded is None:
-        folded_params = fold_ghost(primary_weight, primary_bn, cheap_weight, cheap_bn, spec, x.dtype)
+        folded_params = fold_ghost(primary_weight, primary_bn, cheap_weight, cheap_bn, spec, dtype)
     else:
-        folded_params = folded(x.dtype)
+        folded_params = folded(dtype)
+    if name == "cuda" and x.dtype != dtype:
+        x = x.to(dtype)
     return KERNELS[name](x, folded_params, spec)

@@ -1,6 +1,8 @@
 """Output layout of the fused forwards: the shape and memory format eager PyTorch would give."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -21,7 +23,8 @@ def fused_output_shape(x: Tensor, oup: int, stride: int):
     return (n, oup, (h - 1) // stride + 1, (w - 1) // stride + 1)
 
 
-def empty_output(x: Tensor, oup: int, stride: int) -> Tensor:
-    """An uninitialized output with eager's memory format (also the fake implementation of the ops)."""
-    return torch.empty(fused_output_shape(x, oup, stride), dtype=x.dtype, device=x.device,
+def empty_output(x: Tensor, oup: int, stride: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An uninitialized output with eager's memory format (also the fake implementation of the ops);
+    ``dtype`` defaults to x's."""
+    return torch.empty(fused_output_shape(x, oup, stride), dtype=dtype or x.dtype, device=x.device,
                        memory_format=output_memory_format(x))

@@ -154,6 +154,7 @@ if triton is not None:
                 k_ok = k < C_IN
                 xt = tl.load(x_ptr + k.to(tl.int64)[:, None] * sxc + x_pix[None, :],
                              mask=k_ok[:, None] & in_img[None, :], other=0.0)
+                xt = xt.to(w1_ptr.dtype.element_ty)  # autocast: fp32 x, half weights (a no-op otherwise)
                 wt = tl.load(w1_ptr + c[:, None] * C_IN + k[None, :],
                              mask=c_ok[:, None] & k_ok[None, :], other=0.0)
                 if DOT_F32:  # interpreter only: its bf16 tl.dot multiplies raw bits (triton#11584)
@@ -227,8 +228,9 @@ def interpreting() -> bool:
 def ghost_forward_triton(x: Tensor, folded: FoldedGhost, spec: GhostSpec, out: Optional[Tensor] = None) -> Tensor:
     """Launch the fused kernel. ``x``: N x inp x H x W, any strides; legality is checked by dispatch.py.
 
-    ``out``, if given, receives the result (N x oup x H' x W', x's dtype and device, any strides);
-    the tests pass a NaN-filled ``out`` so that unwritten elements show.
+    The output dtype is ``folded.w1``'s (the compute dtype): under autocast, an fp32 ``x`` is cast
+    to it as it is loaded. ``out``, if given, receives the result (N x oup x H' x W', that dtype, x's
+    device, any strides); the tests pass a NaN-filled ``out`` so that unwritten elements show.
 
     Equivalent PyTorch (eval mode; see ``reference.ghost_reference``)::
 
@@ -238,26 +240,27 @@ def ghost_forward_triton(x: Tensor, folded: FoldedGhost, spec: GhostSpec, out: O
     """
     n, _, h, w = x.shape
     ho, wo = spec.out_hw(h, w)
+    dtype = folded.w1.dtype
     if out is None:
-        out = empty_output(x, spec.oup, spec.stride)
-    elif out.shape != (n, spec.oup, ho, wo) or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"out must be a {x.dtype} tensor of shape {(n, spec.oup, ho, wo)} on {x.device}, "
+        out = empty_output(x, spec.oup, spec.stride, dtype)
+    elif out.shape != (n, spec.oup, ho, wo) or out.dtype != dtype or out.device != x.device:
+        raise ValueError(f"out must be a {dtype} tensor of shape {(n, spec.oup, ho, wo)} on {x.device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     if out.numel() == 0:
         return out
-    cfg = pick_config(spec, ho, wo, x.dtype)
+    cfg = pick_config(spec, ho, wo, dtype)
     pad = spec.dw_size // 2
     th, tw = cfg.HALO_H - 2 * pad, cfg.HALO_W - 2 * pad
     n_th, n_tw = triton.cdiv(ho, th), triton.cdiv(wo, tw)
     n_mb = triton.cdiv(spec.m, cfg.BLOCK_M)
     total = n * n_th * n_tw * n_mb
-    variant = (x.device.index, x.dtype, spec.stride, spec.ratio, spec.dw_size, spec.act, cfg)
+    variant = (x.device.index, x.dtype, dtype, spec.stride, spec.ratio, spec.dw_size, spec.act, cfg)
     if x.is_cuda:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         programs = min(total, _RESIDENT.get(variant, 1) * sms)
     else:
         programs = min(total, INTERPRETER_PROGRAMS)
-    scratch = torch.empty(programs * cfg.BLOCK_M * cfg.HALO_H * cfg.HALO_W, dtype=x.dtype, device=x.device)
+    scratch = torch.empty(programs * cfg.BLOCK_M * cfg.HALO_H * cfg.HALO_W, dtype=dtype, device=x.device)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         compiled = _ghost_fwd_kernel[(programs,)](
             x, out, folded.w1, folded.scale1, folded.shift1, folded.wd, folded.shift2, scratch,
@@ -266,7 +269,7 @@ def ghost_forward_triton(x: Tensor, folded: FoldedGhost, spec: GhostSpec, out: O
             n_th, n_tw, n_mb, total,
             STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size, RELU=spec.act == "relu",
             HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
-            IEEE=x.dtype == torch.float32, DOT_F32=interpreting() and x.dtype == torch.bfloat16,
+            IEEE=dtype == torch.float32, DOT_F32=interpreting() and dtype == torch.bfloat16,
             num_warps=cfg.num_warps,
         )
     if x.is_cuda and variant not in _RESIDENT:
@@ -286,7 +289,7 @@ def triton_forward_op(x: Tensor, w1: Tensor, scale1: Tensor, shift1: Tensor, wd:
 
 @triton_forward_op.register_fake
 def _(x, w1, scale1, shift1, wd, shift2, oup, stride, ratio, dw_size, relu):
-    return empty_output(x, oup, stride)
+    return empty_output(x, oup, stride, w1.dtype)
 
 
 def run_triton(x: Tensor, folded: FoldedGhost, spec: GhostSpec) -> Tensor:

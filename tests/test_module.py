@@ -230,3 +230,21 @@ def test_torch_backend_runs_the_submodules_themselves():
 def _double_bn(bn):
     st = gk.BatchNormState.from_module(bn)
     return st._replace(**{k: getattr(st, k).double() for k in ("weight", "bias", "running_mean", "running_var")})
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fused_forward_under_autocast(backend):
+    """Under torch.autocast an fp32 module computes in the autocast dtype, as nn.Conv2d would."""
+    if backend == "cuda" and (DEVICE != "cuda" or gk.available_backends()["cuda"]):
+        pytest.skip("the cuda backend needs the extension and a GPU")
+    amp = torch.bfloat16
+    mod = randomize(gk.GhostModule(16, 24, backend=backend)).to(DEVICE).eval()
+    x = torch.randn(2, 16, 9, 11, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        with torch.autocast(DEVICE, dtype=amp):
+            out = mod(x)
+            mod.backend = "torch"
+            eager = mod(x)
+        ref = mod.double()(x.double())
+    assert out.dtype == eager.dtype == amp and out.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out, ref) <= 2 * rel_err(eager, ref) + 2e-3

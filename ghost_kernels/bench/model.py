@@ -1,4 +1,4 @@
-"""Model-level benchmark: GhostNet 1.0x (timm ``ghostnet_100`` architecture, random weights), images/s."""
+"""Model-level benchmark: GhostNet 1.0x (timm ``ghostnet_100`` architecture, random weights), images/s under AMP."""
 from __future__ import annotations
 
 import copy
@@ -14,29 +14,27 @@ from .harness import Skip, randomize_, rel_err, time_fn
 def bench_model(device: torch.device, batch: int, dtype: torch.dtype, layout: torch.memory_format,
                 fused_backends: List[str], compile_budget: Dict[str, float], image_size: int = 224,
                 progress=print) -> List[dict]:
-    """Inference images/s: timm eager (bf16 weights and under AMP), timm + torch.compile, convert() for
-    each fused backend, and convert + torch.compile. Each output is checked against a float32 run first."""
+    """Inference images/s under AMP (fp32 model, ``torch.autocast`` to ``dtype``; plain fp32 when
+    ``dtype`` is float32): timm eager, timm + torch.compile, convert() for each fused backend, and
+    convert + torch.compile. Each output is checked against a float32 run first."""
     try:
         import timm
     except ImportError:
         return [dict(op="infer", impl="timm_eager", status="skipped", note="timm is not installed")]
     base = randomize_(timm.create_model("ghostnet_100", pretrained=False)).eval()
-    x32 = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=layout)
+    model = base.to(device=device, memory_format=layout)
+    x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=layout)
     with torch.no_grad():
-        ref = base.to(device).float()(x32[:8]).double()
-    model = copy.deepcopy(base).to(device=device, dtype=dtype, memory_format=layout)
-    x = x32.to(dtype)
+        ref = model(x[:8]).double()
+    amp = dtype in (torch.float16, torch.bfloat16)
 
-    def amp(fn):
+    def under_amp(fn):
         def run(inp):
-            with torch.autocast(device.type, dtype=dtype):
-                return fn(inp.float())
+            with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                return fn(inp)
         return run
 
-    candidates = {"timm_eager": lambda: model}
-    if dtype in (torch.float16, torch.bfloat16):
-        candidates["timm_eager_amp"] = lambda: amp(base.to(memory_format=layout))
-    candidates["timm_compile"] = lambda: _compiled(model, compile_budget)
+    candidates = {"timm_eager": lambda: model, "timm_compile": lambda: _compiled(model, compile_budget)}
     for b in fused_backends:
         candidates[f"convert_{b}"] = lambda b=b: convert(copy.deepcopy(model), backend=b)
         candidates[f"convert_{b}_compile"] = lambda b=b: _compiled(convert(copy.deepcopy(model), backend=b),
@@ -45,11 +43,12 @@ def bench_model(device: torch.device, batch: int, dtype: torch.dtype, layout: to
     for impl, make in candidates.items():
         progress(f"model: {impl}")
         row = dict(op="infer", impl=impl, batch=batch, dtype=str(dtype).replace("torch.", ""),
+                   precision="amp" if amp else "fp32",
                    layout="channels_last" if layout == torch.channels_last else "nchw", image_size=image_size)
         rows.append(row)
         try:
             t0 = time.perf_counter()
-            fn = make()
+            fn = under_amp(make())
             with torch.no_grad():
                 out = fn(x)  # compiles, for the compile rows
             row["setup_s"] = round(time.perf_counter() - t0, 1)

@@ -135,7 +135,7 @@ def markdown(data: dict) -> str:
                      f"{_fmt(r['GBps'], '.0f')} | {_fmt(r['copy_fraction'] and 100 * r['copy_fraction'], '.0f')} | "
                      f"{_fmt(r.get('x_eager'), '.2f')} | {'' if r['status'] == 'ok' else r['status'] + ': ' + r['note']} |")
     if data.get("model"):
-        lines += ["", "## Model level: GhostNet 1.0x, 224², random weights", "",
+        lines += ["", "## Model level: GhostNet 1.0x, 224², random weights, AMP (fp32 model under torch.autocast)", "",
                   "| op | impl | batch | dtype | layout | images/s | note |", "|---|---|---|---|---|---|---|"]
         for m in data["model"]:
             lines.append(f"| {m['op']} | {m['impl']} | {m.get('batch', '')} | {m.get('dtype', '')} | "
