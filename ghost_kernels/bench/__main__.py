@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--secondary-shapes", default="all",
                    help="shapes for the dtype/layout pairs after the first one ('quick' keeps a full "
                         "dtype x layout matrix affordable); torch.compile rows run for the first pair only")
-    p.add_argument("--ops", default="forward", help="comma list of ops (forward)")
+    p.add_argument("--ops", default="forward", help="comma list of ops (forward; train comes with training)")
     p.add_argument("--quick", action="store_true", help="quick shapes, shorter timing, no max-autotune")
     p.add_argument("--compile-budget", type=float, default=240.0,
                    help="seconds of torch.compile time for the compile rows (the rest are skipped)")
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     from .. import available_backends
     from ..triton_forward import triton
     from . import report
-    from .harness import DTYPES, FUSED, IMPLS, LAYOUTS, bench_shape, copy_bandwidth
+    from .harness import DTYPES, FUSED, IMPLS, LAYOUTS, OPS, bench_shape, copy_bandwidth
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
@@ -113,6 +113,10 @@ def main(argv=None) -> int:
     for lay in layouts:
         if lay not in LAYOUTS:
             raise SystemExit(f"--layout: expected some of {list(LAYOUTS)}, got {lay!r}")
+    ops = [o.strip() for o in args.ops.split(",")]
+    for o in ops:
+        if o not in OPS:
+            raise SystemExit(f"--ops: expected some of {list(OPS)}, got {o!r}")
     fused = [b for b, why in available_backends().items() if b != "torch" and why is None]
     if gpu:
         impls = [i.strip() for i in args.impls.split(",")] if args.impls else \
@@ -137,18 +141,19 @@ def main(argv=None) -> int:
     rows = []
     secondary = {(m.name) for m, _ in select_shapes(args.secondary_shapes, args.quick)}
     jobs = []
-    for d in dtypes:
-        for lay in layouts:
-            primary = (d, lay) == (dtypes[0], layouts[0])
-            for shape, count in shapes:
-                if primary or shape.name in secondary:
-                    jobs.append((shape, count, d, lay, impls if primary else
-                                 [i for i in impls if not i.startswith("compile")]))
-    for k, (shape, count, d, lay, job_impls) in enumerate(jobs, 1):
-        print(f"\r[{k}/{len(jobs)}] {shape.name} {shape.spec.inp}->{shape.spec.oup} @{shape.h} {d} {lay}"
+    for op in ops:
+        for d in dtypes:
+            for lay in layouts:
+                primary = (d, lay) == (dtypes[0], layouts[0])
+                for shape, count in shapes:
+                    if primary or shape.name in secondary:
+                        jobs.append((op, shape, count, d, lay, impls if primary else
+                                     [i for i in impls if not i.startswith("compile")]))
+    for k, (op, shape, count, d, lay, job_impls) in enumerate(jobs, 1):
+        print(f"\r[{k}/{len(jobs)}] {op} {shape.name} {shape.spec.inp}->{shape.spec.oup} @{shape.h} {d} {lay}"
               + " " * 10, end="", file=sys.stderr, flush=True)
         rows += bench_shape(shape, count, batch, d, lay, job_impls, device, copy_GBps, l2, budget,
-                            rep_ms=50 if args.quick or not gpu else 100)
+                            rep_ms=50 if args.quick or not gpu else 100, op=OPS[op])
     print(file=sys.stderr)
 
     model_rows = []

@@ -186,29 +186,45 @@ def module_bytes(spec: GhostSpec, n: int, h: int, w: int, elem: int) -> int:
     return (n * spec.inp * h * w + n * spec.oup * ho * wo) * elem + weights
 
 
+@dataclass(frozen=True)
+class Op:
+    """One benchmarked operation: the mode it puts the modules in, and one (checked, then timed) call.
+    The training work adds "train" (forward + backward, train-mode BN) as one more entry in OPS."""
+
+    name: str
+    train: bool
+    call: Callable[[Callable[[Tensor], Tensor], Tensor], Tensor]
+
+
+def _forward(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return fn(x)
+
+
+OPS: Dict[str, Op] = {"forward": Op("forward", train=False, call=_forward)}
+
+
 def bench_shape(shape: ModuleShape, count: int, batch: int, dtype_name: str, layout_name: str,
                 impls: List[str], device: torch.device, copy_GBps: float, l2_bytes: int,
-                compile_budget: Dict[str, float], rep_ms: int = 100) -> List[Row]:
-    """Check, then time, every implementation on one module shape."""
+                compile_budget: Dict[str, float], rep_ms: int = 100, op: Op = OPS["forward"]) -> List[Row]:
+    """Check, then time, every implementation of ``op`` on one module shape."""
     dtype, layout = DTYPES[dtype_name], LAYOUTS[layout_name]
     spec = shape.spec
-    base = randomize_(eager_module(spec)).to(device=device).eval()
+    base = randomize_(eager_module(spec)).to(device=device).train(op.train)
     ref_mod = GhostModule.from_module(copy.deepcopy(base).double(), backend="torch")
     base = base.to(dtype)
     xs = rotating_inputs((batch, spec.inp, shape.h, shape.w), dtype, layout, device, 3 * l2_bytes)
-    with torch.no_grad():
-        ref = ref_mod(xs[0].double())
+    ref = op.call(ref_mod, xs[0].double())
     nbytes = module_bytes(spec, batch, shape.h, shape.w, xs[0].element_size())
     rows = []
     for impl in impls:
-        row = Row("forward", impl, shape.name, spec.inp, spec.oup, shape.h, shape.w, spec.stride, batch,
+        row = Row(op.name, impl, shape.name, spec.inp, spec.oup, shape.h, shape.w, spec.stride, batch,
                   dtype_name, layout_name, count, nbytes)
         rows.append(row)
         try:
             t0 = time.perf_counter()
             fn = build_impl(impl, base, spec, device, compile_budget)
-            with torch.no_grad():
-                out = fn(xs[0])  # also compiles
+            out = op.call(fn, xs[0])  # also compiles
             if impl.startswith("compile"):
                 compile_budget[impl] -= time.perf_counter() - t0
             row.rel_err = rel_err(out, ref)
@@ -219,10 +235,9 @@ def bench_shape(shape: ModuleShape, count: int, batch: int, dtype_name: str, lay
 
             def step():
                 state["i"] = (state["i"] + 1) % len(xs)
-                return fn(xs[state["i"]])
+                return op.call(fn, xs[state["i"]])
 
-            with torch.no_grad():
-                row.median_ms, row.p20_ms, row.p80_ms = time_fn(step, device, rep_ms=rep_ms)
+            row.median_ms, row.p20_ms, row.p80_ms = time_fn(step, device, rep_ms=rep_ms)
             row.GBps = nbytes / (row.median_ms * 1e-3) / 1e9
             row.copy_fraction = row.GBps / copy_GBps if copy_GBps else None
         except Skip as exc:
