@@ -46,3 +46,13 @@ def test_junit_counts(tmp_path):
     xml.write_text('<testsuites><testsuite tests="10" failures="1" errors="1" skipped="2"/></testsuites>')
     assert report.parse_junit(str(xml)) == {"passed": 6, "failed": 2, "skipped": 2}
     assert report.parse_junit(os.path.join(str(tmp_path), "missing.xml")) == {"passed": 0, "failed": 0, "skipped": 0}
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--dtype", "float64"], "--dtype: expected some of"),
+    (["--layout", "nhwc"], "--layout: expected some of"),
+    (["--ops", "train"], "--ops: expected some of"),
+])
+def test_bad_arguments_are_named(argv, match, tmp_path):
+    with pytest.raises(SystemExit, match=match):
+        main(argv + ["--out", str(tmp_path)])
