@@ -58,7 +58,7 @@ class Request:
     compute_dtype: torch.dtype  # x's dtype, or the autocast dtype when torch.autocast is on
 
 
-def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype nn.Conv2d would compute in: the autocast dtype under torch.autocast, else x's."""
     if not autocast_enabled(x.device):
         return x.dtype
@@ -85,7 +85,7 @@ def make_request(x: Tensor, primary_weight: Tensor, primary_bn: BatchNormState, 
         x.requires_grad or any(p is not None and p.requires_grad for p in params))
     has_stats = all(t is not None for t in (primary_bn.running_mean, primary_bn.running_var,
                                             cheap_bn.running_mean, cheap_bn.running_var))
-    return Request(x, spec, training, needs_grad, has_stats, compute_dtype(x, primary_weight))
+    return Request(x, spec, training, needs_grad, has_stats, compute_dtype(x))
 
 
 def validate_input(x, spec: GhostSpec, weight: Tensor, argname: str = "x") -> None:

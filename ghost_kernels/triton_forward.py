@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from .fold import FoldedGhost, is_compiling
-from .layout import empty_output, output_memory_format  # noqa: F401  (re-exported for the tests)
+from .layout import empty_output
 from .spec import GhostSpec
 
 try:  # triton is optional: without it the backend reports why it cannot run.
@@ -220,9 +220,14 @@ def _resident_programs(compiled, device_index: int, num_warps: int) -> int:
     return max(1, min(fit, 8))
 
 
+# Triton decides interpreter or compiler when @triton.jit runs, i.e. when this module is imported:
+# read the variable then, not on every launch.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when this module's Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _INTERPRETING
 
 
 def ghost_forward_triton(x: Tensor, folded: FoldedGhost, spec: GhostSpec, out: Optional[Tensor] = None) -> Tensor:
@@ -275,7 +280,6 @@ def ghost_forward_triton(x: Tensor, folded: FoldedGhost, spec: GhostSpec, out: O
     if x.is_cuda and variant not in _RESIDENT:
         _RESIDENT[variant] = _resident_programs(compiled, x.device.index, cfg.num_warps)
     return out
-
 
 
 # The launcher as a torch.library op: torch.compile and torch.export see one opaque op (shape and

@@ -11,7 +11,8 @@ from helpers import DEVICE, GhostParams, assert_close_to_reference, eager_and_re
 import ghost_kernels as gk
 from ghost_kernels.spec import distinct_ghostnet_100_specs
 from ghost_kernels import cuda_forward
-from ghost_kernels.triton_forward import ghost_forward_triton, output_memory_format
+from ghost_kernels.layout import output_memory_format
+from ghost_kernels.triton_forward import ghost_forward_triton
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["nchw", "channels_last"]

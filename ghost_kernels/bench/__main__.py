@@ -54,17 +54,13 @@ def _driver() -> str:
 
 
 def select_shapes(which: str, quick: bool):
-    from ..spec import ghostnet_100_modules
+    from collections import Counter
+
+    from ..spec import distinct_ghostnet_100_specs, ghostnet_100_modules
 
     modules = ghostnet_100_modules()
-    counts = {}
-    for m in modules:
-        counts[(m.spec, m.h, m.w)] = counts.get((m.spec, m.h, m.w), 0) + 1
-    distinct, seen = [], set()
-    for m in modules:
-        if (m.spec, m.h, m.w) not in seen:
-            seen.add((m.spec, m.h, m.w))
-            distinct.append(m)
+    counts = Counter((m.spec, m.h, m.w) for m in modules)
+    distinct = distinct_ghostnet_100_specs()
     if which == "quick" or (quick and which == "all"):
         per_res, picked = set(), []
         for m in distinct:
