@@ -3,8 +3,11 @@
 Backends:
 
 * ``"torch"``: :func:`reference.ghost_reference`, plain PyTorch. Runs everything PyTorch runs.
-* ``"triton"``: the fused single-pass kernel of ``triton_forward.py`` (eval mode, inference).
-* ``"cuda"``: the same contract in CUDA C++ (``csrc/``, loaded by ``cuda_forward.py``).
+* ``"triton"``: inference (eval mode, no autograd): the fused single-pass kernel of ``triton_forward.py``
+  with both BNs folded. Training (train-mode BN, or any call that needs gradients): the torch.library
+  ops of ``triton_train.py`` (fused backward, nn.BatchNorm2d semantics, SyncBatchNorm).
+* ``"cuda"``: the inference kernel in CUDA C++ (``csrc/``, loaded by ``cuda_forward.py``); it has no
+  train mode and no backward (those calls go to triton or torch under ``"auto"``).
 
 ``not_supported_reasons(backend, request)`` lists why a backend cannot run a request (empty: it can).
 An explicitly named backend with reasons raises :class:`BackendNotSupported` that lists them;
@@ -20,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import cuda_forward, triton_forward
+from . import cuda_forward, triton_forward, triton_train
 from .fold import FoldedGhost, fold_ghost
 from .reference import Activation, BatchNormState, ghost_reference
 from .spec import GhostSpec
@@ -54,8 +57,20 @@ class Request:
     training: bool
     needs_grad: bool
     has_running_stats: bool
-
     compute_dtype: torch.dtype  # x's dtype, or the autocast dtype when torch.autocast is on
+    sync: int = -1  # SyncBatchNorm process group index (triton_train.register_group); -2: BNs disagree
+
+    @property
+    def inference(self) -> bool:
+        """Eval-mode BN with running statistics and no autograd: the folded single-pass kernel."""
+        return not self.training and not self.needs_grad and self.has_running_stats
+
+    @property
+    def batch_values(self) -> int:
+        """Values per channel that batch statistics would be computed from (N * H' * W')."""
+        n, _, h, w = self.x.shape
+        ho, wo = self.spec.out_hw(h, w) if h and w else (0, 0)
+        return n * ho * wo
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -79,13 +94,13 @@ def autocast_enabled(device: torch.device) -> bool:
 
 
 def make_request(x: Tensor, primary_weight: Tensor, primary_bn: BatchNormState, cheap_weight: Tensor,
-                 cheap_bn: BatchNormState, spec: GhostSpec, training: bool) -> Request:
+                 cheap_bn: BatchNormState, spec: GhostSpec, training: bool, sync: int = -1) -> Request:
     params = (primary_weight, cheap_weight, primary_bn.weight, primary_bn.bias, cheap_bn.weight, cheap_bn.bias)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or any(p is not None and p.requires_grad for p in params))
     has_stats = all(t is not None for t in (primary_bn.running_mean, primary_bn.running_var,
                                             cheap_bn.running_mean, cheap_bn.running_var))
-    return Request(x, spec, training, needs_grad, has_stats, compute_dtype(x))
+    return Request(x, spec, training, needs_grad, has_stats, compute_dtype(x), sync)
 
 
 def validate_input(x, spec: GhostSpec, weight: Tensor, argname: str = "x") -> None:
@@ -157,13 +172,19 @@ def not_supported_reasons(backend: str, req: Request) -> List[str]:
             reasons.append("activation other than ReLU or identity")
         if x.shape[2] == 0 or x.shape[3] == 0:
             reasons.append(f"empty spatial size {tuple(x.shape[2:])}")
+    if backend == "cuda" and not req.inference:
         if req.training:
-            reasons.append("train-mode BatchNorm (the fused forward is inference-only; use module.eval())")
+            reasons.append("train-mode BatchNorm (the CUDA C++ kernel is inference-only; the triton backend trains)")
         if req.needs_grad:
-            reasons.append("autograd is needed (the fused forwards have no backward yet; "
-                           "run under torch.no_grad() or torch.inference_mode())")
+            reasons.append("autograd is needed (the CUDA C++ kernel has no backward; the triton backend has one)")
         if not req.has_running_stats:
             reasons.append("BatchNorm without running statistics cannot be folded")
+    if backend == "triton" and not req.inference:
+        batch_stats = req.training or not req.has_running_stats
+        if batch_stats and req.batch_values < 2:
+            reasons.append(f"batch statistics need more than 1 value per channel, got {req.batch_values}")
+        if req.sync == -2:
+            reasons.append("one BatchNorm is a SyncBatchNorm and the other is not")
     return reasons
 
 
@@ -228,6 +249,7 @@ def ghost_forward(
     act: Optional[Activation] = None,
     folded: Optional[Callable[[torch.dtype], FoldedGhost]] = None,
     eager: Optional[Callable[[Tensor], Tensor]] = None,
+    sync: int = -1,
 ) -> Tensor:
     """Run a Ghost module's forward on the chosen backend (see the module docstring).
 
@@ -235,9 +257,11 @@ def ghost_forward(
     by default they are folded on every call. ``eager(x)``, if given, is the "torch" backend instead
     of :func:`reference.ghost_reference`: GhostModule passes its own submodules, so that what they
     do beyond ``nn.BatchNorm2d`` (SyncBatchNorm's all-reduce, hooks) happens as in the original.
+    ``sync``: a process group index from ``triton_train.register_group`` to synchronize the batch
+    statistics over (SyncBatchNorm), -1 for none.
     """
     validate_input(x, spec, primary_weight)
-    req = make_request(x, primary_weight, primary_bn, cheap_weight, cheap_bn, spec, training)
+    req = make_request(x, primary_weight, primary_bn, cheap_weight, cheap_bn, spec, training, sync)
     name, _ = select_backend(backend, req)
     if name == "torch":
         if eager is not None:
@@ -247,6 +271,9 @@ def ghost_forward(
     # Under autocast the kernels compute in the autocast dtype, as nn.Conv2d would: the weights are
     # folded for it, and x is cast on load (triton) or before the launch (cuda).
     dtype = req.compute_dtype
+    if not req.inference:  # train-mode BN and/or autograd: the triton training ops
+        return triton_train.ghost_train(x, primary_weight, primary_bn, cheap_weight, cheap_bn, spec, training,
+                                        dtype, max(sync, -1))
     if folded is None:
         folded_params = fold_ghost(primary_weight, primary_bn, cheap_weight, cheap_bn, spec, dtype)
     else:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import dispatch
+from . import dispatch, triton_train
 from .fold import FoldCache, FoldedGhost, fold_ghost
 from .reference import BatchNormState
 from .spec import GhostSpec
@@ -102,8 +102,11 @@ class GhostModule(nn.Module):
         return torch.cat([x1, x2], 1)[:, :oup]
 
     In eval mode under ``torch.no_grad()``/``torch.inference_mode()`` the fused kernel runs with BN
-    folded (the folding is cached and refreshed when parameters or buffers change).
-    ``explain(x)`` says which backend runs ``x`` and why.
+    folded (the folding is cached and refreshed when parameters or buffers change). In train mode, or
+    whenever gradients are needed, the triton backend runs the training ops (``triton_train.py``):
+    batch statistics and running-statistics updates exactly as ``nn.BatchNorm2d``, a fused backward,
+    and, after ``nn.SyncBatchNorm.convert_sync_batchnorm``, batch statistics synchronized over the
+    SyncBatchNorm's process group. ``explain(x)`` says which backend runs ``x`` and why.
     """
 
     def __init__(self, inp: Optional[int] = None, oup: Optional[int] = None, kernel_size: int = 1,
@@ -171,12 +174,28 @@ class GhostModule(nn.Module):
         return self._fold_cache.get(sources, (dtype, key_extra),
                                     lambda: fold_ghost(w1, s1, wd, s2, self.spec, dtype))
 
+    def _sync(self) -> int:
+        """SyncBatchNorm in train mode under an initialized process group of more than one rank: the
+        group's index for the training ops (-1: no synchronization, -2: only one BN is synchronized)."""
+        bn1, bn2 = self.primary_conv[1], self.cheap_operation[1]
+        synced = isinstance(bn1, nn.SyncBatchNorm), isinstance(bn2, nn.SyncBatchNorm)
+        if not self.training or not any(synced):
+            return -1
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            return -1
+        if not all(synced) or bn1.process_group is not bn2.process_group:
+            return -2
+        if dist.get_world_size(bn1.process_group) == 1:
+            return -1
+        return triton_train.register_group(bn1.process_group)
+
     def explain(self, x: Tensor) -> str:
         """Which backend runs ``x`` now (given train/eval mode and grad mode), and why the others don't."""
         s1, s2 = self._bn_states()
         w1, wd = self.primary_conv[0].weight, self.cheap_operation[0].weight
         dispatch.validate_input(x, self.spec, w1)
-        req = dispatch.make_request(x, w1, s1, wd, s2, self.spec, self.training)
+        req = dispatch.make_request(x, w1, s1, wd, s2, self.spec, self.training, self._sync())
         return dispatch.explain(self.backend, req)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -184,6 +203,7 @@ class GhostModule(nn.Module):
         return dispatch.ghost_forward(
             x, self.primary_conv[0].weight, s1, self.cheap_operation[0].weight, s2, self.spec,
             training=self.training, backend=self.backend, folded=self._folded, eager=self._forward_eager,
+            sync=self._sync(),
         )
 
     def _forward_eager(self, x: Tensor) -> Tensor:

@@ -84,12 +84,13 @@ class TileConfig(NamedTuple):
 
 
 def pick_config(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype = torch.bfloat16,
-                max_lanes: int = 256) -> TileConfig:
+                max_lanes: int = 256, pad: Optional[int] = None) -> TileConfig:
     """Tile shape for an ``ho`` x ``wo`` output: the halo tile covers the image when it is small,
     else 16 x 16 (``max_lanes`` = 256 pixels per program). A square halo tile wastes the fewest lanes
     on the halo (14 x 14 useful of 16 x 16 for a 3x3 cheap op, 77 %, against 70 % for 32 x 8), and
-    GhostNet's resolutions (112, 56, 28, 14) are multiples of 14."""
-    pad = spec.dw_size // 2
+    GhostNet's resolutions (112, 56, 28, 14) are multiples of 14. ``pad``: halo width (default d // 2;
+    the backward kernel needs 2 * (d // 2))."""
+    pad = spec.dw_size // 2 if pad is None else pad
     halo_w = min(max(_next_pow2(wo + 2 * pad), _next_pow2(2 * pad + 1)), 16)
     halo_h = min(_next_pow2(ho + 2 * pad), max(max_lanes // halo_w, 1))
     halo_h = max(halo_h, _next_pow2(2 * pad + 1), 16 // halo_w if halo_w < 16 else 1)  # tl.dot: N >= 16
@@ -107,15 +108,21 @@ if triton is not None:
     @triton.jit(do_not_specialize=["C_IN", "HO", "WO", "M", "OUP", "sxn", "sxh", "son", "soh",
                                    "n_tiles_h", "n_tiles_w", "n_mblocks", "total_tiles"])
     def _ghost_fwd_kernel(
-        x_ptr, out_ptr, w1_ptr, scale1_ptr, shift1_ptr, wd_ptr, shift2_ptr, scratch_ptr,
+        x_ptr, out_ptr, w1_ptr, scale1_ptr, shift1_ptr, wd_ptr, shift2_ptr, scratch_ptr, stats_ptr,
         C_IN, HO, WO, M, OUP,
         sxn, sxc, sxh, sxw,
         son, soc, soh, sow,
         n_tiles_h, n_tiles_w, n_mblocks, total_tiles,
-        STRIDE: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, RELU: tl.constexpr,
+        STRIDE: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, RELU: tl.constexpr, RELU2: tl.constexpr,
+        STATS: tl.constexpr,
         HALO_H: tl.constexpr, HALO_W: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
     ):
+        # RELU2 is the cheap branch's activation (RELU in eval mode). STATS (train mode, see
+        # triton_train.py): the cheap branch runs with raw weights, no shift and no activation, its
+        # output z2 is stored as is, and each tile also stores, per ghost channel, the sum and the
+        # tile-centred sum of squares of z2 over its interior pixels (plus its pixel count), so that
+        # BN2's batch statistics follow without another pass and without E[z^2] - E[z]^2 cancellation.
         PAD: tl.constexpr = DW // 2
         TH: tl.constexpr = HALO_H - 2 * PAD
         TW: tl.constexpr = HALO_W - 2 * PAD
@@ -182,16 +189,25 @@ if triton is not None:
             tl.debug_barrier()                      # this tile's writes are visible to the CTA
             for r in tl.static_range(RATIO - 1):
                 j = c * (RATIO - 1) + r             # ghost channel, reads intrinsic channel c
-                j_ok = c_ok & (j < OUP - M)
+                j_ok = c_ok & (j < OUP - M)         # stored; all m * (r - 1) are computed (BN2 stats)
                 acc2 = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
                 for dy in range(DW):  # runtime loops: unrolling 49 taps x 3 multipliers costs minutes of compile
                     for dx in range(DW):
-                        wv = tl.load(wd_ptr + j * (DW * DW) + (dy * DW + dx), mask=j_ok, other=0.0)
+                        wv = tl.load(wd_ptr + j * (DW * DW) + (dy * DW + dx), mask=c_ok, other=0.0)
                         v = tl.load(slot + ((dy - PAD) * HALO_W + (dx - PAD)), mask=interior[None, :], other=0.0)
                         acc2 += wv[:, None] * v.to(tl.float32)
-                b2 = tl.load(shift2_ptr + j, mask=j_ok, other=0.0)
+                if STATS:
+                    cnt = tl.sum(keep.to(tl.float32), axis=0)
+                    s = tl.sum(tl.where(keep[None, :], acc2, 0.0), axis=1)
+                    dev = tl.where(keep[None, :], acc2 - (s / cnt)[:, None], 0.0)
+                    srow = stats_ptr + (tl.cast(tile, tl.int64) * (RATIO - 1) + r) * BLOCK_M + cm
+                    tl.store(srow, s)
+                    tl.store(srow + total_tiles.to(tl.int64) * (RATIO - 1) * BLOCK_M, tl.sum(dev * dev, axis=1))
+                    if r == 0:
+                        tl.store(stats_ptr + 2 * total_tiles.to(tl.int64) * (RATIO - 1) * BLOCK_M + tile, cnt)
+                b2 = tl.load(shift2_ptr + j, mask=c_ok, other=0.0)
                 y2 = acc2 + b2[:, None]
-                if RELU:
+                if RELU2:
                     y2 = tl.where(y2 < 0.0, 0.0, y2)
                 tl.store(out_ptr + (M + j).to(tl.int64)[:, None] * soc + o_pix[None, :],
                          y2.to(out_ptr.dtype.element_ty), mask=j_ok[:, None] & keep[None, :])
@@ -253,33 +269,61 @@ def ghost_forward_triton(x: Tensor, folded: FoldedGhost, spec: GhostSpec, out: O
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     if out.numel() == 0:
         return out
-    cfg = pick_config(spec, ho, wo, dtype)
-    pad = spec.dw_size // 2
+    launch_forward(x, out, folded, spec, relu2=spec.act == "relu")
+    return out
+
+
+def tile_grid(spec: GhostSpec, n: int, ho: int, wo: int, cfg: TileConfig, pad: int):
+    """(tiles along H, tiles along W, channel blocks, total tiles) for halo tiles with ``pad`` rows/cols
+    of halo on each side."""
     th, tw = cfg.HALO_H - 2 * pad, cfg.HALO_W - 2 * pad
     n_th, n_tw = triton.cdiv(ho, th), triton.cdiv(wo, tw)
     n_mb = triton.cdiv(spec.m, cfg.BLOCK_M)
-    total = n * n_th * n_tw * n_mb
-    variant = (x.device.index, x.dtype, dtype, spec.stride, spec.ratio, spec.dw_size, spec.act, cfg)
+    return n_th, n_tw, n_mb, n * n_th * n_tw * n_mb
+
+
+def persistent_programs(variant: tuple, x: Tensor, total: int) -> int:
+    """Programs of a persistent grid: what fits on the GPU at once (learned from the first launch)."""
     if x.is_cuda:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        programs = min(total, _RESIDENT.get(variant, 1) * sms)
-    else:
-        programs = min(total, INTERPRETER_PROGRAMS)
+        return max(1, min(total, _RESIDENT.get(variant, 1) * sms))
+    return max(1, min(total, INTERPRETER_PROGRAMS))
+
+
+def remember_occupancy(variant: tuple, compiled, x: Tensor, num_warps: int) -> None:
+    if x.is_cuda and variant not in _RESIDENT:
+        _RESIDENT[variant] = _resident_programs(compiled, x.device.index, num_warps)
+
+
+def launch_forward(x: Tensor, out: Tensor, folded: FoldedGhost, spec: GhostSpec, relu2: bool,
+                   stats: bool = False) -> Optional[Tensor]:
+    """Launch ``_ghost_fwd_kernel`` into ``out``. With ``stats`` (train mode) return the per-tile
+    statistics of the cheap branch, a float32 tensor of ``2 * T * (r - 1) * BLOCK_M + T`` elements
+    for T tiles (sums, centred sums of squares, pixel counts), decoded by ``triton_train``."""
+    n, _, ho, wo = out.shape
+    dtype = out.dtype
+    cfg = pick_config(spec, ho, wo, dtype)
+    n_th, n_tw, n_mb, total = tile_grid(spec, n, ho, wo, cfg, spec.dw_size // 2)
+    variant = ("fwd", x.device.index, x.dtype, dtype, spec.stride, spec.ratio, spec.dw_size, spec.act, relu2,
+               stats, cfg)
+    programs = persistent_programs(variant, x, total)
     scratch = torch.empty(programs * cfg.BLOCK_M * cfg.HALO_H * cfg.HALO_W, dtype=dtype, device=x.device)
+    stats_buf = (torch.empty(total * (2 * (spec.ratio - 1) * cfg.BLOCK_M + 1), dtype=torch.float32,
+                             device=x.device) if stats else scratch)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         compiled = _ghost_fwd_kernel[(programs,)](
-            x, out, folded.w1, folded.scale1, folded.shift1, folded.wd, folded.shift2, scratch,
+            x, out, folded.w1, folded.scale1, folded.shift1, folded.wd, folded.shift2, scratch, stats_buf,
             spec.inp, ho, wo, spec.m, spec.oup,
             *x.stride(), *out.stride(),
             n_th, n_tw, n_mb, total,
-            STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size, RELU=spec.act == "relu",
+            STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size, RELU=spec.act == "relu", RELU2=relu2,
+            STATS=stats,
             HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
             IEEE=dtype == torch.float32, DOT_F32=interpreting() and dtype == torch.bfloat16,
             num_warps=cfg.num_warps,
         )
-    if x.is_cuda and variant not in _RESIDENT:
-        _RESIDENT[variant] = _resident_programs(compiled, x.device.index, cfg.num_warps)
-    return out
+    remember_occupancy(variant, compiled, x, cfg.num_warps)
+    return stats_buf if stats else None
 
 
 # The launcher as a torch.library op: torch.compile and torch.export see one opaque op (shape and

@@ -165,16 +165,25 @@ def test_fold_cache_refreshes_when_parameters_or_buffers_change(monkeypatch):
 
 def test_backend_choice_and_reasons():
     mod = randomize(gk.GhostModule(8, 12)).to(DEVICE)
-    x = torch.randn(1, 8, 5, 5, device=DEVICE)
-    # train mode: auto falls back to torch and says why; an explicit fused backend refuses
-    assert "train-mode" in mod.explain(x) and "runs 'torch'" in mod.explain(x)
+    x = torch.randn(2, 8, 5, 5, device=DEVICE)
+    # train mode: the triton backend trains; the CUDA C++ backend refuses and says why
+    if DEVICE == "cuda":
+        assert "runs 'triton'" in mod.explain(x)
+    else:
+        assert "runs 'torch'" in mod.explain(x) and "CUDA tensors only" in mod.explain(x)
+    mod_c = copy.deepcopy(mod)
+    mod_c.backend = "cuda"
+    with pytest.raises(gk.BackendNotSupported, match="train-mode BatchNorm"):
+        mod_c(x)
+    mod_c.eval()
+    with pytest.raises(gk.BackendNotSupported, match="autograd is needed"):
+        mod_c(x)
     mod_t = copy.deepcopy(mod)
     mod_t.backend = "triton"
-    with pytest.raises(gk.BackendNotSupported, match="train-mode"):
-        mod_t(x)
+    assert "runs 'triton'" in mod_t.explain(x)
+    with pytest.raises(gk.BackendNotSupported, match="more than 1 value per channel, got 1"):
+        mod_t(x[:1, :, :1, :1])
     mod_t.eval()
-    with pytest.raises(gk.BackendNotSupported, match="no_grad"):
-        mod_t(x)
     with torch.no_grad():
         assert "runs 'triton'" in mod_t.explain(x)
         mod_t(x)

@@ -48,7 +48,7 @@ def compile_for_sm90(dtype: str, spec: gk.GhostSpec, ho: int, wo: int):
     cfg = triton_forward.pick_config(spec, ho, wo, {"bf16": torch.bfloat16, "fp16": torch.float16,
                                                     "fp32": torch.float32}[dtype])
     consts = dict(STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size, RELU=spec.act == "relu",
-                  HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
+                  RELU2=spec.act == "relu", STATS=False, HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
                   IEEE=dtype == "fp32", DOT_F32=False)
     sig = {}
     for p in jit.params:
