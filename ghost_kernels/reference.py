@@ -112,7 +112,13 @@ def ghost_reference(
     """
     act = spec.act if act is None else act
     act1, act2 = act if isinstance(act, tuple) else (act, act)
-    y1 = F.conv2d(x, primary_weight, None, spec.stride, spec.kernel_size // 2)
+    if spec.kernel_size == 1 and spec.stride > 1:
+        # A 1x1 conv with stride s reads every s-th row and column: sample first, convolve with stride
+        # 1. Same function; it also keeps the reference clear of PyTorch 2.14.1's oneDNN bug, which
+        # returns a wrong weight gradient for some 1x1 stride-2 channels_last CPU inputs.
+        y1 = F.conv2d(x[:, :, ::spec.stride, ::spec.stride], primary_weight)
+    else:
+        y1 = F.conv2d(x, primary_weight, None, spec.stride, spec.kernel_size // 2)
     y1 = activation(batch_norm(y1, primary_bn, training), act1)
     y2 = F.conv2d(y1, cheap_weight, None, 1, spec.dw_size // 2, 1, spec.m)
     y2 = activation(batch_norm(y2, cheap_bn, training), act2)

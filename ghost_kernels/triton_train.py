@@ -127,7 +127,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["C_IN", "HO", "WO", "M", "OUP", "sxn", "sxh", "sgn", "sgh", "sbn", "sbh",
                                    "n_tiles_h", "n_tiles_w", "n_mblocks", "total_tiles"])
     def _ghost_bwd_kernel(
-        x_ptr, g_ptr, w1_ptr, scale1_ptr, shift1_ptr, mean1_ptr, wd_ptr, mean2_ptr, scale2_ptr, beta2_ptr,
+        x_ptr, g_ptr, w1_ptr, scale1_ptr, shift1_ptr, mean1_ptr, wd_ptr, mean2_ptr, scale2_ptr, shift2_ptr,
         ga2_ptr, gb2_ptr, gc2_ptr, y1s_ptr, gzs_ptr, part_ptr, gwd_ptr, g1m_ptr, zc1_ptr,
         C_IN, HO, WO, M, OUP,
         sxn, sxc, sxh, sxw,
@@ -135,7 +135,7 @@ if triton is not None:
         sbn, sbc, sbh, sbw,
         n_tiles_h, n_tiles_w, n_mblocks, total_tiles,
         PHASE: tl.constexpr, STRIDE: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, RELU: tl.constexpr,
-        HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+        BATCH2: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
     ):
         """B1 (PHASE 1) and B2 (PHASE 2) of the module docstring, on a persistent grid like the forward."""
@@ -208,15 +208,18 @@ if triton is not None:
                         wv = tl.load(wd_ptr + j * (DW * DW) + (dy * DW + dx), mask=c_ok, other=0.0)
                         v = tl.load(y1_slot + ((dy - PAD) * HALO_W + (dx - PAD)), mask=ring[None, :], other=0.0)
                         z2 += wv[:, None] * v.to(tl.float32)
-                z2 = z2.to(y1s_ptr.dtype.element_ty).to(tl.float32)   # the forward stored z2 rounded
+                # z2 unrounded, as F2 reduced it for the batch statistics: BN's scale invariance makes
+                # the sums below cancel, and they cancel to rounding only with the same z2 as the mean.
                 zc2 = z2 - tl.load(mean2_ptr + j, mask=c_ok, other=0.0)[:, None]
                 live = (ring & in_img)[None, :] & j_out[:, None]
                 g2 = tl.load(g_ptr + (M + j).to(tl.int64)[:, None] * sgc
                              + (n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[None, :],
                              mask=live, other=0.0).to(tl.float32)
-                if RELU:   # eager's threshold_backward: zero where y2 <= 0 (NaN passes)
-                    y2 = zc2 * tl.load(scale2_ptr + j, mask=c_ok, other=0.0)[:, None] \
-                        + tl.load(beta2_ptr + j, mask=c_ok, other=0.0)[:, None]
+                if RELU:   # eager's threshold_backward: zero where y2 <= 0 (NaN passes), with y2
+                    # computed bit for bit as F3 did: from z2 rounded to the output dtype
+                    z2r = z2.to(y1s_ptr.dtype.element_ty).to(tl.float32)
+                    y2 = z2r * tl.load(scale2_ptr + j, mask=c_ok, other=0.0)[:, None] \
+                        + tl.load(shift2_ptr + j, mask=c_ok, other=0.0)[:, None]
                     g2 = tl.where(y2 <= 0.0, 0.0, g2)
                 if PHASE == 1:
                     g2 = tl.where(on_tile[None, :], g2, 0.0)
@@ -225,9 +228,10 @@ if triton is not None:
                     tl.store(row + total_tiles.to(tl.int64) * R1 * BLOCK_M,
                              tl.sum(tl.where(on_tile[None, :], g2 * zc2, 0.0), axis=1))
                 else:
-                    gz = (tl.load(ga2_ptr + j, mask=c_ok, other=0.0)[:, None] * g2
-                          + tl.load(gb2_ptr + j, mask=c_ok, other=0.0)[:, None]
-                          + tl.load(gc2_ptr + j, mask=c_ok, other=0.0)[:, None] * zc2)
+                    gz = tl.load(ga2_ptr + j, mask=c_ok, other=0.0)[:, None] * g2
+                    if BATCH2:  # batch statistics; absent, not multiplied by 0, in eval mode (NaN in z)
+                        gz += (tl.load(gb2_ptr + j, mask=c_ok, other=0.0)[:, None]
+                               + tl.load(gc2_ptr + j, mask=c_ok, other=0.0)[:, None] * zc2)
                     gz = tl.where(live, gz, 0.0)
                     tl.debug_barrier()                # the previous multiplier's reads of gz_slot are done
                     tl.store(gz_slot, gz)
@@ -448,8 +452,7 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Ten
     w1m = w1.reshape(spec.m, spec.inp).contiguous()
     wdm = wd.reshape(spec.new, spec.dw_size ** 2).float().contiguous()
     scale1, shift1 = _bn_affine(mean1, invstd1, bn1_weight, bn1_bias)
-    scale2 = invstd2 if bn2_weight is None else invstd2 * bn2_weight.float()
-    beta2 = torch.zeros_like(mean2) if bn2_bias is None else bn2_bias.float().contiguous()
+    scale2, shift2 = _bn_affine(mean2, invstd2, bn2_weight, bn2_bias)  # the forward's, bit for bit
     group = _group(sync)
     count = float(n * ho * wo)
     if group is not None:
@@ -460,7 +463,8 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Ten
     cfg = tf.pick_config(spec, ho, wo, cdtype, pad=2 * pad)
     n_th, n_tw, n_mb, total = tf.tile_grid(spec, n, ho, wo, cfg, 2 * pad)
     r1, bm, taps = spec.ratio - 1, cfg.BLOCK_M, spec.dw_size ** 2
-    variant = ("bwd", x.device.index, x.dtype, cdtype, spec.stride, spec.ratio, spec.dw_size, spec.act, cfg)
+    variant = ("bwd", x.device.index, x.dtype, cdtype, spec.stride, spec.ratio, spec.dw_size, spec.act,
+               batch_stats2, cfg)
     programs = tf.persistent_programs(variant, x, max(total, 1))
     lanes = cfg.HALO_H * cfg.HALO_W
     y1s = torch.empty(programs * bm * lanes, dtype=cdtype, device=dev)
@@ -476,13 +480,13 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Ten
     def launch(phase, part, ga2, gb2, gc2):
         with _device_ctx(x):
             return _ghost_bwd_kernel[(programs,)](
-                x, grad, w1m, scale1, shift1, f32(mean1), wdm, f32(mean2), f32(scale2), beta2,
+                x, grad, w1m, scale1, shift1, f32(mean1), wdm, f32(mean2), scale2, shift2,
                 f32(ga2), f32(gb2), f32(gc2), y1s, gzs, part, gwd_part, g1m, zc1,
                 spec.inp, ho, wo, spec.m, spec.oup,
                 *x.stride(), *grad.stride(), *g1m.stride(),
                 n_th, n_tw, n_mb, total,
                 PHASE=phase, STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size, RELU=spec.act == "relu",
-                HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W, BLOCK_M=bm, BLOCK_K=cfg.BLOCK_K,
+                BATCH2=batch_stats2, HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W, BLOCK_M=bm, BLOCK_K=cfg.BLOCK_K,
                 IEEE=cdtype == torch.float32, DOT_F32=tf.interpreting() and cdtype == torch.bfloat16,
                 num_warps=cfg.num_warps)
 
@@ -517,7 +521,10 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Ten
 
     # B3: the 1x1 conv's gradients as two GEMMs (stride s: x is sampled at every s-th row/column).
     bc = lambda v: v[None, :, None, None]  # noqa: E731
-    gz1 = (g1m * bc(ga1) + bc(gb1) + zc1 * bc(gc1)).to(cdtype)
+    gz1 = g1m * bc(ga1)
+    if batch_stats1:  # absent in eval mode: z1 - mean1 is NaN wherever x is, and 0 * NaN is NaN
+        gz1 = gz1 + bc(gb1) + zc1 * bc(gc1)
+    gz1 = gz1.to(cdtype)
     xs = x[:, :, ::spec.stride, ::spec.stride] if spec.stride > 1 else x
     gz1p = _pixels(gz1)
     gw1 = (gz1p.t() @ _pixels(xs).to(cdtype)).reshape(w1.shape)

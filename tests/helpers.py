@@ -113,3 +113,33 @@ def randomize(module):
 
 
 OfficialStyleGhost = GhostModule
+
+
+class GhostBottleneckLite(nn.Module):
+    """GhostNet's bottleneck without SE: Ghost (ReLU) -> [depthwise stride 2] -> Ghost (no act), plus a
+    shortcut added *in place* into the second Ghost module's output, as timm's GhostBottleneck does."""
+
+    def __init__(self, inp, mid, out, stride=1):
+        super().__init__()
+        self.ghost1 = GhostModule(inp, mid, relu=True)
+        self.dw = (nn.Sequential(nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid))
+                   if stride > 1 else nn.Identity())
+        self.ghost2 = GhostModule(mid, out, relu=False)
+        self.shortcut = (nn.Identity() if inp == out and stride == 1 else nn.Sequential(
+            nn.Conv2d(inp, inp, 3, stride, 1, groups=inp, bias=False), nn.BatchNorm2d(inp),
+            nn.Conv2d(inp, out, 1, bias=False), nn.BatchNorm2d(out)))
+
+    def forward(self, x):
+        y = self.ghost2(self.dw(self.ghost1(x)))
+        y += self.shortcut(x)
+        return y
+
+
+def small_ghost_net(classes: int = 10) -> nn.Module:
+    """A GhostNet-shaped network small enough for the Triton interpreter: stem, three bottlenecks
+    (one with stride 2, odd channel counts so that the channel slice drops ghost channels), head."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        GhostBottleneckLite(8, 12, 8), GhostBottleneckLite(8, 20, 13, stride=2), GhostBottleneckLite(13, 27, 13),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(13, classes),
+    )
