@@ -56,3 +56,15 @@ def convert(model: nn.Module, backend: str = "auto", filter_fn: Optional[FilterF
             if new is not None:
                 setattr(parent, child_name, new)
     return model
+
+
+def sync_batch_stats(model: nn.Module, process_group=None) -> nn.Module:
+    """Make every converted Ghost module in ``model`` synchronize its train-mode batch statistics over
+    ``process_group`` (default: the world), like ``nn.SyncBatchNorm`` but keeping ``nn.BatchNorm2d``
+    submodules, which DistributedDataParallel accepts on CPU devices too. Other BatchNorms in
+    ``model`` are left alone (``nn.SyncBatchNorm.convert_sync_batchnorm`` converts those, and the
+    Ghost modules' too, which they also honour). Returns ``model``."""
+    for mod in model.modules():
+        if isinstance(mod, GhostModule):
+            mod.sync_batch_stats(process_group)
+    return model

@@ -174,21 +174,33 @@ class GhostModule(nn.Module):
         return self._fold_cache.get(sources, (dtype, key_extra),
                                     lambda: fold_ghost(w1, s1, wd, s2, self.spec, dtype))
 
+    def sync_batch_stats(self, process_group=None, enabled: bool = True) -> "GhostModule":
+        """Synchronize the train-mode batch statistics of both BatchNorms over ``process_group``
+        (default: the whole world), as ``nn.SyncBatchNorm`` would, while they stay ``nn.BatchNorm2d``
+        (DistributedDataParallel accepts those on any device; SyncBatchNorm it accepts on GPUs only).
+        ``nn.SyncBatchNorm.convert_sync_batchnorm`` on a converted model works too."""
+        self._sync_stats, self._sync_group = enabled, process_group
+        return self
+
     def _sync(self) -> int:
-        """SyncBatchNorm in train mode under an initialized process group of more than one rank: the
-        group's index for the training ops (-1: no synchronization, -2: only one BN is synchronized)."""
+        """The process group index for the training ops in train mode under an initialized process
+        group of more than one rank (-1: no synchronization, -2: only one BN is a SyncBatchNorm)."""
+        if not self.training:
+            return -1
         bn1, bn2 = self.primary_conv[1], self.cheap_operation[1]
         synced = isinstance(bn1, nn.SyncBatchNorm), isinstance(bn2, nn.SyncBatchNorm)
-        if not self.training or not any(synced):
+        if getattr(self, "_sync_stats", False):
+            group = self._sync_group
+        elif any(synced):
+            if not all(synced) or bn1.process_group is not bn2.process_group:
+                return -2
+            group = bn1.process_group
+        else:
             return -1
         import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return -1
-        if not all(synced) or bn1.process_group is not bn2.process_group:
-            return -2
-        if dist.get_world_size(bn1.process_group) == 1:
-            return -1
-        return triton_train.register_group(bn1.process_group)
+        return triton_train.register_group(group)
 
     def explain(self, x: Tensor) -> str:
         """Which backend runs ``x`` now (given train/eval mode and grad mode), and why the others don't."""

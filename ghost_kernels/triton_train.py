@@ -318,7 +318,8 @@ def register_group(group) -> int:
 
 
 def _group(sync: int):
-    return None if sync < 0 else _GROUPS[sync]
+    """The registered process group (None is the default group: test ``sync >= 0`` for "synchronize")."""
+    return _GROUPS[sync] if sync >= 0 else None
 
 
 def _device_ctx(x: Tensor):
@@ -385,7 +386,7 @@ def train_forward(x: Tensor, w1: Tensor, bn1_weight: Optional[Tensor], bn1_bias:
 
     def finish(mom: Moments):
         """(mean, unbiased variance) in float32 and the biased variance in float64, batch-wide."""
-        if group is not None:
+        if sync >= 0:
             mom = mom.all_gather(group)
         return mom.mean.float(), (mom.m2 / (mom.count - 1).clamp_min(1)).float(), mom.m2 / mom.count
 
@@ -455,7 +456,7 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Ten
     scale2, shift2 = _bn_affine(mean2, invstd2, bn2_weight, bn2_bias)  # the forward's, bit for bit
     group = _group(sync)
     count = float(n * ho * wo)
-    if group is not None:
+    if sync >= 0:
         cnt = torch.tensor([count], dtype=torch.float64, device=dev)
         count = float(_all_reduce(cnt, group).item())
 
@@ -499,11 +500,13 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Ten
         sums2 = torch.stack([per_ghost_channel(part2[:half]), per_ghost_channel(part2[half:])])
     else:
         sums2 = torch.zeros(2, spec.new, dtype=torch.float32, device=dev)
-    if group is not None:
-        sums2 = _all_reduce(sums2.contiguous(), group)
-    ga2, gb2, gc2 = _bn_backward_coeffs(sums2[0], sums2[1], count, invstd2, bn2_weight, batch_stats2)
+    # BN parameter gradients from this rank's sums (DDP averages them over ranks, as for SyncBatchNorm);
+    # the input gradient's coefficients from the sums over all ranks
     g_bn2w = None if bn2_weight is None else (sums2[1] * invstd2).to(bn2_weight.dtype)
     g_bn2b = None if bn2_bias is None else sums2[0].to(bn2_bias.dtype)
+    if sync >= 0:
+        sums2 = _all_reduce(sums2.clone(), group)
+    ga2, gb2, gc2 = _bn_backward_coeffs(sums2[0], sums2[1], count, invstd2, bn2_weight, batch_stats2)
 
     if total:
         launch(2, part1, ga2, gb2, gc2)
@@ -513,11 +516,11 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Ten
         g1m.zero_(), zc1.zero_()
         sums1 = torch.zeros(2, spec.m, dtype=torch.float32, device=dev)
         gwd = torch.zeros(spec.new, taps, dtype=torch.float32, device=dev)
-    if group is not None:
-        sums1 = _all_reduce(sums1.contiguous(), group)
-    ga1, gb1, gc1 = _bn_backward_coeffs(sums1[0], sums1[1], count, invstd1, bn1_weight, batch_stats1)
     g_bn1w = None if bn1_weight is None else (sums1[1] * invstd1).to(bn1_weight.dtype)
     g_bn1b = None if bn1_bias is None else sums1[0].to(bn1_bias.dtype)
+    if sync >= 0:
+        sums1 = _all_reduce(sums1.clone(), group)
+    ga1, gb1, gc1 = _bn_backward_coeffs(sums1[0], sums1[1], count, invstd1, bn1_weight, batch_stats1)
 
     # B3: the 1x1 conv's gradients as two GEMMs (stride s: x is sampled at every s-th row/column).
     bc = lambda v: v[None, :, None, None]  # noqa: E731
