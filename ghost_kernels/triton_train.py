@@ -441,6 +441,12 @@ def _bn_backward_coeffs(sum_g: Tensor, sum_gz: Tensor, count: float, invstd: Ten
     return a, -a * sum_g / count, -a * invstd * invstd * sum_gz / count
 
 
+def backward_config(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype) -> "tf.TileConfig":
+    """The forward's tiling with a halo of 2 (d // 2), on 8 warps: six BLOCK_M x lanes fp32 tiles are live
+    at once (z1, y1, z2, its gradient, dL/dy1, a tap), ~250 registers a thread on 4 warps (ptxas, sm_90)."""
+    return tf.pick_config(spec, ho, wo, dtype, pad=2 * (spec.dw_size // 2))._replace(num_warps=8)
+
+
 def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Tensor], bn1_bias: Optional[Tensor],
                    wd: Tensor, bn2_weight: Optional[Tensor], bn2_bias: Optional[Tensor], mean1: Tensor,
                    invstd1: Tensor, mean2: Tensor, invstd2: Tensor, spec: GhostSpec, batch_stats1: bool,
@@ -461,7 +467,7 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Ten
         count = float(_all_reduce(cnt, group).item())
 
     pad = spec.dw_size // 2
-    cfg = tf.pick_config(spec, ho, wo, cdtype, pad=2 * pad)
+    cfg = backward_config(spec, ho, wo, cdtype)
     n_th, n_tw, n_mb, total = tf.tile_grid(spec, n, ho, wo, cfg, 2 * pad)
     r1, bm, taps = spec.ratio - 1, cfg.BLOCK_M, spec.dw_size ** 2
     variant = ("bwd", x.device.index, x.dtype, cdtype, spec.stride, spec.ratio, spec.dw_size, spec.act,

@@ -13,7 +13,7 @@ from ghost_kernels.bench.summary import summary
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU suite runs the GPU mode; this is the CPU mode")
 def test_cpu_mode_end_to_end(tmp_path):
     rc = main(["--quick", "--out", str(tmp_path), "--impls", "eager,eager_folded,triton", "--shapes", "0",
-               "--batch", "1", "--dtype", "bfloat16", "--layout", "nchw,channels_last"])
+               "--batch", "1", "--dtype", "bfloat16", "--layout", "nchw,channels_last", "--ops", "forward"])
     assert rc == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     for key in ("device", "date", "torch", "triton", "cuda", "copy_GBps", "tests", "rows", "model", "network"):
@@ -48,10 +48,27 @@ def test_junit_counts(tmp_path):
     assert report.parse_junit(os.path.join(str(tmp_path), "missing.xml")) == {"passed": 0, "failed": 0, "skipped": 0}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU suite runs the GPU mode; this is the CPU mode")
+def test_cpu_mode_train_op(tmp_path):
+    """The train op (forward + backward, train-mode BN): checked against float64, timed; folding and the
+    inference-only CUDA backend are reported as skipped with the reason."""
+    rc = main(["--quick", "--out", str(tmp_path), "--impls", "eager,eager_folded,triton,cuda", "--shapes",
+               "blocks.7.0.ghost2", "--batch", "2", "--dtype", "float32", "--layout", "channels_last", "--ops", "train"])
+    assert rc == 0
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    for impl in ("eager", "triton"):
+        assert rows[impl]["status"] == "ok" and rows[impl]["op"] == "train", rows[impl]
+        assert rows[impl]["rel_err"] < 1e-3 and rows[impl]["median_ms"] > 0
+    assert rows["eager_folded"]["status"] == "skipped" and "eval-mode only" in rows["eager_folded"]["note"]
+    assert rows["cuda"]["status"] == "skipped" and "no train mode" in rows["cuda"]["note"]
+    # the floor of a training step: 3 x + 2 out (+ weights and their gradients), fp32
+    assert rows["eager"]["bytes"] > 4 * 2 * (3 * 672 + 2 * 160) * 49
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--dtype", "float64"], "--dtype: expected some of"),
     (["--layout", "nhwc"], "--layout: expected some of"),
-    (["--ops", "train"], "--ops: expected some of"),
+    (["--ops", "backward"], "--ops: expected some of"),
 ])
 def test_bad_arguments_are_named(argv, match, tmp_path):
     with pytest.raises(SystemExit, match=match):

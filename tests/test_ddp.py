@@ -17,7 +17,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import ddp_worker  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built"),
+    pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU test (gloo, Triton interpreter): it runs in CI"),
+]
 
 
 def free_port() -> int:
@@ -47,8 +50,6 @@ def test_synchronized_training_matches_single_process_on_the_whole_batch(mode, t
         assert p.returncode == 0, log[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
-    if torch.cuda.is_available():  # the single-process run must use the same (interpreter) kernels
-        pytest.skip("the single-process comparison runs where the Triton interpreter is this process's mode")
     single = gk.convert(ddp_worker.ddp_model(), backend="triton")
     losses, grads = ddp_worker.train(single, ddp_worker.batches())
     if mode == "nosync":

@@ -29,7 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--secondary-shapes", default="all",
                    help="shapes for the dtype/layout pairs after the first one ('quick' keeps a full "
                         "dtype x layout matrix affordable); torch.compile rows run for the first pair only")
-    p.add_argument("--ops", default="forward", help="comma list of ops (forward; train comes with training)")
+    p.add_argument("--ops", default="forward,train",
+                   help="comma list of ops: forward (eval, no grad), train (forward + backward, train-mode BN)")
     p.add_argument("--quick", action="store_true", help="quick shapes, shorter timing, no max-autotune")
     p.add_argument("--compile-budget", type=float, default=240.0,
                    help="seconds of torch.compile time for the compile rows (the rest are skipped)")
@@ -156,9 +157,10 @@ def main(argv=None) -> int:
     if gpu and not args.no_model:
         from .model import bench_model
 
-        model_rows = bench_model(device, args.model_batch or batch, DTYPES[dtypes[0]], LAYOUTS[layouts[0]],
-                                 fused, budget, progress=lambda s: print(f"\r{s}" + " " * 20, end="",
-                                                                        file=sys.stderr, flush=True))
+        progress = lambda s: print(f"\r{s}" + " " * 20, end="", file=sys.stderr, flush=True)  # noqa: E731
+        for op in ops:  # inference, then training images/s
+            model_rows += bench_model(device, args.model_batch or batch, DTYPES[dtypes[0]], LAYOUTS[layouts[0]],
+                                      fused, budget, progress=progress, train=op == "train")
         print(file=sys.stderr)
 
     interp_check = None

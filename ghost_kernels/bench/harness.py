@@ -186,14 +186,24 @@ def module_bytes(spec: GhostSpec, n: int, h: int, w: int, elem: int) -> int:
     return (n * spec.inp * h * w + n * spec.oup * ho * wo) * elem + weights
 
 
+def train_bytes(spec: GhostSpec, n: int, h: int, w: int, elem: int) -> int:
+    """The floor of one training step (forward + backward): forward reads x and writes out, backward
+    reads dL/dout and x and writes dL/dx: 3 x + 2 out (+ weights and their gradients)."""
+    ho, wo = spec.out_hw(h, w)
+    weights = 2 * ((spec.m * spec.inp + spec.new * spec.dw_size ** 2) * elem + 4 * 2 * (spec.m + spec.new))
+    return (3 * n * spec.inp * h * w + 2 * n * spec.oup * ho * wo) * elem + weights
+
+
 @dataclass(frozen=True)
 class Op:
-    """One benchmarked operation: the mode it puts the modules in, and one (checked, then timed) call.
-    The training work adds "train" (forward + backward, train-mode BN) as one more entry in OPS."""
+    """One benchmarked operation: the mode it puts the modules in, one (checked, then timed) call,
+    its floor in bytes, and the implementations that cannot run it (with the reason)."""
 
     name: str
     train: bool
     call: Callable[[Callable[[Tensor], Tensor], Tensor], Tensor]
+    floor_bytes: Callable[[GhostSpec, int, int, int, int], int]
+    unsupported: Dict[str, str] = field(default_factory=dict)
 
 
 def _forward(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -201,7 +211,34 @@ def _forward(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         return fn(x)
 
 
-OPS: Dict[str, Op] = {"forward": Op("forward", train=False, call=_forward)}
+_UPSTREAM: Dict[tuple, Tensor] = {}
+
+
+def upstream_grad(out: Tensor) -> Tensor:
+    """A fixed random dL/dout per shape, dtype and device (made once, outside the timed calls).
+    Random, not out itself: with train-mode BN, ½‖out‖² barely depends on x and dL/dx cancels."""
+    key = (tuple(out.shape), out.dtype, out.device, out.stride())
+    if key not in _UPSTREAM:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        _UPSTREAM[key] = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+    return _UPSTREAM[key]
+
+
+def _train(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """Train-mode forward and backward with a fixed random dL/dout; returns dL/dx."""
+    x = x.detach().requires_grad_()
+    out = fn(x)
+    out.backward(upstream_grad(out))
+    return x.grad
+
+
+OPS: Dict[str, Op] = {
+    "forward": Op("forward", train=False, call=_forward, floor_bytes=module_bytes),
+    "train": Op("train", train=True, call=_train, floor_bytes=train_bytes,
+                unsupported={"eager_folded": "BN folding is eval-mode only",
+                             "cuda": "the CUDA C++ backend has no train mode or backward (dispatch.py)",
+                             "compile_max_autotune": "not timed for train (compile time)"}),
+}
 
 
 def bench_shape(shape: ModuleShape, count: int, batch: int, dtype_name: str, layout_name: str,
@@ -215,21 +252,24 @@ def bench_shape(shape: ModuleShape, count: int, batch: int, dtype_name: str, lay
     base = base.to(dtype)
     xs = rotating_inputs((batch, spec.inp, shape.h, shape.w), dtype, layout, device, 3 * l2_bytes)
     ref = op.call(ref_mod, xs[0].double())
-    nbytes = module_bytes(spec, batch, shape.h, shape.w, xs[0].element_size())
+    nbytes = op.floor_bytes(spec, batch, shape.h, shape.w, xs[0].element_size())
     rows = []
     for impl in impls:
         row = Row(op.name, impl, shape.name, spec.inp, spec.oup, shape.h, shape.w, spec.stride, batch,
                   dtype_name, layout_name, count, nbytes)
         rows.append(row)
         try:
+            if impl in op.unsupported:
+                raise Skip(op.unsupported[impl])
             t0 = time.perf_counter()
             fn = build_impl(impl, base, spec, device, compile_budget)
             out = op.call(fn, xs[0])  # also compiles
             if impl.startswith("compile"):
                 compile_budget[impl] -= time.perf_counter() - t0
             row.rel_err = rel_err(out, ref)
-            if not row.rel_err <= ERR_GATE[dtype]:
-                row.status, row.note = "wrong", f"rel err {row.rel_err:.2e} > {ERR_GATE[dtype]:.0e}: not timed"
+            gate = ERR_GATE[dtype] * (4 if op.train else 1)  # dL/dx through train-mode BN: eager bf16 ~5e-2
+            if not row.rel_err <= gate:
+                row.status, row.note = "wrong", f"rel err {row.rel_err:.2e} > {gate:.0e}: not timed"
                 continue
             state = {"i": 0}
 
@@ -238,6 +278,13 @@ def bench_shape(shape: ModuleShape, count: int, batch: int, dtype_name: str, lay
                 return op.call(fn, xs[state["i"]])
 
             row.median_ms, row.p20_ms, row.p80_ms = time_fn(step, device, rep_ms=rep_ms)
+            if device.type == "cuda":  # peak memory of one call above what is allocated before it
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+                step()
+                torch.cuda.synchronize(device)
+                row.extra["peak_MiB"] = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
             row.GBps = nbytes / (row.median_ms * 1e-3) / 1e9
             row.copy_fraction = row.GBps / copy_GBps if copy_GBps else None
         except Skip as exc:

@@ -94,7 +94,8 @@ def model_table(model_rows: List[dict]) -> str:
     lines = ["model level (GhostNet 1.0x, random weights):"]
     for m in model_rows:
         ips = m.get("images_per_s")
-        lines.append(f"  {m['op']:<6} {m['impl']:<24} {_fmt(ips, '.0f'):>8} img/s  "
+        peak = f"peak {m['peak_MiB']:.0f} MiB" if m.get("peak_MiB") else ""
+        lines.append(f"  {m['op']:<6} {m['impl']:<24} {_fmt(ips, '.0f'):>8} img/s  {peak:<16} "
                      f"{'' if m.get('status') == 'ok' else m.get('status', '') + ': ' + m.get('note', '')}")
     return "\n".join(lines)
 
@@ -117,7 +118,7 @@ def markdown(data: dict) -> str:
              f"torch {data['torch']}, triton {data['triton']}, CUDA {data['cuda']}, driver {data.get('driver')}. "
              f"Device-to-device copy (read + write bytes): **{data['copy_GBps']:.0f} GB/s**. "
              f"Tests: {data['tests']}.", "",
-             "## The network's Ghost modules (sum of all 32, forward)", "",
+             "## The network's Ghost modules (sum of all 32; train = forward + backward, train-mode BN)", "",
              "| op | impl | dtype | layout | batch | modules | ms | GB/s | % of copy | x eager | x best compile |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in data["network"]:
@@ -127,19 +128,21 @@ def markdown(data: dict) -> str:
                      f"{_fmt(s.get('x_eager'), '.2f')} | {_fmt(s.get('x_compile'), '.2f')} |"
                      + ("" if s["complete"] else " (incomplete)"))
     lines += ["", "## Per module shape", "",
-              "| module | in | out | H×W | dtype | layout | impl | median ms (p20–p80) | GB/s | % copy | x eager | note |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| op | module | in | out | H×W | dtype | layout | impl | median ms (p20–p80) | GB/s | % copy | x eager | "
+              "peak MiB | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        lines.append(f"| {r['name']} | {r['inp']} | {r['oup']} | {r['h']}×{r['w']} | {r['dtype']} | {r['layout']} | "
+        lines.append(f"| {r['op']} | {r['name']} | {r['inp']} | {r['oup']} | {r['h']}×{r['w']} | {r['dtype']} | {r['layout']} | "
                      f"{r['impl']} | {_fmt(r['median_ms'])} ({_fmt(r['p20_ms'])}–{_fmt(r['p80_ms'])}) | "
                      f"{_fmt(r['GBps'], '.0f')} | {_fmt(r['copy_fraction'] and 100 * r['copy_fraction'], '.0f')} | "
-                     f"{_fmt(r.get('x_eager'), '.2f')} | {'' if r['status'] == 'ok' else r['status'] + ': ' + r['note']} |")
+                     f"{_fmt(r.get('x_eager'), '.2f')} | {_fmt(r.get('peak_MiB'), '.0f')} | "
+                     f"{'' if r['status'] == 'ok' else r['status'] + ': ' + r['note']} |")
     if data.get("model"):
         lines += ["", "## Model level: GhostNet 1.0x, 224², random weights, AMP (fp32 model under torch.autocast)", "",
-                  "| op | impl | batch | dtype | layout | images/s | note |", "|---|---|---|---|---|---|---|"]
+                  "| op | impl | batch | dtype | layout | images/s | peak MiB | note |", "|---|---|---|---|---|---|---|---|"]
         for m in data["model"]:
             lines.append(f"| {m['op']} | {m['impl']} | {m.get('batch', '')} | {m.get('dtype', '')} | "
-                         f"{m.get('layout', '')} | {_fmt(m.get('images_per_s'), '.0f')} | "
+                         f"{m.get('layout', '')} | {_fmt(m.get('images_per_s'), '.0f')} | {_fmt(m.get('peak_MiB'), '.0f')} | "
                          f"{'' if m.get('status') == 'ok' else m.get('status', '') + ': ' + m.get('note', '')} |")
     return "\n".join(lines) + "\n"
 
