@@ -49,7 +49,7 @@ XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 JUNIT=$(mktemp --suffix=.xml)
 PYTEST_ARGS=(-q -p no:cacheprovider $XDIST --junitxml "$JUNIT" tests)
-[[ $QUICK == 1 ]] && PYTEST_ARGS+=(-k "not random_configurations and not option_sweep")
+[[ $QUICK == 1 ]] && PYTEST_ARGS+=(-k "not random_configurations")
 timeout "${PYTEST_TIMEOUT:-200}" $PY -m pytest "${PYTEST_ARGS[@]}" >"$OUT/pytest.log" 2>&1
 TEST_RC=$?
 tail -n 30 "$OUT/pytest.log"
