@@ -36,6 +36,11 @@ BACKEND_CHOICES = ("auto",) + BACKENDS
 # first (its numerics are verified in CI through the interpreter), the CUDA C++ kernel when Triton
 # cannot run (triton missing or too old); benchmarks/RESULTS.md is where a per-shape rule will come from.
 AUTO_ORDER = ("triton", "cuda")
+# Training (train-mode BN or autograd) runs the fused ops when asked for by name: they are verified
+# against float64 under the Triton interpreter and compile for sm_90, but have not run on a GPU yet
+# (benchmarks/NOTES.md). Set to "" once the GPU suite has measured them faster than eager.
+AUTO_TRAINING_REASON = ("auto: training runs the fused ops only with backend='triton' until the GPU suite "
+                        "has measured them (benchmarks/RESULTS.md)")
 
 
 class BackendNotSupported(RuntimeError):
@@ -206,6 +211,8 @@ def select_backend(requested: str, req: Request) -> Tuple[str, Dict[str, List[st
         reasons = not_supported_reasons(name, req)
         if not req.x.is_cuda:
             reasons = reasons + ["auto uses fused kernels for CUDA tensors only"]
+        elif not req.inference and AUTO_TRAINING_REASON:
+            reasons = reasons + [AUTO_TRAINING_REASON]
         if not reasons:
             return name, passed
         passed[name] = reasons

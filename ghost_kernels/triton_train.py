@@ -36,8 +36,9 @@ needed on a 1-pixel-wider ring than the tile to form the transposed depthwise co
                 sum_p y1(p + tap) g_z2(p) for every tap (stored per tile, summed in torch: no atomics,
                 deterministic); g_y1 = g1 + dwconv^T(g_z2) on the tile; g1m = act mask * g_y1; stores
                 g1m and z1 - mean1 (fp32) and per tile sum(g1m), sum(g1m (z1 - mean1)) for BN1.
-  B3 (torch)    g_z1 = a1 g1m + b1 + c1 (z1 - mean1), then the 1x1 conv's data and weight gradients,
-                two GEMMs (cuBLAS): gx = g_z1 w1, gw1 = g_z1^T x.
+  B3            ``_bn_input_grad_kernel``: g_z1 = a1 g1m + b1 + c1 (z1 - mean1) in one pass (compute
+                dtype), then the 1x1 conv's data and weight gradients, two GEMMs (cuBLAS):
+                gx = g_z1 w1, gw1 = g_z1^T x.
   Bytes: B1 reads x and the ghost half of dL/dout; B2 reads x and dL/dout and writes two fp32 m-channel
   maps; B3 reads them and x, writes gx. No per-element atomics anywhere: every reduction is a per-tile
   partial summed by torch, so the backward is deterministic whatever
@@ -122,6 +123,20 @@ if triton is not None:
         y = v * sc[:, None] + sh[:, None]
         if RELU:
             y = tl.where(y < 0.0, 0.0, y)
+        tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit(do_not_specialize=["numel", "C", "HW"])
+    def _bn_input_grad_kernel(g_ptr, zc_ptr, out_ptr, a_ptr, b_ptr, c_ptr, numel, C, HW,
+                              CHANNELS_LAST: tl.constexpr, BATCH: tl.constexpr, BLOCK: tl.constexpr):
+        """B3's elementwise part in one pass: out = a[c] g + (b[c] + c[c] zc if BATCH), cast to out's dtype.
+        g, zc and out share one dense layout (NCHW or channels_last)."""
+        off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = off < numel
+        ch = (off % C) if CHANNELS_LAST else ((off // HW) % C)
+        y = tl.load(a_ptr + ch, mask=ok, other=0.0) * tl.load(g_ptr + off, mask=ok, other=0.0)
+        if BATCH:  # absent in eval mode: zc is NaN wherever x is, and 0 * NaN is NaN
+            y += tl.load(b_ptr + ch, mask=ok, other=0.0) + tl.load(c_ptr + ch, mask=ok, other=0.0) \
+                * tl.load(zc_ptr + off, mask=ok, other=0.0)
         tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit(do_not_specialize=["C_IN", "HO", "WO", "M", "OUP", "sxn", "sxh", "sgn", "sgh", "sbn", "sbh",
@@ -528,12 +543,16 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Ten
         sums1 = _all_reduce(sums1.clone(), group)
     ga1, gb1, gc1 = _bn_backward_coeffs(sums1[0], sums1[1], count, invstd1, bn1_weight, batch_stats1)
 
-    # B3: the 1x1 conv's gradients as two GEMMs (stride s: x is sampled at every s-th row/column).
-    bc = lambda v: v[None, :, None, None]  # noqa: E731
-    gz1 = g1m * bc(ga1)
-    if batch_stats1:  # absent in eval mode: z1 - mean1 is NaN wherever x is, and 0 * NaN is NaN
-        gz1 = gz1 + bc(gb1) + zc1 * bc(gc1)
-    gz1 = gz1.to(cdtype)
+    # B3: dL/dz1 in one elementwise pass, then the 1x1 conv's gradients as two GEMMs (cuBLAS; stride s:
+    # x is sampled at every s-th row and column).
+    gz1 = torch.empty_like(g1m, dtype=cdtype)
+    if gz1.numel():
+        block = 1024
+        with _device_ctx(x):
+            _bn_input_grad_kernel[(triton.cdiv(gz1.numel(), block),)](
+                g1m, zc1, gz1, f32(ga1), f32(gb1), f32(gc1), gz1.numel(), spec.m, ho * wo,
+                CHANNELS_LAST=_fmt(g1m) == torch.channels_last and spec.m > 1, BATCH=batch_stats1,
+                BLOCK=block, num_warps=4)
     xs = x[:, :, ::spec.stride, ::spec.stride] if spec.stride > 1 else x
     gz1p = _pixels(gz1)
     gw1 = (gz1p.t() @ _pixels(xs).to(cdtype)).reshape(w1.shape)

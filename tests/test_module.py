@@ -166,11 +166,9 @@ def test_fold_cache_refreshes_when_parameters_or_buffers_change(monkeypatch):
 def test_backend_choice_and_reasons():
     mod = randomize(gk.GhostModule(8, 12)).to(DEVICE)
     x = torch.randn(2, 8, 5, 5, device=DEVICE)
-    # train mode: the triton backend trains; the CUDA C++ backend refuses and says why
-    if DEVICE == "cuda":
-        assert "runs 'triton'" in mod.explain(x)
-    else:
-        assert "runs 'torch'" in mod.explain(x) and "CUDA tensors only" in mod.explain(x)
+    # train mode: auto stays on torch and says why; backend="triton" trains; the CUDA C++ backend refuses
+    why = "only with backend='triton'" if DEVICE == "cuda" else "CUDA tensors only"
+    assert "runs 'torch'" in mod.explain(x) and why in mod.explain(x)
     mod_c = copy.deepcopy(mod)
     mod_c.backend = "cuda"
     with pytest.raises(gk.BackendNotSupported, match="train-mode BatchNorm"):

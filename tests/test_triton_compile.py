@@ -47,6 +47,7 @@ TRAIN_VARIANTS = [
     ("stats", "bf16", gk.GhostSpec(240, 80), (14, 14)),
     ("fwd_stats", "bf16", gk.GhostSpec(48, 24, act="none"), (56, 56)),
     ("affine", "bf16", gk.GhostSpec(48, 24), (56, 56)),
+    ("bn_grad", "bf16", gk.GhostSpec(48, 24), (56, 56)),
 ]
 
 
@@ -100,6 +101,9 @@ def compile_for_sm90(dtype: str, spec: gk.GhostSpec, ho: int, wo: int, kind: str
     if kind == "stats":
         consts = dict(STRIDE=spec.stride, BLOCK_M=32, BLOCK_K=32, BLOCK_P=128, IEEE=dtype == "fp32", DOT_F32=False)
         return _compile(triton_train._pw_stats_kernel, dtype, consts, ("x_ptr", "w1_ptr"), 4)
+    if kind == "bn_grad":
+        consts = dict(CHANNELS_LAST=True, BATCH=True, BLOCK=1024)
+        return _compile(triton_train._bn_input_grad_kernel, dtype, consts, ("out_ptr",), 4)
     consts = dict(RELU=True, BLOCK_C=16, BLOCK_P=128)
     return _compile(triton_train._affine_act_kernel, dtype, consts, ("out_ptr",), 4)
 
