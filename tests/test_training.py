@@ -323,3 +323,34 @@ def test_reference_is_clear_of_the_onednn_1x1_stride2_weight_gradient_bug():
             _, g64, _ = forward_backward(leaves, torch.float64, training, "reference", grad)
             for name, a, b in zip(NAMES, g32, g64):
                 assert rel_err(a, b) < 1e-5, f"{shape} training={training}: d{name} off by {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("spec,layout", [(gk.GhostSpec(3, 5, ratio=3, stride=2), "channels_last"),
+                                         (gk.GhostSpec(4, 7, dw_size=5, act="none"), "nchw")])
+def test_gradcheck_reference_in_float64(spec, layout, training):
+    """torch.autograd.gradcheck of the reference path (the oracle of every gradient test above) with
+    respect to x, both conv weights and both BNs' weight and bias. Train mode uses batch statistics
+    (no running buffers, so repeated calls do not change the function)."""
+    n, h, w = 2, 5, 4
+    x = torch.randn(n, spec.inp, h, w, dtype=torch.float64, device=DEVICE)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    leaves = [x, torch.randn(spec.m, spec.inp, 1, 1, dtype=torch.float64, device=DEVICE),
+              torch.rand(spec.m, dtype=torch.float64, device=DEVICE) + 0.5,
+              torch.randn(spec.m, dtype=torch.float64, device=DEVICE),
+              torch.randn(spec.new, 1, spec.dw_size, spec.dw_size, dtype=torch.float64, device=DEVICE),
+              torch.rand(spec.new, dtype=torch.float64, device=DEVICE) + 0.5,
+              torch.randn(spec.new, dtype=torch.float64, device=DEVICE)]
+    leaves = [t.requires_grad_() for t in leaves]
+    stats = [torch.randn(c, dtype=torch.float64, device=DEVICE) * 0.1 for c in (spec.m, spec.new)]
+    var = [torch.rand(c, dtype=torch.float64, device=DEVICE) + 0.5 for c in (spec.m, spec.new)]
+
+    def fn(x, w1, g1, b1, wd, g2, b2):
+        bn1 = BatchNormState(g1, b1, None if training else stats[0], None if training else var[0], None, 0.1, 1e-5,
+                             not training)
+        bn2 = BatchNormState(g2, b2, None if training else stats[1], None if training else var[1], None, 0.1, 1e-5,
+                             not training)
+        return gk.ghost_reference(x, w1, bn1, wd, bn2, spec, training=training)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
