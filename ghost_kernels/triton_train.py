@@ -58,7 +58,7 @@ from torch import Tensor
 
 from . import triton_forward as tf
 from .fold import FoldedGhost
-from .layout import empty_output
+from .layout import empty_output, output_memory_format
 from .spec import GhostSpec
 
 triton, tl = tf.triton, tf.tl
@@ -491,7 +491,7 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Ten
     lanes = cfg.HALO_H * cfg.HALO_W
     y1s = torch.empty(programs * bm * lanes, dtype=cdtype, device=dev)
     gzs = torch.empty(programs * bm * lanes, dtype=torch.float32, device=dev)
-    g1m = torch.empty(n, spec.m, ho, wo, dtype=torch.float32, device=dev, memory_format=_fmt(grad))
+    g1m = torch.empty(n, spec.m, ho, wo, dtype=torch.float32, device=dev, memory_format=output_memory_format(grad))
     zc1 = torch.empty_like(g1m)
     part2 = torch.empty(2 * max(total, 1) * r1 * bm, dtype=torch.float32, device=dev)
     part1 = torch.empty(2 * max(total, 1) * bm, dtype=torch.float32, device=dev)
@@ -551,30 +551,25 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Ten
         with _device_ctx(x):
             _bn_input_grad_kernel[(triton.cdiv(gz1.numel(), block),)](
                 g1m, zc1, gz1, f32(ga1), f32(gb1), f32(gc1), gz1.numel(), spec.m, ho * wo,
-                CHANNELS_LAST=_fmt(g1m) == torch.channels_last and spec.m > 1, BATCH=batch_stats1,
+                CHANNELS_LAST=output_memory_format(g1m) == torch.channels_last and spec.m > 1, BATCH=batch_stats1,
                 BLOCK=block, num_warps=4)
     xs = x[:, :, ::spec.stride, ::spec.stride] if spec.stride > 1 else x
     gz1p = _pixels(gz1)
     gw1 = (gz1p.t() @ _pixels(xs).to(cdtype)).reshape(w1.shape)
     gxs = (gz1p @ w1m).reshape(n, ho, wo, spec.inp).permute(0, 3, 1, 2)
     if spec.stride > 1:
-        gx = torch.zeros_like(x, dtype=cdtype, memory_format=_fmt(x))
+        gx = torch.zeros_like(x, dtype=cdtype, memory_format=output_memory_format(x))
         gx[:, :, ::spec.stride, ::spec.stride] = gxs
     else:
-        gx = gxs.contiguous(memory_format=_fmt(x))
+        gx = gxs.contiguous(memory_format=output_memory_format(x))
     return gx, gw1, g_bn1w, g_bn1b, gwd.reshape(wd.shape).to(wd.dtype), g_bn2w, g_bn2b
 
 
-def _fmt(t: Tensor) -> torch.memory_format:
-    from .layout import output_memory_format
-    return output_memory_format(t)
 
 
 # --------------------------------------------------------------------------------------------------
 # torch.library ops: what torch.compile, torch.export and opcheck see. Optional BN affine parameters
 # (affine=False) are None; running statistics given means "eval-mode BN", None means batch statistics.
-
-_STATS_OUT = "mean1, invstd1, var1_unbiased, mean2, invstd2, var2_unbiased"
 
 
 @torch.library.custom_op("ghost_kernels::triton_train_forward", mutates_args=())
@@ -616,7 +611,7 @@ def train_backward_op(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[
 def _(grad, x, w1, bn1_weight, bn1_bias, wd, bn2_weight, bn2_bias, mean1, invstd1, mean2, invstd2, oup, stride,
       ratio, dw_size, relu, batch_stats1, batch_stats2, sync):
     like = lambda t: x.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
-    gx = torch.empty_like(x, memory_format=_fmt(x))
+    gx = torch.empty_like(x, memory_format=output_memory_format(x))
     return gx, torch.empty_like(w1), like(bn1_weight), like(bn1_bias), torch.empty_like(wd), like(bn2_weight), like(bn2_bias)
 
 

@@ -62,7 +62,6 @@ def test_cpu_implementation_matches_reference(dtype):
 
 @needs_ext
 def test_fake_implementation_and_export():
-    spec = gk.GhostSpec(8, 12)
     mod = randomize(gk.GhostModule(8, 12)).eval()
     folded = mod._folded(torch.float32)
 
