@@ -543,26 +543,36 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Ten
         sums1 = _all_reduce(sums1.clone(), group)
     ga1, gb1, gc1 = _bn_backward_coeffs(sums1[0], sums1[1], count, invstd1, bn1_weight, batch_stats1)
 
-    # B3: dL/dz1 in one elementwise pass, then the 1x1 conv's gradients as two GEMMs (cuBLAS; stride s:
-    # x is sampled at every s-th row and column).
+    gx, gw1 = _pointwise_conv_grads(g1m, zc1, (ga1, gb1, gc1), batch_stats1, x, w1, spec)
+    return gx, gw1, g_bn1w, g_bn1b, gwd.reshape(wd.shape).to(wd.dtype), g_bn2w, g_bn2b
+
+
+def _pointwise_conv_grads(g1m: Tensor, zc1: Tensor, coeffs, batch_stats1: bool, x: Tensor, w1: Tensor,
+                          spec: GhostSpec):
+    """B3: dL/dz1 = a g1m + b + c (z1 - mean1) in one elementwise pass (compute dtype), then the 1x1
+    conv's gradients as two GEMMs (cuBLAS): dL/dx = dL/dz1 w1, dL/dw1 = dL/dz1^T x (stride s: x is
+    sampled at every s-th row and column, and dL/dx is zero elsewhere)."""
+    n, _, ho, wo = g1m.shape
+    cdtype = w1.dtype
+    ga1, gb1, gc1 = (v.float().contiguous() for v in coeffs)
     gz1 = torch.empty_like(g1m, dtype=cdtype)
     if gz1.numel():
         block = 1024
         with _device_ctx(x):
             _bn_input_grad_kernel[(triton.cdiv(gz1.numel(), block),)](
-                g1m, zc1, gz1, f32(ga1), f32(gb1), f32(gc1), gz1.numel(), spec.m, ho * wo,
+                g1m, zc1, gz1, ga1, gb1, gc1, gz1.numel(), spec.m, ho * wo,
                 CHANNELS_LAST=output_memory_format(g1m) == torch.channels_last and spec.m > 1, BATCH=batch_stats1,
                 BLOCK=block, num_warps=4)
     xs = x[:, :, ::spec.stride, ::spec.stride] if spec.stride > 1 else x
     gz1p = _pixels(gz1)
     gw1 = (gz1p.t() @ _pixels(xs).to(cdtype)).reshape(w1.shape)
-    gxs = (gz1p @ w1m).reshape(n, ho, wo, spec.inp).permute(0, 3, 1, 2)
+    gxs = (gz1p @ w1.reshape(spec.m, spec.inp)).reshape(n, ho, wo, spec.inp).permute(0, 3, 1, 2)
     if spec.stride > 1:
         gx = torch.zeros_like(x, dtype=cdtype, memory_format=output_memory_format(x))
         gx[:, :, ::spec.stride, ::spec.stride] = gxs
     else:
         gx = gxs.contiguous(memory_format=output_memory_format(x))
-    return gx, gw1, g_bn1w, g_bn1b, gwd.reshape(wd.shape).to(wd.dtype), g_bn2w, g_bn2b
+    return gx, gw1
 
 
 
