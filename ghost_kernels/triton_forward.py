@@ -103,6 +103,51 @@ def pick_config(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype = torch.bf
 
 if triton is not None:
 
+    # Pieces shared with the training kernels (triton_train.py): the backward recomputes y1 with the
+    # very same code as the forward, so its activation masks match the forward's bit for bit.
+
+    @triton.jit
+    def tile_coords(tile, n_mblocks, n_tiles_w, n_tiles_h):
+        """(channel block, tile column, tile row, image) of a tile index; channel block fastest, so that
+        programs running together share the x tile through L2."""
+        mb = tile % n_mblocks
+        t = tile // n_mblocks
+        tw = t % n_tiles_w
+        t = t // n_tiles_w
+        th = t % n_tiles_h
+        return mb, tw, th, (t // n_tiles_h).to(tl.int64)
+
+    @triton.jit
+    def pointwise_conv_tile(x_ptr, w1_ptr, x_pix, pix_ok, c, c_ok, C_IN, sxc,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                            IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+        """z1[c, p] = sum_k w1[c, k] x[k, p] in fp32 for BLOCK_M channels and BLOCK_P pixels (64-bit pixel
+        offsets ``x_pix``; masked pixels give 0) with tl.dot, K-loop over the input channels."""
+        ck = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+        for k0 in range(0, C_IN, BLOCK_K):
+            k = k0 + ck
+            k_ok = k < C_IN
+            xt = tl.load(x_ptr + k.to(tl.int64)[:, None] * sxc + x_pix[None, :],
+                         mask=k_ok[:, None] & pix_ok[None, :], other=0.0)
+            xt = xt.to(w1_ptr.dtype.element_ty)  # autocast: fp32 x, half weights (a no-op otherwise)
+            wt = tl.load(w1_ptr + c[:, None] * C_IN + k[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            if DOT_F32:  # interpreter only: its bf16 tl.dot multiplies raw bits (triton#11584)
+                acc = tl.dot(wt.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+            elif IEEE:
+                acc = tl.dot(wt, xt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(wt, xt, acc)
+        return acc
+
+    @triton.jit
+    def bn_act_tile(z, scale_ptr, shift_ptr, c, c_ok, in_img, RELU: tl.constexpr):
+        """act(z * scale[c] + shift[c]) in fp32, zero outside the image (the depthwise conv zero-pads y1)."""
+        y = z * tl.load(scale_ptr + c, mask=c_ok, other=0.0)[:, None] + tl.load(shift_ptr + c, mask=c_ok, other=0.0)[:, None]
+        if RELU:
+            y = tl.where(y < 0.0, 0.0, y)    # not max(): NaN must propagate as in eager
+        return tl.where(in_img[None, :], y, 0.0)
+
     # Sizes and counts are not specialized on (==1, %16): every new activation size would otherwise
     # compile a new variant. The channel and column strides are, so that stride 1 is known statically.
     @triton.jit(do_not_specialize=["C_IN", "HO", "WO", "M", "OUP", "sxn", "sxh", "son", "soh",
@@ -135,18 +180,10 @@ if triton is not None:
         ww = q % HALO_W
         interior = (hh >= PAD) & (hh < HALO_H - PAD) & (ww >= PAD) & (ww < HALO_W - PAD)
         cm = tl.arange(0, BLOCK_M)
-        ck = tl.arange(0, BLOCK_K)
         slot = scratch_ptr + pid.to(tl.int64) * BLOCK_P * BLOCK_M + cm[:, None] * BLOCK_P + q[None, :]
 
         for tile in range(pid, total_tiles, nprog):
-            # channel block fastest: programs running together share the x tile through L2
-            mb = tile % n_mblocks
-            t = tile // n_mblocks
-            tw = t % n_tiles_w
-            t = t // n_tiles_w
-            th = t % n_tiles_h
-            n = (t // n_tiles_h).to(tl.int64)
-
+            mb, tw, th, n = tile_coords(tile, n_mblocks, n_tiles_w, n_tiles_h)
             oh = th * TH - PAD + hh                 # output row/col of each lane (halo may be outside)
             ow = tw * TW - PAD + ww
             in_img = (oh >= 0) & (oh < HO) & (ow >= 0) & (ow < WO)
@@ -155,29 +192,11 @@ if triton is not None:
 
             # 1. primary 1x1 conv on the halo tile
             x_pix = n * sxn + (oh * STRIDE).to(tl.int64) * sxh + (ow * STRIDE).to(tl.int64) * sxw
-            acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
-            for k0 in range(0, C_IN, BLOCK_K):
-                k = k0 + ck
-                k_ok = k < C_IN
-                xt = tl.load(x_ptr + k.to(tl.int64)[:, None] * sxc + x_pix[None, :],
-                             mask=k_ok[:, None] & in_img[None, :], other=0.0)
-                xt = xt.to(w1_ptr.dtype.element_ty)  # autocast: fp32 x, half weights (a no-op otherwise)
-                wt = tl.load(w1_ptr + c[:, None] * C_IN + k[None, :],
-                             mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-                if DOT_F32:  # interpreter only: its bf16 tl.dot multiplies raw bits (triton#11584)
-                    acc = tl.dot(wt.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-                elif IEEE:
-                    acc = tl.dot(wt, xt, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(wt, xt, acc)
+            acc = pointwise_conv_tile(x_ptr, w1_ptr, x_pix, in_img, c, c_ok, C_IN, sxc,
+                                      BLOCK_M, BLOCK_K, BLOCK_P, IEEE, DOT_F32)
 
             # 2. BN1 + act; zero outside the image (dw padding is on y1); interior -> out[:, :m]
-            s1 = tl.load(scale1_ptr + c, mask=c_ok, other=0.0)
-            b1 = tl.load(shift1_ptr + c, mask=c_ok, other=0.0)
-            y1 = acc * s1[:, None] + b1[:, None]
-            if RELU:
-                y1 = tl.where(y1 < 0.0, 0.0, y1)    # not max(): NaN must propagate as in eager
-            y1 = tl.where(in_img[None, :], y1, 0.0).to(out_ptr.dtype.element_ty)
+            y1 = bn_act_tile(acc, scale1_ptr, shift1_ptr, c, c_ok, in_img, RELU).to(out_ptr.dtype.element_ty)
             o_pix = n * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow
             keep = interior & in_img
             tl.store(out_ptr + c.to(tl.int64)[:, None] * soc + o_pix[None, :], y1,

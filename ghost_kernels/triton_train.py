@@ -81,23 +81,10 @@ if triton is not None:
         n = p // (HO * WO)
         rem = p % (HO * WO)
         x_pix = n * sxn + (rem // WO) * STRIDE * sxh + (rem % WO) * STRIDE * sxw
-        cm = tl.arange(0, BLOCK_M)
-        c = mb * BLOCK_M + cm
+        c = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         c_ok = c < M
-        ck = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
-        for k0 in range(0, C_IN, BLOCK_K):
-            k = k0 + ck
-            k_ok = k < C_IN
-            xt = tl.load(x_ptr + k.to(tl.int64)[:, None] * sxc + x_pix[None, :],
-                         mask=k_ok[:, None] & p_ok[None, :], other=0.0).to(w1_ptr.dtype.element_ty)
-            wt = tl.load(w1_ptr + c[:, None] * C_IN + k[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-            if DOT_F32:
-                acc = tl.dot(wt.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-            elif IEEE:
-                acc = tl.dot(wt, xt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(wt, xt, acc)
+        acc = tf.pointwise_conv_tile(x_ptr, w1_ptr, x_pix, p_ok, c, c_ok, C_IN, sxc,
+                                     BLOCK_M, BLOCK_K, BLOCK_P, IEEE, DOT_F32)
         cnt = tl.sum(p_ok.to(tl.float32), axis=0)
         s = tl.sum(acc, axis=1)                      # masked lanes hold exact zeros
         dev = tl.where(p_ok[None, :], acc - (s / cnt)[:, None], 0.0)
@@ -169,18 +156,12 @@ if triton is not None:
         tile_px = (hh >= P2) & (hh < HALO_H - P2) & (ww >= P2) & (ww < HALO_W - P2)  # the tile itself
         ring = (hh >= PAD) & (hh < HALO_H - PAD) & (ww >= PAD) & (ww < HALO_W - PAD)  # tile + PAD ring
         cm = tl.arange(0, BLOCK_M)
-        ck = tl.arange(0, BLOCK_K)
         slot_off = pid.to(tl.int64) * BLOCK_P * BLOCK_M + cm[:, None] * BLOCK_P + q[None, :]
         y1_slot = y1s_ptr + slot_off
         gz_slot = gzs_ptr + slot_off
 
         for tile in range(pid, total_tiles, nprog):
-            mb = tile % n_mblocks
-            t = tile // n_mblocks
-            tw = t % n_tiles_w
-            t = t // n_tiles_w
-            th = t % n_tiles_h
-            n = (t // n_tiles_h).to(tl.int64)
+            mb, tw, th, n = tf.tile_coords(tile, n_mblocks, n_tiles_w, n_tiles_h)
             oh = th * TH - P2 + hh
             ow = tw * TW - P2 + ww
             in_img = (oh >= 0) & (oh < HO) & (ow >= 0) & (ow < WO)
@@ -188,27 +169,11 @@ if triton is not None:
             c_ok = c < M
             on_tile = tile_px & in_img
 
-            # z1 and y1 on the whole halo tile, exactly as the forward computed them
+            # z1 and y1 on the whole halo tile, with the forward's own code (same rounding, same masks)
             x_pix = n * sxn + (oh * STRIDE).to(tl.int64) * sxh + (ow * STRIDE).to(tl.int64) * sxw
-            acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
-            for k0 in range(0, C_IN, BLOCK_K):
-                k = k0 + ck
-                k_ok = k < C_IN
-                xt = tl.load(x_ptr + k.to(tl.int64)[:, None] * sxc + x_pix[None, :],
-                             mask=k_ok[:, None] & in_img[None, :], other=0.0).to(w1_ptr.dtype.element_ty)
-                wt = tl.load(w1_ptr + c[:, None] * C_IN + k[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-                if DOT_F32:
-                    acc = tl.dot(wt.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-                elif IEEE:
-                    acc = tl.dot(wt, xt, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(wt, xt, acc)
-            s1 = tl.load(scale1_ptr + c, mask=c_ok, other=0.0)
-            b1 = tl.load(shift1_ptr + c, mask=c_ok, other=0.0)
-            y1 = acc * s1[:, None] + b1[:, None]
-            if RELU:
-                y1 = tl.where(y1 < 0.0, 0.0, y1)
-            y1 = tl.where(in_img[None, :], y1, 0.0)
+            acc = tf.pointwise_conv_tile(x_ptr, w1_ptr, x_pix, in_img, c, c_ok, C_IN, sxc,
+                                         BLOCK_M, BLOCK_K, BLOCK_P, IEEE, DOT_F32)
+            y1 = tf.bn_act_tile(acc, scale1_ptr, shift1_ptr, c, c_ok, in_img, RELU)
             tl.debug_barrier()
             tl.store(y1_slot, y1.to(y1s_ptr.dtype.element_ty))   # rounded like the forward's y1
             tl.debug_barrier()
