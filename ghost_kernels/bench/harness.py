@@ -220,7 +220,8 @@ def upstream_grad(out: Tensor) -> Tensor:
     key = (tuple(out.shape), out.dtype, out.device, out.stride())
     if key not in _UPSTREAM:
         g = torch.Generator(device="cpu").manual_seed(0)
-        _UPSTREAM[key] = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+        # in out's memory format, as the gradient of the next layer would arrive
+        _UPSTREAM[key] = torch.empty_like(out).copy_(torch.randn(out.shape, generator=g))
     return _UPSTREAM[key]
 
 
