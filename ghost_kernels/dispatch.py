@@ -280,7 +280,7 @@ def ghost_forward(
     dtype = req.compute_dtype
     if not req.inference:  # train-mode BN and/or autograd: the triton training ops
         return triton_train.ghost_train(x, primary_weight, primary_bn, cheap_weight, cheap_bn, spec, training,
-                                        dtype, max(sync, -1))
+                                        dtype, sync)
     if folded is None:
         folded_params = fold_ghost(primary_weight, primary_bn, cheap_weight, cheap_bn, spec, dtype)
     else:

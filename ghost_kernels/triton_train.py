@@ -462,12 +462,13 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Ten
     part1 = torch.empty(2 * max(total, 1) * bm, dtype=torch.float32, device=dev)
     gwd_part = torch.empty(max(total, 1) * r1 * taps * bm, dtype=torch.float32, device=dev)
     f32 = lambda v: v.float().contiguous()  # noqa: E731
+    mean1, mean2 = f32(mean1), f32(mean2)
     ga2 = gb2 = gc2 = scale2  # placeholders in phase 1
 
     def launch(phase, part, ga2, gb2, gc2):
         with _device_ctx(x):
             return _ghost_bwd_kernel[(programs,)](
-                x, grad, w1m, scale1, shift1, f32(mean1), wdm, f32(mean2), scale2, shift2,
+                x, grad, w1m, scale1, shift1, mean1, wdm, mean2, scale2, shift2,
                 f32(ga2), f32(gb2), f32(gc2), y1s, gzs, part, gwd_part, g1m, zc1,
                 spec.inp, ho, wo, spec.m, spec.oup,
                 *x.stride(), *grad.stride(), *g1m.stride(),

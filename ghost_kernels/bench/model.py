@@ -86,8 +86,7 @@ def _bench_train(device, batch, dtype, layout, candidates, compile_budget, x, am
         try:
             t0 = time.perf_counter()
             model = make()
-            params = [p for p in model.parameters()]
-            opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
             scaler = torch.amp.GradScaler(device.type, enabled=amp and dtype == torch.float16)
 
             def step():
