@@ -50,6 +50,11 @@ class GhostSpec:
         if self.act not in ACTIVATIONS + ("other",):
             raise ValueError(f"GhostSpec.act must be one of {ACTIVATIONS + ('other',)}, got {self.act!r}")
 
+    @classmethod
+    def from_op_args(cls, inp: int, oup: int, stride: int, ratio: int, dw_size: int, relu: bool) -> "GhostSpec":
+        """The spec described by the fused ops' arguments (their primary conv is 1x1)."""
+        return cls(inp, oup, 1, ratio, dw_size, stride, "relu" if relu else "none")
+
     @property
     def m(self) -> int:
         """Intrinsic channels: outputs of the primary conv."""

@@ -347,7 +347,7 @@ def launch_forward(x: Tensor, out: Tensor, folded: FoldedGhost, spec: GhostSpec,
 
 # The launcher as a torch.library op: torch.compile and torch.export see one opaque op (shape and
 # memory format from the fake implementation) instead of tracing into the Triton launch.
-@torch.library.custom_op("ghost_kernels::triton_forward", mutates_args=())
+@torch.library.custom_op("ghost_kernels::triton_forward_folded", mutates_args=())
 def triton_forward_op(x: Tensor, w1: Tensor, scale1: Tensor, shift1: Tensor, wd: Tensor, shift2: Tensor,
                       oup: int, stride: int, ratio: int, dw_size: int, relu: bool) -> Tensor:
     spec = GhostSpec(x.shape[1], oup, 1, ratio, dw_size, stride, "relu" if relu else "none")

@@ -35,7 +35,7 @@ def test_triton_op_passes_opcheck(spec, layout):
     p = GhostParams(spec, DEVICE)
     x = make_x(2, spec.inp, 7, 9, torch.float32, layout)
     args = (x, *p.fold(torch.float32), spec.oup, spec.stride, spec.ratio, spec.dw_size, spec.act == "relu")
-    torch.library.opcheck(torch.ops.ghost_kernels.triton_forward.default, args)
+    torch.library.opcheck(torch.ops.ghost_kernels.triton_forward_folded.default, args)
 
 
 def test_converted_ghostnet_compiles_fullgraph_in_eval():

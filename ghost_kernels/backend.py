@@ -1,0 +1,166 @@
+"""What a backend is: :class:`Request` (one forward call, as a backend sees it), :class:`Support` (the
+declared table of what a kernel family runs) and :class:`Backend` (name, limits, reasons, forward).
+
+Each backend lives in its own file beside its kernels and owns its limits; ``dispatch.py`` holds
+the one ordered list of them and walks it. A backend answers three questions:
+
+* :meth:`Backend.environment_reason`: can it run on this machine / device at all?
+* :meth:`Backend.not_supported_reasons`: every reason it cannot run this request (empty: it can);
+* :meth:`Backend.forward`: run it (only called when there are no reasons).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .params import GhostParams
+from .spec import GhostSpec
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether torch.autocast is on for ``device``'s type."""
+    if device.type not in ("cuda", "cpu"):
+        return False
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype nn.Conv2d would compute in: the autocast dtype under torch.autocast, else x's."""
+    if not autocast_enabled(x.device):
+        return x.dtype
+    try:
+        return torch.get_autocast_dtype(x.device.type)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_gpu_dtype() if x.device.type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+@dataclass(frozen=True)
+class Request:
+    """One forward call, as the backends see it when they decide whether they can run it."""
+
+    x: Tensor
+    params: GhostParams
+    training: bool                      # the module's train() flag (train-mode BatchNorm)
+    needs_grad: bool                    # autograd will differentiate the output
+    compute_dtype: torch.dtype          # x's dtype, or the autocast dtype under torch.autocast
+    sync_group: Optional[int] = None    # SyncBatchNorm process group (batch_stats.register_group), or None
+    sync_error: Optional[str] = None    # why synchronized statistics are impossible (e.g. one BN synced)
+
+    @classmethod
+    def make(cls, x: Tensor, params: GhostParams, training: bool, sync_group: Optional[int] = None,
+             sync_error: Optional[str] = None) -> "Request":
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p is not None and p.requires_grad for p in params.trainable()))
+        return cls(x, params, training, needs_grad, compute_dtype(x), sync_group, sync_error)
+
+    @property
+    def spec(self) -> GhostSpec:
+        return self.params.spec
+
+    @property
+    def inference(self) -> bool:
+        """Eval-mode BN with running statistics and no autograd: BN can be folded."""
+        return not self.training and not self.needs_grad and self.params.has_running_stats
+
+    @property
+    def channels_last(self) -> bool:
+        x = self.x
+        return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+    @property
+    def out_hw(self) -> Tuple[int, int]:
+        return self.spec.out_hw(self.x.shape[2], self.x.shape[3])
+
+    @property
+    def batch_values(self) -> int:
+        """Values per channel that batch statistics would be computed from (N * H' * W')."""
+        n, _, h, w = self.x.shape
+        ho, wo = self.spec.out_hw(h, w) if h and w else (0, 0)
+        return n * ho * wo
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}
+
+
+@dataclass(frozen=True)
+class Support:
+    """The declared table of what a kernel family runs (``csrc/`` checks the same numbers for the
+    CUDA C++ kernel, and a test holds the two sides equal)."""
+
+    dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    kernel_sizes: Tuple[int, ...] = (1,)
+    strides: Tuple[int, ...] = (1, 2)
+    ratios: Tuple[int, ...] = (2, 3, 4)
+    dw_sizes: Tuple[int, ...] = (1, 3, 5, 7)
+    acts: Tuple[str, ...] = ("relu", "none")
+
+    def reasons(self, req: Request) -> List[str]:
+        spec, x, dtype = req.spec, req.x, req.compute_dtype
+        out = []
+        if dtype not in self.dtypes or x.dtype not in self.dtypes:
+            names = ", ".join(_DTYPE_NAMES.get(d, str(d)) for d in self.dtypes)
+            out.append(f"dtype {x.dtype if x.dtype not in self.dtypes else dtype} (supported: {names})")
+        elif dtype == torch.bfloat16 and x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
+            out.append("bfloat16 needs compute capability 8.0 or newer")
+        for name, value, allowed in (("kernel_size", spec.kernel_size, self.kernel_sizes),
+                                     ("stride", spec.stride, self.strides), ("ratio", spec.ratio, self.ratios),
+                                     ("dw_size", spec.dw_size, self.dw_sizes)):
+            if value not in allowed:
+                out.append(f"{name}={value} (supported: {allowed})")
+        if spec.act not in self.acts:
+            out.append("activation other than ReLU or identity")
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            out.append(f"empty spatial size {tuple(x.shape[2:])}")
+        return out
+
+
+@dataclass
+class Backend:
+    """A way to run the Ghost module's forward. Subclasses override what differs."""
+
+    name: str
+    summary: str
+    support: Optional[Support] = None          # None: everything the reference runs
+    trains: bool = False                       # runs train-mode BN and autograd
+    fused: bool = True                         # a fused kernel family ("auto" uses those on CUDA only)
+    extra_reasons: Optional[Callable[[Request], List[str]]] = field(default=None, repr=False)
+
+    def environment_reason(self, device: Optional[torch.device] = None) -> Optional[str]:
+        """Why this backend cannot run at all on this machine (for ``device``, if given), or None."""
+        return None
+
+    def not_supported_reasons(self, req: Request) -> List[str]:
+        """Every reason this backend cannot run ``req``; an empty list means it can."""
+        env = self.environment_reason(req.x.device)
+        reasons = [env] if env else []
+        if self.support is not None:
+            reasons += self.support.reasons(req)
+        if not req.inference:
+            reasons += self.training_reasons(req)
+        if self.extra_reasons is not None:
+            reasons += self.extra_reasons(req)
+        return reasons
+
+    def training_reasons(self, req: Request) -> List[str]:
+        """Reasons this backend cannot run a call that is not plain inference (train-mode BN,
+        autograd, or BN without running statistics)."""
+        if self.trains:
+            return []
+        reasons = []
+        if req.training:
+            reasons.append(f"train-mode BatchNorm ({self.name} is inference-only; backend='triton' trains)")
+        if req.needs_grad:
+            reasons.append(f"autograd is needed ({self.name} has no backward; backend='triton' has one)")
+        if not req.params.has_running_stats:
+            reasons.append("BatchNorm without running statistics cannot be folded")
+        return reasons
+
+    def forward(self, x: Tensor, req: Request) -> Tensor:
+        raise NotImplementedError

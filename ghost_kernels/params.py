@@ -1,0 +1,121 @@
+"""The tensors of a Ghost module, bundled: :class:`BatchNormState` and :class:`GhostParams`.
+
+Every function that needs a module's parameters takes one :class:`GhostParams` (the reference, the
+BN fold, the backends, the training ops), named the same way everywhere:
+
+* ``w1``: the primary conv's weight, ``[m, inp, k, k]``;   ``bn1``: its BatchNorm;
+* ``wd``: the cheap depthwise conv's weight, ``[m * (ratio - 1), 1, d, d]``;   ``bn2``: its BatchNorm;
+* ``spec``: the :class:`~ghost_kernels.spec.GhostSpec` (shapes and options).
+
+:meth:`GhostParams.check` validates every tensor against the spec (shapes, dtypes, devices), so a
+BatchNorm of the wrong size is an error on every backend, never an out-of-bounds read in a kernel.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .spec import GhostSpec
+
+
+class BatchNormState(NamedTuple):
+    """The tensors and options of an ``nn.BatchNorm2d``, for the functional API.
+
+    Tensors are shared with the module they came from, so running statistics updated in train mode
+    land in that module, as they would in eager PyTorch.
+    """
+
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    num_batches_tracked: Optional[Tensor]
+    momentum: Optional[float] = 0.1
+    eps: float = 1e-5
+    track_running_stats: bool = True
+
+    @classmethod
+    def from_module(cls, bn: nn.BatchNorm2d) -> "BatchNormState":
+        return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                   bn.momentum, bn.eps, bn.track_running_stats)
+
+    @property
+    def has_running_stats(self) -> bool:
+        return self.running_mean is not None and self.running_var is not None
+
+    def tensors(self):
+        """(weight, bias, running_mean, running_var), any of them None."""
+        return self.weight, self.bias, self.running_mean, self.running_var
+
+
+class GhostParams(NamedTuple):
+    """A Ghost module's parameters and buffers (shared, not copied) and its spec."""
+
+    w1: Tensor
+    bn1: BatchNormState
+    wd: Tensor
+    bn2: BatchNormState
+    spec: GhostSpec
+
+    @classmethod
+    def from_module(cls, module: nn.Module, spec: Optional[GhostSpec] = None) -> "GhostParams":
+        """The parameters of a module with the official/timm structure (``primary_conv`` and
+        ``cheap_operation``, each ``Sequential(Conv2d, BatchNorm2d, act)``)."""
+        if spec is None:
+            from .module import spec_of
+            spec = spec_of(module)
+        pconv, pbn = module.primary_conv[0], module.primary_conv[1]
+        cconv, cbn = module.cheap_operation[0], module.cheap_operation[1]
+        return cls(pconv.weight, BatchNormState.from_module(pbn), cconv.weight, BatchNormState.from_module(cbn), spec)
+
+    @property
+    def has_running_stats(self) -> bool:
+        return self.bn1.has_running_stats and self.bn2.has_running_stats
+
+    def trainable(self):
+        """The tensors autograd may differentiate: both conv weights and both BNs' weight and bias."""
+        return self.w1, self.bn1.weight, self.bn1.bias, self.wd, self.bn2.weight, self.bn2.bias
+
+    def check(self) -> "GhostParams":
+        """Raise a clear error if a tensor does not fit the spec, or the tensors disagree on dtype
+        or device. Returns self."""
+        spec = self.spec
+        k, d = spec.kernel_size, spec.dw_size
+        _check_tensor("w1 (primary conv weight)", self.w1, (spec.m, spec.inp, k, k))
+        _check_tensor("wd (cheap conv weight)", self.wd, (spec.new, 1, d, d))
+        for name, bn, c in (("bn1 (primary BatchNorm)", self.bn1, spec.m), ("bn2 (cheap BatchNorm)", self.bn2, spec.new)):
+            for field, t in zip(("weight", "bias", "running_mean", "running_var"), bn.tensors()):
+                if t is not None:
+                    _check_tensor(f"{name}.{field}", t, (c,))
+            if (bn.running_mean is None) != (bn.running_var is None):
+                raise ValueError(f"{name}: running_mean and running_var must both be given or both be None")
+        ref = self.w1
+        for name, t in self._named_tensors():
+            if t.device != ref.device:
+                raise ValueError(f"{name} is on {t.device} but w1 (primary conv weight) is on {ref.device}; "
+                                 f"every parameter and buffer must be on one device")
+        if self.wd.dtype != ref.dtype:  # eager would fail at the cheap conv: y1 has w1's dtype
+            raise TypeError(f"wd (cheap conv weight) has dtype {self.wd.dtype} but w1 (primary conv weight) has "
+                            f"{ref.dtype}; the two conv weights must share one dtype")
+        # BatchNorm tensors may be wider than the convs (BN kept in float32 in a half model, as
+        # nn.BatchNorm2d allows); every kernel reads them in float32.
+        return self
+
+    def _named_tensors(self):
+        yield "w1 (primary conv weight)", self.w1
+        yield "wd (cheap conv weight)", self.wd
+        for name, bn in (("bn1 (primary BatchNorm)", self.bn1), ("bn2 (cheap BatchNorm)", self.bn2)):
+            for field, t in zip(("weight", "bias", "running_mean", "running_var"), bn.tensors()):
+                if t is not None:
+                    yield f"{name}.{field}", t
+
+
+def _check_tensor(name: str, t, shape) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} for this GhostSpec, got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")

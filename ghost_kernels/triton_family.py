@@ -1,0 +1,109 @@
+"""A Triton kernel family as a backend, and the one registered inference op all families share.
+
+A family file (``triton_two_pass.py``, ...) holds its kernels, its launcher and, at the bottom, its
+backend object::
+
+    BACKEND = TritonFamily("triton_two_pass", "two passes: ...", launcher=forward, support=Support(...))
+
+The launcher's contract: ``launcher(x, params, dtype, out=None, config=None) -> out``, eval-mode BN
+folded inside the kernels from ``params`` (the module's own tensors), output of shape
+``N x oup x H' x W'`` in ``dtype`` with eager's memory format (``layout.empty_output``), x of any
+strides. Under torch.compile every family runs as ``torch.ops.ghost_kernels.triton_forward``, with
+the family's name as an argument: one op and one fake implementation for all of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from . import triton_common as tc
+from .backend import Backend, Request
+from .layout import empty_output
+from .params import BatchNormState, GhostParams
+from .spec import GhostSpec
+
+Launcher = Callable[..., Tensor]
+FAMILIES: Dict[str, Launcher] = {}   # name -> launcher, for the op
+
+
+def is_compiling() -> bool:
+    """True while torch.compile (dynamo) traces the caller."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def triton_environment_reason(device: Optional[torch.device] = None) -> Optional[str]:
+    """Why Triton kernels cannot run here (for ``device``, if given), or None."""
+    if tc.triton is None:
+        return f"triton is not importable ({tc.TRITON_IMPORT_ERROR!r})"
+    interp = tc.interpreting()
+    if device is None:
+        if torch.cuda.is_available() or interp:
+            return None
+        return "no CUDA GPU is visible and TRITON_INTERPRET=1 is not set"
+    if device.type == "cuda" or (device.type == "cpu" and interp):
+        return None
+    if device.type == "cpu":
+        return "x is on the CPU: Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the interpreter)"
+    return f"x is on {device.type}: Triton kernels run on CUDA devices only"
+
+
+@dataclass
+class TritonFamily(Backend):
+    """An inference-only Triton kernel family (eval-mode BN folded in the kernels)."""
+
+    launcher: Optional[Launcher] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.launcher is not None:
+            FAMILIES[self.name] = self.launcher
+
+    def environment_reason(self, device: Optional[torch.device] = None) -> Optional[str]:
+        return triton_environment_reason(device)
+
+    def forward(self, x: Tensor, req: Request) -> Tensor:
+        return run_family(self.name, x, req.params, req.compute_dtype)
+
+
+def run_family(family: str, x: Tensor, params: GhostParams, dtype: torch.dtype) -> Tensor:
+    """The family's launcher in eager mode (no op-dispatch overhead on the hot path), the op under
+    torch.compile (an opaque call with a fake implementation)."""
+    if is_compiling():
+        return triton_forward_op(x, *op_args(params), dtype, family)
+    return FAMILIES[family](x, params, dtype)
+
+
+def op_args(params: GhostParams) -> tuple:
+    """The op's tensor and option arguments from a parameter bundle."""
+    b1, b2, spec = params.bn1, params.bn2, params.spec
+    return (params.w1, b1.weight, b1.bias, b1.running_mean, b1.running_var, float(b1.eps),
+            params.wd, b2.weight, b2.bias, b2.running_mean, b2.running_var, float(b2.eps),
+            spec.oup, spec.stride, spec.ratio, spec.dw_size, spec.act == "relu")
+
+
+def params_from_op(x: Tensor, w1, g1, b1, rm1, rv1, eps1, wd, g2, b2, rm2, rv2, eps2, oup, stride, ratio,
+                   dw_size, relu) -> GhostParams:
+    spec = GhostSpec.from_op_args(x.shape[1], oup, stride, ratio, dw_size, relu)
+    return GhostParams(w1, BatchNormState(g1, b1, rm1, rv1, None, None, eps1), wd,
+                       BatchNormState(g2, b2, rm2, rv2, None, None, eps2), spec)
+
+
+@torch.library.custom_op("ghost_kernels::triton_forward", mutates_args=())
+def triton_forward_op(x: Tensor, w1: Tensor, bn1_weight: Optional[Tensor], bn1_bias: Optional[Tensor],
+                      bn1_mean: Tensor, bn1_var: Tensor, bn1_eps: float, wd: Tensor,
+                      bn2_weight: Optional[Tensor], bn2_bias: Optional[Tensor], bn2_mean: Tensor, bn2_var: Tensor,
+                      bn2_eps: float, oup: int, stride: int, ratio: int, dw_size: int, relu: bool,
+                      dtype: torch.dtype, family: str) -> Tensor:
+    """Eval-mode Ghost module forward by the Triton kernel family ``family``, computing in ``dtype``."""
+    params = params_from_op(x, w1, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, wd, bn2_weight, bn2_bias,
+                            bn2_mean, bn2_var, bn2_eps, oup, stride, ratio, dw_size, relu)
+    return FAMILIES[family](x, params, dtype)
+
+
+@triton_forward_op.register_fake
+def _(x, w1, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, wd, bn2_weight, bn2_bias, bn2_mean, bn2_var,
+      bn2_eps, oup, stride, ratio, dw_size, relu, dtype, family):
+    return empty_output(x, oup, stride, dtype)
