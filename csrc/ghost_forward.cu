@@ -279,19 +279,18 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 }  // namespace
 
-at::Tensor fused_forward_cuda(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& scale1,
-                              const at::Tensor& shift1, const at::Tensor& wd, const at::Tensor& shift2,
-                              int64_t oup, int64_t stride, int64_t ratio, int64_t dw_size, bool relu) {
-  const char* op = "ghost_kernels::fused_forward (cuda): ";
+at::Tensor cuda_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& scale1,
+                        const at::Tensor& shift1, const at::Tensor& wd, const at::Tensor& shift2,
+                        int64_t oup, int64_t stride, int64_t ratio, int64_t dw_size, bool relu) {
+  const char* op = "ghost_kernels::cuda_forward: ";
   TORCH_CHECK(x.is_cuda(), op, "x must be a CUDA tensor, got one on ", x.device());
   TORCH_CHECK(x.dim() == 4, op, "x must be 4-D (N, C, H, W), got ", x.sizes());
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
               "x must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(stride == 1 || stride == 2, op, "stride must be 1 or 2, got ", stride);
-  TORCH_CHECK(ratio >= 2 && ratio <= 4, op, "ratio must be 2, 3 or 4, got ", ratio);
-  TORCH_CHECK(dw_size == 1 || dw_size == 3 || dw_size == 5 || dw_size == 7, op,
-              "dw_size must be 1, 3, 5 or 7, got ", dw_size);
+  TORCH_CHECK(supported(kSupportedStrides, stride), op, "stride must be 1 or 2, got ", stride);
+  TORCH_CHECK(supported(kSupportedRatios, ratio), op, "ratio must be 2, 3 or 4, got ", ratio);
+  TORCH_CHECK(supported(kSupportedDwSizes, dw_size), op, "dw_size must be 1, 3, 5 or 7, got ", dw_size);
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
   TORCH_CHECK(h >= 1 && w >= 1, op, "x must have H, W >= 1, got ", x.sizes());
   TORCH_CHECK(w1.dim() == 2 && w1.size(1) == cin && w1.scalar_type() == dtype && w1.is_contiguous(), op,

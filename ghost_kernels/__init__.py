@@ -3,25 +3,36 @@
 Entry points:
 
 * :class:`GhostModule` -- drop-in for the official and timm modules (same constructor, same state_dict).
-* :func:`convert` -- swap the Ghost modules of an existing model in place.
+* :func:`convert` -- swap the Ghost modules of an existing model in place (and say what it did).
 * :func:`sync_batch_stats` -- SyncBatchNorm semantics for the converted Ghost modules (DDP on any device).
-* :func:`ghost_module` -- the functional forward, with ``backend="auto" | "torch" | "triton"``.
-* :func:`available_backends` -- which backends run here, and why the others don't
-  (also ``python -m ghost_kernels.info``).
+* :func:`ghost_forward` -- the functional forward on a :class:`GhostParams` bundle, with
+  ``backend="auto"`` or any name of :func:`available_backends`.
+* :func:`available_backends` -- every backend, and why it cannot run here (also ``python -m ghost_kernels.info``).
 """
-from .convert import convert, is_ghost_module, sync_batch_stats
-from .dispatch import (BACKENDS, BackendNotSupported, available_backends, not_supported_reasons,
-                       select_backend)
-from .dispatch import ghost_forward as ghost_module
+from .backend import Request
+from .convert import ConversionReport, convert, is_ghost_module, sync_batch_stats
+from .dispatch import (BACKEND_CHOICES, BackendNotSupported, available_backends, choose, explain, ghost_forward,
+                       not_supported_reasons)
 from .fold import FoldedGhost, fold_ghost
 from .module import GhostModule
-from .reference import BatchNormState, ghost_reference
+from .params import BatchNormState, GhostParams
+from .reference import ghost_reference
 from .spec import GhostSpec, ghostnet_100_modules
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+
+def ghost_module(*args, **kwargs):
+    """Deprecated name of :func:`ghost_forward` (0.1); it was easy to confuse with :class:`GhostModule`."""
+    import warnings
+    warnings.warn("ghost_kernels.ghost_module is deprecated: use ghost_kernels.ghost_forward", DeprecationWarning,
+                  stacklevel=2)
+    return ghost_forward(*args, **kwargs)
+
 
 __all__ = [
-    "BACKENDS", "BackendNotSupported", "BatchNormState", "FoldedGhost", "GhostModule", "GhostSpec",
-    "available_backends", "convert", "fold_ghost", "ghost_module", "ghost_reference", "ghostnet_100_modules",
-    "is_ghost_module", "not_supported_reasons", "select_backend", "sync_batch_stats",
+    "BACKEND_CHOICES", "BackendNotSupported", "BatchNormState", "ConversionReport", "FoldedGhost", "GhostModule",
+    "GhostParams", "GhostSpec", "Request", "available_backends", "choose", "convert", "explain", "fold_ghost",
+    "ghost_forward", "ghost_reference", "ghostnet_100_modules", "is_ghost_module", "not_supported_reasons",
+    "sync_batch_stats",
 ]

@@ -95,10 +95,10 @@ class Support:
     CUDA C++ kernel, and a test holds the two sides equal)."""
 
     dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-    kernel_sizes: Tuple[int, ...] = (1,)
-    strides: Tuple[int, ...] = (1, 2)
-    ratios: Tuple[int, ...] = (2, 3, 4)
-    dw_sizes: Tuple[int, ...] = (1, 3, 5, 7)
+    kernel_sizes: Optional[Tuple[int, ...]] = (1,)     # None: any
+    strides: Optional[Tuple[int, ...]] = (1, 2)
+    ratios: Optional[Tuple[int, ...]] = (2, 3, 4)
+    dw_sizes: Optional[Tuple[int, ...]] = (1, 3, 5, 7)
     acts: Tuple[str, ...] = ("relu", "none")
 
     def reasons(self, req: Request) -> List[str]:
@@ -112,7 +112,7 @@ class Support:
         for name, value, allowed in (("kernel_size", spec.kernel_size, self.kernel_sizes),
                                      ("stride", spec.stride, self.strides), ("ratio", spec.ratio, self.ratios),
                                      ("dw_size", spec.dw_size, self.dw_sizes)):
-            if value not in allowed:
+            if allowed is not None and value not in allowed:
                 out.append(f"{name}={value} (supported: {allowed})")
         if spec.act not in self.acts:
             out.append("activation other than ReLU or identity")
@@ -161,6 +161,10 @@ class Backend:
         if not req.params.has_running_stats:
             reasons.append("BatchNorm without running statistics cannot be folded")
         return reasons
+
+    def explain_choice(self, req: Request) -> str:
+        """What this backend runs for ``req`` and why (for ``explain``); empty if nothing to add."""
+        return ""
 
     def forward(self, x: Tensor, req: Request) -> Tensor:
         raise NotImplementedError

@@ -1,7 +1,21 @@
-"""``convert(model)``: swap the Ghost modules of an existing GhostNet for :class:`GhostModule`, in place."""
+"""``convert(model)``: swap the Ghost modules of an existing model for :class:`GhostModule`, in place,
+and say what was converted and what was not (logger ``ghost_kernels`` at INFO, ``warnings.warn``
+for Ghost-like modules left as they were, and a :class:`ConversionReport` on request).
+
+Matching is by structure, not by class name: a module converts when it computes the GhostNet v1
+function, i.e. it has ``primary_conv`` and ``cheap_operation``, each ``Sequential(Conv2d,
+BatchNorm2d, act)`` with the Ghost module's shapes, an ``oup``/``out_chs`` attribute, and no other
+submodule with parameters or buffers. That covers the official and timm ``GhostModule``, their
+subclasses, and GhostNetV2's ``GhostModuleV2`` in its ``"original"`` mode (V1's math). GhostModuleV2
+with its attention branch and GhostModuleV3 (re-parameterizable branches) are reported, not fused.
+"""
 from __future__ import annotations
 
-from typing import Callable, Optional
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from torch import nn
 
@@ -9,53 +23,103 @@ from . import dispatch
 from .module import GhostModule, structure_problems
 
 FilterFn = Callable[[str, nn.Module], bool]
+logger = logging.getLogger("ghost_kernels")
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did: qualified names of converted modules, and of Ghost-like modules it left
+    alone with the reason (``filter_fn`` exclusions are not listed)."""
+
+    converted: List[str] = field(default_factory=list)
+    skipped: Dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        kinds = Counter(reason for reason in self.skipped.values())
+        parts = [f"{n} x {reason}" for reason, n in kinds.most_common()]
+        return f"converted {len(self.converted)} Ghost modules" + (
+            f"; left {len(self.skipped)} Ghost-like modules as they were: " + "; ".join(parts) if parts else "")
+
+
+def _class_names(module: nn.Module) -> List[str]:
+    return [c.__name__ for c in type(module).__mro__]
+
+
+def ghost_like(module: nn.Module) -> bool:
+    """A module that looks like a Ghost module of any version (official, timm, V2, V3)."""
+    names = _class_names(module)
+    return (hasattr(module, "primary_conv") and hasattr(module, "cheap_operation")) or any(
+        n.startswith("GhostModule") for n in names)
+
+
+def why_not_convertible(module: nn.Module) -> Optional[str]:
+    """None if ``module`` computes GhostNet v1's function with the official structure, else why not."""
+    names = _class_names(module)
+    kind = type(module).__name__
+    if any(n.startswith("GhostModuleV3") for n in names):
+        return f"{kind}: GhostNetV3 (re-parameterizable branches) is not fused yet"
+    mode = getattr(module, "mode", None)
+    if any(n.startswith("GhostModuleV2") for n in names) and mode != "original":
+        return f"{kind}: GhostNetV2 attention (DFC) branch{f' (mode={mode!r})' if mode else ''} is not fused yet"
+    if not (hasattr(module, "primary_conv") and hasattr(module, "cheap_operation")):
+        return f"{kind}: no primary_conv/cheap_operation pair"
+    problems = structure_problems(module)
+    if problems:
+        return f"{kind}: " + "; ".join(problems)
+    extra = [name for name, child in module.named_children() if name not in ("primary_conv", "cheap_operation")
+             and (any(True for _ in child.parameters()) or any(True for _ in child.buffers()))]
+    if extra:
+        return f"{kind}: extra submodules with parameters ({', '.join(extra)}) change its function"
+    return None
 
 
 def is_ghost_module(module: nn.Module) -> bool:
-    """True for the official and timm GhostNet v1 ``GhostModule`` (and ours).
-
-    Matched by class name and structure: exactly two children, ``primary_conv`` and ``cheap_operation``,
-    each ``Sequential(Conv2d, BatchNorm2d, act)``, and an ``oup``/``out_chs`` attribute. Look-alikes with
-    extra parts (timm's GhostModuleV2 attention branch, V3's reparameterized branches) don't match.
-    """
-    if type(module).__name__ != "GhostModule":
-        return False
-    if [name for name, _ in module.named_children()] != ["primary_conv", "cheap_operation"]:
-        return False
-    return not structure_problems(module)
+    """True for the modules :func:`convert` converts, and for :class:`GhostModule` itself."""
+    return why_not_convertible(module) is None
 
 
-def convert(model: nn.Module, backend: str = "auto", filter_fn: Optional[FilterFn] = None) -> nn.Module:
+def convert(model: nn.Module, backend: str = "auto", filter_fn: Optional[FilterFn] = None,
+            return_report: bool = False) -> Union[nn.Module, Tuple[nn.Module, ConversionReport]]:
     """Replace every Ghost module in ``model`` by a :class:`GhostModule` sharing its weights and buffers.
 
     ``filter_fn(qualified_name, module)`` returning False leaves that module alone. Modules that are
     already :class:`GhostModule` get ``backend`` set. Works in place and returns ``model`` (or the new
-    module, if ``model`` itself is a Ghost module). The outputs are those of the original model.
+    module, if ``model`` itself is a Ghost module); with ``return_report=True``, ``(model, report)``.
+    The outputs are those of the original model. Logs the count (logger ``ghost_kernels``, INFO) and
+    warns about Ghost-like modules it could not convert, with the reason.
     """
     dispatch.check_backend_name(backend)
-
-    def wanted(name: str, module: nn.Module) -> bool:
-        return filter_fn is None or bool(filter_fn(name, module))
+    report = ConversionReport()
 
     def swap(name: str, module: nn.Module) -> Optional[nn.Module]:
-        if isinstance(module, GhostModule):
-            if wanted(name, module):
-                module.backend = backend
+        if filter_fn is not None and not filter_fn(name, module):
             return None
-        if is_ghost_module(module) and wanted(name, module):
-            return GhostModule.from_module(module, backend)
-        return None
+        if isinstance(module, GhostModule):
+            module.backend = backend
+            report.converted.append(name)
+            return None
+        if not ghost_like(module):
+            return None
+        why = why_not_convertible(module)
+        if why is not None:
+            report.skipped[name or "<root>"] = why
+            return None
+        report.converted.append(name or "<root>")
+        return GhostModule.from_module(module, backend)
 
-    replaced = swap("", model)
-    if replaced is not None:
-        return replaced
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
-            new = swap(full, child)
-            if new is not None:
-                setattr(parent, child_name, new)
-    return model
+    root = swap("", model)
+    if root is None:
+        for parent_name, parent in list(model.named_modules()):
+            for child_name, child in list(parent.named_children()):
+                full = f"{parent_name}.{child_name}" if parent_name else child_name
+                new = swap(full, child)
+                if new is not None:
+                    setattr(parent, child_name, new)
+    logger.info("ghost_kernels.convert: %s", report.summary())
+    if report.skipped:
+        warnings.warn(f"ghost_kernels.convert: {report.summary()}", stacklevel=2)
+    result = root if root is not None else model
+    return (result, report) if return_report else result
 
 
 def sync_batch_stats(model: nn.Module, process_group=None) -> nn.Module:

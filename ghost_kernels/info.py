@@ -8,7 +8,7 @@ import sys
 def collect() -> dict:
     import torch
 
-    from . import __version__, cuda_forward, triton_forward
+    from . import __version__, cuda_backend, triton_common
     from .dispatch import available_backends
 
     info = {
@@ -16,10 +16,10 @@ def collect() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "triton": getattr(triton_forward.triton, "__version__", None),
-        "triton_interpreter": triton_forward.interpreting(),
+        "triton": getattr(triton_common.triton, "__version__", None),
+        "triton_interpreter": triton_common.interpreting(),
         "cuda_available": torch.cuda.is_available(),
-        "cuda_extension_build": cuda_forward.BUILD_INFO or None,
+        "cuda_extension_build": cuda_backend.BUILD_INFO or None,
         "devices": [],
         "backends": available_backends(),
     }
@@ -42,9 +42,9 @@ def main() -> int:
     print("backends:")
     for name, reason in info["backends"].items():
         state = "available" if reason is None else "unavailable: " + reason
-        if name == "triton" and reason is None and info["triton_interpreter"]:
+        if name.startswith("triton") and reason is None and info["triton_interpreter"]:
             state += " (TRITON_INTERPRET=1: CPU interpreter, for testing)"
-        print(f"  {name:<8} {state}")
+        print(f"  {name:<16} {state}")
     return 0
 
 

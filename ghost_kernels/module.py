@@ -1,19 +1,23 @@
 """``GhostModule``: a drop-in for the official and timm Ghost modules that runs the fused kernels.
 
 Same constructor (either signature), same submodules, same state_dict keys: official and timm
-checkpoints load with ``strict=True``. The forward goes through ``dispatch.ghost_forward``.
+checkpoints load with ``strict=True``. The forward is a flat branch: validate, choose a backend
+(``dispatch.choose``), then either the module's own submodules (``"torch"``) or the chosen backend,
+called once with the module's parameters (``GhostParams.from_module``). Nothing is cached: every
+call reads the current parameters and buffers, whatever edited them.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+import warnings
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from . import dispatch, triton_train
-from .fold import FoldCache, FoldedGhost, fold_ghost
-from .reference import BatchNormState
+from . import batch_stats, dispatch, reference
+from .backend import Request
+from .params import GhostParams
 from .spec import GhostSpec
 
 _UNSET = object()
@@ -103,7 +107,7 @@ class GhostModule(nn.Module):
 
     In eval mode under ``torch.no_grad()``/``torch.inference_mode()`` the fused kernel runs with BN
     folded (the folding is cached and refreshed when parameters or buffers change). In train mode, or
-    whenever gradients are needed, the triton backend runs the training ops (``triton_train.py``):
+    whenever gradients are needed, the triton backend runs the training ops (``train_ops.py``):
     batch statistics and running-statistics updates exactly as ``nn.BatchNorm2d``, a fused backward,
     and, after ``nn.SyncBatchNorm.convert_sync_batchnorm``, batch statistics synchronized over the
     SyncBatchNorm's process group. ``explain(x)`` says which backend runs ``x`` and why.
@@ -134,7 +138,6 @@ class GhostModule(nn.Module):
             nn.BatchNorm2d(spec.new, **dd),
             _make_act(act_layer, relu),
         )
-        self._fold_cache = FoldCache()
 
     @property
     def out_chs(self) -> int:
@@ -157,22 +160,12 @@ class GhostModule(nn.Module):
         new.backend = dispatch.check_backend_name(backend)
         new.primary_conv = module.primary_conv
         new.cheap_operation = module.cheap_operation
-        new._fold_cache = FoldCache()
         new.train(module.training)
         return new
 
-    def _bn_states(self):
-        return (BatchNormState.from_module(self.primary_conv[1]), BatchNormState.from_module(self.cheap_operation[1]))
-
-    def _folded(self, dtype: torch.dtype) -> FoldedGhost:
-        bn1, bn2 = self.primary_conv[1], self.cheap_operation[1]
-        w1, wd = self.primary_conv[0].weight, self.cheap_operation[0].weight
-        sources = (w1, wd, bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var,
-                   bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var)
-        key_extra = (bn1.eps, bn2.eps)
-        s1, s2 = self._bn_states()
-        return self._fold_cache.get(sources, (dtype, key_extra),
-                                    lambda: fold_ghost(w1, s1, wd, s2, self.spec, dtype))
+    def params(self) -> GhostParams:
+        """This module's parameters and buffers (shared, not copied) as one bundle."""
+        return GhostParams.from_module(self, self.spec)
 
     def sync_batch_stats(self, process_group=None, enabled: bool = True) -> "GhostModule":
         """Synchronize the train-mode batch statistics of both BatchNorms over ``process_group``
@@ -182,41 +175,46 @@ class GhostModule(nn.Module):
         self._sync_stats, self._sync_group = enabled, process_group
         return self
 
-    def _sync(self) -> int:
-        """The process group index for the training ops in train mode under an initialized process
-        group of more than one rank (-1: no synchronization, -2: only one BN is a SyncBatchNorm)."""
+    def _sync(self) -> Tuple[Optional[int], Optional[str]]:
+        """(process group index, None) when train-mode batch statistics are synchronized over more than
+        one rank (SyncBatchNorm or :meth:`sync_batch_stats`), (None, why not) when they cannot be
+        (only one BN is a SyncBatchNorm), else (None, None)."""
         if not self.training:
-            return -1
+            return None, None
         bn1, bn2 = self.primary_conv[1], self.cheap_operation[1]
         synced = isinstance(bn1, nn.SyncBatchNorm), isinstance(bn2, nn.SyncBatchNorm)
         if getattr(self, "_sync_stats", False):
             group = self._sync_group
         elif any(synced):
             if not all(synced) or bn1.process_group is not bn2.process_group:
-                return -2
+                return None, "one BatchNorm is a SyncBatchNorm and the other is not (or another group)"
             group = bn1.process_group
         else:
-            return -1
+            return None, None
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-            return -1
-        return triton_train.register_group(group)
+            return None, None
+        return batch_stats.register_group(group), None
+
+    def _request(self, x: Tensor) -> Request:
+        params = self.params()
+        dispatch.validate_input(x, params)
+        return Request.make(x, params, self.training, *self._sync())
 
     def explain(self, x: Tensor) -> str:
-        """Which backend runs ``x`` now (given train/eval mode and grad mode), and why the others don't."""
-        s1, s2 = self._bn_states()
-        w1, wd = self.primary_conv[0].weight, self.cheap_operation[0].weight
-        dispatch.validate_input(x, self.spec, w1)
-        req = dispatch.make_request(x, w1, s1, wd, s2, self.spec, self.training, self._sync())
-        return dispatch.explain(self.backend, req)
+        """Which backend runs ``x`` now (given train/eval mode and grad mode), the measurement behind
+        the choice, and why the others don't."""
+        return dispatch.explain(self.backend, self._request(x))
 
     def forward(self, x: Tensor) -> Tensor:
-        s1, s2 = self._bn_states()
-        return dispatch.ghost_forward(
-            x, self.primary_conv[0].weight, s1, self.cheap_operation[0].weight, s2, self.spec,
-            training=self.training, backend=self.backend, folded=self._folded, eager=self._forward_eager,
-            sync=self._sync(),
-        )
+        if torch.jit.is_tracing():  # TorchScript records the PyTorch path (see __prepare_scriptable__)
+            _warn_torchscript()
+            return self._forward_eager(x)
+        req = self._request(x)
+        backend = dispatch.choose(self.backend, req).backend
+        if backend is reference.BACKEND:
+            return self._forward_eager(x)
+        return backend.forward(x, req)
 
     def _forward_eager(self, x: Tensor) -> Tensor:
         """The "torch" backend: the official module's forward, through the submodules themselves."""
@@ -224,5 +222,39 @@ class GhostModule(nn.Module):
         x2 = self.cheap_operation(x1)
         return torch.cat([x1, x2], dim=1)[:, : self.oup]
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` scripts the official module's forward (the PyTorch path, sharing this
+        module's submodules): TorchScript cannot call the fused kernels. For fused kernels in a
+        compiled or exported graph use ``torch.compile`` or ``torch.export``."""
+        _warn_torchscript()
+        return _ScriptableGhost(self.primary_conv, self.cheap_operation, self.oup)
+
     def extra_repr(self) -> str:
         return f"oup={self.oup}, backend={self.backend!r}"
+
+
+class _ScriptableGhost(nn.Module):
+    """The official Ghost module's forward over shared submodules: what TorchScript gets."""
+
+    def __init__(self, primary_conv: nn.Module, cheap_operation: nn.Module, oup: int):
+        super().__init__()
+        self.oup = oup
+        self.primary_conv = primary_conv
+        self.cheap_operation = cheap_operation
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1 = self.primary_conv(x)
+        x2 = self.cheap_operation(x1)
+        return torch.cat([x1, x2], dim=1)[:, : self.oup]
+
+
+_TORCHSCRIPT_WARNED = False
+
+
+def _warn_torchscript() -> None:
+    global _TORCHSCRIPT_WARNED
+    if not _TORCHSCRIPT_WARNED:
+        _TORCHSCRIPT_WARNED = True
+        warnings.warn("ghost_kernels: TorchScript (torch.jit.script / torch.jit.trace) runs the Ghost modules' "
+                      "PyTorch path, not the fused kernels; use torch.compile or torch.export for those",
+                      stacklevel=3)

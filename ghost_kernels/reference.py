@@ -11,37 +11,17 @@ BatchNorm follows ``nn.BatchNorm2d`` exactly, train mode included (see :func:`ba
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .spec import GhostSpec
+from .backend import Backend, Request
+from .batch_stats import count_batch, momentum_factor
+from .params import BatchNormState, GhostParams
 
 Activation = Union[str, Callable[[Tensor], Tensor]]
-
-
-class BatchNormState(NamedTuple):
-    """The tensors and options of an ``nn.BatchNorm2d``, for the functional API.
-
-    Tensors are shared with the module they came from, so running statistics updated in train mode
-    land in that module, as they would in eager PyTorch.
-    """
-
-    weight: Optional[Tensor]
-    bias: Optional[Tensor]
-    running_mean: Optional[Tensor]
-    running_var: Optional[Tensor]
-    num_batches_tracked: Optional[Tensor]
-    momentum: Optional[float] = 0.1
-    eps: float = 1e-5
-    track_running_stats: bool = True
-
-    @classmethod
-    def from_module(cls, bn: nn.BatchNorm2d) -> "BatchNormState":
-        return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                   bn.momentum, bn.eps, bn.track_running_stats)
 
 
 def batch_norm(x: Tensor, bn: BatchNormState, training: bool) -> Tensor:
@@ -53,8 +33,8 @@ def batch_norm(x: Tensor, bn: BatchNormState, training: bool) -> Tensor:
     """
     factor = 0.0 if bn.momentum is None else bn.momentum
     if training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        count_batch(bn)
+        factor = momentum_factor(bn)
     use_batch_stats = training or (bn.running_mean is None and bn.running_var is None)
     track = not training or bn.track_running_stats
     return F.batch_norm(
@@ -63,24 +43,6 @@ def batch_norm(x: Tensor, bn: BatchNormState, training: bool) -> Tensor:
         bn.running_var if track else None,
         bn.weight, bn.bias, use_batch_stats, factor, bn.eps,
     )
-
-
-def fold_batch_norm(bn: BatchNormState, dtype: torch.dtype = torch.float32):
-    """Eval-mode BN as ``y * scale + shift`` per channel, computed in ``dtype`` (float32 or wider).
-
-    ``scale = gamma / sqrt(running_var + eps)``, ``shift = beta - running_mean * scale``.
-    """
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("fold_batch_norm: BatchNorm without running statistics "
-                         "(track_running_stats=False) normalizes with batch statistics and cannot be folded")
-    var = bn.running_var.to(dtype)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(dtype)
-    shift = -bn.running_mean.to(dtype) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(dtype)
-    return scale, shift
 
 
 def activation(y: Tensor, act: Activation) -> Tensor:
@@ -96,30 +58,59 @@ def activation(y: Tensor, act: Activation) -> Tensor:
 
 def ghost_reference(
     x: Tensor,
-    primary_weight: Tensor,
-    primary_bn: BatchNormState,
-    cheap_weight: Tensor,
-    cheap_bn: BatchNormState,
-    spec: GhostSpec,
-    *,
+    params: GhostParams,
+    *legacy,
     training: bool = False,
     act: Union[None, Activation, Tuple[Activation, Activation]] = None,
 ) -> Tensor:
     """The Ghost module's forward, exactly as the official and timm modules compute it.
 
-    ``act`` defaults to ``spec.act``; pass a callable (or a pair: primary, cheap) for activations
-    other than ReLU/identity. Works for every dtype and device PyTorch's conv2d supports, with autograd.
+    ``act`` defaults to ``params.spec.act``; pass a callable (or a pair: primary, cheap) for
+    activations other than ReLU/identity. Works for every dtype and device PyTorch's conv2d
+    supports, with autograd. (The 0.1 form ``ghost_reference(x, w1, bn1, wd, bn2, spec)`` still
+    works, with a DeprecationWarning.)
     """
+    params = legacy_params(params, legacy, "ghost_reference")
+    w1, bn1, wd, bn2, spec = params
     act = spec.act if act is None else act
     act1, act2 = act if isinstance(act, tuple) else (act, act)
     if spec.kernel_size == 1 and spec.stride > 1:
         # A 1x1 conv with stride s reads every s-th row and column: sample first, convolve with stride
         # 1. Same function; it also keeps the reference clear of PyTorch 2.14.1's oneDNN bug, which
         # returns a wrong weight gradient for some 1x1 stride-2 channels_last CPU inputs.
-        y1 = F.conv2d(x[:, :, ::spec.stride, ::spec.stride], primary_weight)
+        y1 = F.conv2d(x[:, :, ::spec.stride, ::spec.stride], w1)
     else:
-        y1 = F.conv2d(x, primary_weight, None, spec.stride, spec.kernel_size // 2)
-    y1 = activation(batch_norm(y1, primary_bn, training), act1)
-    y2 = F.conv2d(y1, cheap_weight, None, 1, spec.dw_size // 2, 1, spec.m)
-    y2 = activation(batch_norm(y2, cheap_bn, training), act2)
+        y1 = F.conv2d(x, w1, None, spec.stride, spec.kernel_size // 2)
+    y1 = activation(batch_norm(y1, bn1, training), act1)
+    y2 = F.conv2d(y1, wd, None, 1, spec.dw_size // 2, 1, spec.m)
+    y2 = activation(batch_norm(y2, bn2, training), act2)
     return torch.cat([y1, y2], dim=1)[:, : spec.oup]
+
+
+def legacy_params(first, rest: tuple, fname: str) -> GhostParams:
+    """``GhostParams`` from the 0.1 calling convention ``(w1, bn1, wd, bn2, spec)``, with a warning."""
+    if not rest:
+        if not isinstance(first, GhostParams):
+            raise TypeError(f"{fname}: params must be a ghost_kernels.GhostParams, got {type(first).__name__}")
+        return first
+    if len(rest) != 4:
+        raise TypeError(f"{fname}: expected (x, params) or the deprecated (x, w1, bn1, wd, bn2, spec)")
+    import warnings
+    warnings.warn(f"{fname}(x, w1, bn1, wd, bn2, spec) is deprecated: pass "
+                  f"GhostParams(w1, bn1, wd, bn2, spec)", DeprecationWarning, stacklevel=3)
+    return GhostParams(first, *rest)
+
+
+class TorchBackend(Backend):
+    """Plain PyTorch: the reference itself (a GhostModule runs its own submodules instead, so that
+    SyncBatchNorm, hooks and custom activations behave as in the original)."""
+
+    def forward(self, x: Tensor, req: Request) -> Tensor:
+        return ghost_reference(x, req.params, training=req.training)
+
+    def not_supported_reasons(self, req: Request) -> List[str]:
+        return []
+
+
+BACKEND = TorchBackend("torch", "plain PyTorch (the reference): everything the official module runs",
+                       trains=True, fused=False)

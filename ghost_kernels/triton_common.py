@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
 
 from .params import BatchNormState
+from .spec import GhostSpec
 
 try:  # triton is optional: without it the Triton backends report why they cannot run.
     import triton
@@ -109,3 +113,135 @@ if triton is not None:
         if HAS_B:
             shift = shift + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
         return scale, shift
+
+
+# --------------------------------------------------------------------------------------------------
+# Halo tiling (the v1 single-pass kernel and the training kernels) and persistent grids.
+
+class TileConfig(NamedTuple):
+    HALO_H: int
+    HALO_W: int
+    BLOCK_M: int
+    BLOCK_K: int
+    num_warps: int
+
+
+def pick_config(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype = torch.bfloat16,
+                max_lanes: int = 256, pad: Optional[int] = None) -> TileConfig:
+    """Tile shape for an ``ho`` x ``wo`` output: the halo tile covers the image when it is small,
+    else 16 x 16 (``max_lanes`` = 256 pixels per program). A square halo tile wastes the fewest lanes
+    on the halo (14 x 14 useful of 16 x 16 for a 3x3 cheap op, 77 %, against 70 % for 32 x 8), and
+    GhostNet's resolutions (112, 56, 28, 14) are multiples of 14. ``pad``: halo width (default d // 2;
+    the backward kernel needs 2 * (d // 2))."""
+    pad = spec.dw_size // 2 if pad is None else pad
+    halo_w = min(max(next_pow2(wo + 2 * pad), next_pow2(2 * pad + 1)), 16)
+    halo_h = min(next_pow2(ho + 2 * pad), max(max_lanes // halo_w, 1))
+    halo_h = max(halo_h, next_pow2(2 * pad + 1), 16 // halo_w if halo_w < 16 else 1)  # tl.dot: N >= 16
+    # 16 channels x 256 lanes x 4 warps: ~100-130 registers (ptxas, sm_90), so 4-5 programs per SM
+    # stay resident; 32 channels or 512 lanes need ~250 and halve the warps in flight.
+    block_m = 16
+    block_k = 16 if spec.inp <= 16 or dtype == torch.float32 else 32  # fp32 (FMA dot): 16 avoids ~180 regs
+    return TileConfig(halo_h, halo_w, block_m, block_k, 4)
+
+
+def tile_grid(spec: GhostSpec, n: int, ho: int, wo: int, cfg: TileConfig, pad: int):
+    """(tiles along H, tiles along W, channel blocks, total tiles) for halo tiles with ``pad`` rows/cols
+    of halo on each side."""
+    th, tw = cfg.HALO_H - 2 * pad, cfg.HALO_W - 2 * pad
+    n_th, n_tw = triton.cdiv(ho, th), triton.cdiv(wo, tw)
+    n_mb = triton.cdiv(spec.m, cfg.BLOCK_M)
+    return n_th, n_tw, n_mb, n * n_th * n_tw * n_mb
+
+
+def persistent_programs(variant: tuple, x: Tensor, total: int) -> int:
+    """Programs of a persistent grid: what fits on the GPU at once (learned from the first launch)."""
+    if x.is_cuda:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        return max(1, min(total, _RESIDENT.get(variant, 1) * sms))
+    return max(1, min(total, INTERPRETER_PROGRAMS))
+
+
+def remember_occupancy(variant: tuple, compiled, x: Tensor, num_warps: int) -> None:
+    if x.is_cuda and variant not in _RESIDENT:
+        _RESIDENT[variant] = _resident_programs(compiled, x.device.index, num_warps)
+
+
+
+INTERPRETER_PROGRAMS = 3  # few programs, so the interpreter also runs several tiles per program
+# Resident programs per SM for each compiled variant, learned from its first launch (which runs
+# one program per SM). A persistent grid larger than what fits would serialize whole programs.
+_RESIDENT: Dict[tuple, int] = {}
+
+
+def _resident_programs(compiled, device_index: int, num_warps: int) -> int:
+    """How many programs of ``compiled`` fit on one SM at once (registers, shared memory, warps)."""
+    try:
+        compiled._init_handles()
+        regs, smem = compiled.n_regs, compiled.metadata.shared
+    except Exception:  # a Triton without these internals: a safe middle
+        return 2
+    props = torch.cuda.get_device_properties(device_index)
+    regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
+    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    warps_sm = getattr(props, "max_threads_per_multi_processor", 2048) // 32
+    regs_per_warp = -(-regs * 32 // 256) * 256  # allocated in units of 256 registers per warp
+    fit = min(regs_sm // max(regs_per_warp * num_warps, 1), warps_sm // num_warps,
+              smem_sm // (smem + 1024) if smem else 32)
+    return max(1, min(fit, 8))
+
+
+
+
+def device_ctx(x: Tensor):
+    """The launch's CUDA device context for ``x`` (nothing for CPU tensors in the interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+if triton is not None:
+
+    # Pieces of the halo kernel (triton_halo.py) shared with the training kernels (triton_train.py): the
+    # backward recomputes y1 with the very same code as the forward, so its activation masks match the
+    # forward's bit for bit.
+
+    @triton.jit
+    def tile_coords(tile, n_mblocks, n_tiles_w, n_tiles_h):
+        """(channel block, tile column, tile row, image) of a tile index; channel block fastest, so that
+        programs running together share the x tile through L2."""
+        mb = tile % n_mblocks
+        t = tile // n_mblocks
+        tw = t % n_tiles_w
+        t = t // n_tiles_w
+        th = t % n_tiles_h
+        return mb, tw, th, (t // n_tiles_h).to(tl.int64)
+
+    @triton.jit
+    def pointwise_conv_tile(x_ptr, w1_ptr, x_pix, pix_ok, c, c_ok, C_IN, sxc,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                            IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+        """z1[c, p] = sum_k w1[c, k] x[k, p] in fp32 for BLOCK_M channels and BLOCK_P pixels (64-bit pixel
+        offsets ``x_pix``; masked pixels give 0) with tl.dot, K-loop over the input channels."""
+        ck = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+        for k0 in range(0, C_IN, BLOCK_K):
+            k = k0 + ck
+            k_ok = k < C_IN
+            xt = tl.load(x_ptr + k.to(tl.int64)[:, None] * sxc + x_pix[None, :],
+                         mask=k_ok[:, None] & pix_ok[None, :], other=0.0)
+            xt = xt.to(w1_ptr.dtype.element_ty)  # autocast: fp32 x, half weights (a no-op otherwise)
+            wt = tl.load(w1_ptr + c[:, None] * C_IN + k[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            if DOT_F32:  # interpreter only: its bf16 tl.dot multiplies raw bits (triton#11584)
+                acc = tl.dot(wt.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+            elif IEEE:
+                acc = tl.dot(wt, xt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(wt, xt, acc)
+        return acc
+
+    @triton.jit
+    def bn_act_tile(z, scale_ptr, shift_ptr, c, c_ok, in_img, RELU: tl.constexpr):
+        """act(z * scale[c] + shift[c]) in fp32, zero outside the image (the depthwise conv zero-pads y1)."""
+        y = z * tl.load(scale_ptr + c, mask=c_ok, other=0.0)[:, None] + tl.load(shift_ptr + c, mask=c_ok, other=0.0)[:, None]
+        if RELU:
+            y = tl.where(y < 0.0, 0.0, y)    # not max(): NaN must propagate as in eager
+        return tl.where(in_img[None, :], y, 0.0)
+

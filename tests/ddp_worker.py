@@ -20,7 +20,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import ghost_kernels as gk  # noqa: E402
-from helpers import GhostModule  # noqa: E402
+from helpers import OfficialGhost as GhostModule  # noqa: E402
 
 STEPS, BATCH, HW = 2, 6, 10
 

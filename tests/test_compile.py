@@ -5,13 +5,14 @@ fullgraph=True and zero graph breaks in eval and train mode; export works for in
 On the CPU the compiled graphs run the kernels in the Triton interpreter with the aot_eager backend
 (Inductor would compile C++ for minutes on two cores); on a GPU the backend is Inductor."""
 import copy
+import itertools
 
 import pytest
 import torch
-from helpers import DEVICE, GhostParams, randomize, rel_err, small_ghost_net
-from test_triton_forward import LAYOUTS, make_x
+from helpers import DEVICE, FAMILIES, LAYOUTS, RandomGhost, make_x, randomize, rel_err, small_ghost_net
 
 import ghost_kernels as gk
+from ghost_kernels import triton_family
 
 timm = pytest.importorskip("timm")
 COMPILER = "inductor" if DEVICE == "cuda" else "aot_eager"
@@ -29,13 +30,30 @@ def graph_breaks():
     return dict(counters["graph_break"])
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("spec", [gk.GhostSpec(8, 13, ratio=3, dw_size=5, stride=2), gk.GhostSpec(6, 12, act="none")])
-def test_triton_op_passes_opcheck(spec, layout):
-    p = GhostParams(spec, DEVICE)
-    x = make_x(2, spec.inp, 7, 9, torch.float32, layout)
-    args = (x, *p.fold(torch.float32), spec.oup, spec.stride, spec.ratio, spec.dw_size, spec.act == "relu")
-    torch.library.opcheck(torch.ops.ghost_kernels.triton_forward_folded.default, args)
+# The option sweep for opcheck: every ratio x dw_size x stride, with the activation, odd/even oup,
+# layout, BN affine and running statistics rotating through the points.
+OP_SWEEP = [(i, r, d, s) for i, (r, d, s) in enumerate(itertools.product([2, 3, 4], [1, 3, 5, 7], [1, 2]))]
+
+
+def sweep_point(i, ratio, dw, stride):
+    spec = gk.GhostSpec(3 + i % 4, 2 * ratio + (i % 2) + 2 * (i % 3), ratio=ratio, dw_size=dw, stride=stride,
+                        act=("relu", "none")[i % 2])
+    return spec, LAYOUTS[(i // 2) % 2], (i // 4) % 2 == 0, (i // 3) % 2 == 0   # spec, layout, affine, running
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("i,ratio,dw,stride", OP_SWEEP)
+def test_triton_forward_op_passes_opcheck(fam, i, ratio, dw, stride):
+    """The inference op of every family: schema, fake tensor (exact strides), autograd registration
+    and AOT dispatch, over the option sweep."""
+    spec, layout, affine, _ = sweep_point(i, ratio, dw, stride)
+    p = RandomGhost(spec, DEVICE)
+    if not affine:
+        p.bn1 = p.bn1._replace(weight=None, bias=None)
+        p.bn2 = p.bn2._replace(weight=None, bias=None)
+    x = make_x(2, spec.inp, 5 + i % 3, 4 + i % 4, torch.float32, layout)
+    args = (x, *triton_family.op_args(p.params), torch.float32, fam)
+    torch.library.opcheck(torch.ops.ghost_kernels.triton_forward.default, args)
 
 
 def test_converted_ghostnet_compiles_fullgraph_in_eval():
@@ -55,7 +73,7 @@ def test_converted_ghostnet_compiles_fullgraph_in_eval():
 
 
 def train_op_args(spec, layout, batch_stats=True, affine=True):
-    p = GhostParams(spec, DEVICE)
+    p = RandomGhost(spec, DEVICE)
     x = make_x(2, spec.inp, 6, 7, torch.float32, layout)
     w = lambda t: t.clone().requires_grad_() if affine else None  # noqa: E731
     stats = (None, None, None, None) if batch_stats else (p.bn1.running_mean, p.bn1.running_var,
@@ -65,14 +83,14 @@ def train_op_args(spec, layout, batch_stats=True, affine=True):
             spec.stride, spec.ratio, spec.dw_size, spec.act == "relu", -1)
 
 
-@pytest.mark.parametrize("case", ["train-nchw", "eval-channels_last", "train-noaffine"])
-def test_train_ops_pass_opcheck(case):
-    """Schema, fake tensor, autograd registration and AOT dispatch of the forward op (whose autograd
-    formula calls the backward op), and of the backward op itself."""
-    mode, layout = case.split("-")
-    spec = gk.GhostSpec(5, 9, ratio=3, dw_size=3, stride=2 if layout == "nchw" else 1)
-    args = train_op_args(spec, "channels_last" if layout == "channels_last" else "nchw",
-                         batch_stats=mode != "eval", affine=layout != "noaffine")
+@pytest.mark.parametrize("i,ratio,dw,stride", OP_SWEEP)
+def test_train_ops_pass_opcheck(i, ratio, dw, stride):
+    """Schema, fake tensor (exact strides of every output), autograd registration and AOT dispatch of
+    the forward op (whose autograd formula calls the backward op), and of the backward op itself,
+    over the option sweep (ratio 2 with one channel block used to return a non-contiguous dL/dwd)."""
+    spec, layout, affine, running = sweep_point(i, ratio, dw, stride)
+    mode = "eval" if running and i % 3 == 0 else "train"
+    args = train_op_args(spec, layout, batch_stats=mode != "eval", affine=affine)
     torch.library.opcheck(torch.ops.ghost_kernels.triton_train_forward.default, args)
     out, mean1, invstd1, _, mean2, invstd2, _ = torch.ops.ghost_kernels.triton_train_forward(*args)
     grad = torch.randn_like(out)
@@ -159,3 +177,29 @@ def test_export_for_inference(grad_mode):
         got = ep.module()(x)
         ref = model(x)
     assert rel_err(got, ref) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_inductor_compiles_a_converted_network(mode):
+    """torch.compile with the default Inductor backend (on the CPU too: that is where the strides bug
+    of the backward op showed), fullgraph=True, forward and backward, train and eval mode: the same
+    loss and gradients as eager."""
+    torch.manual_seed(0)
+    model = randomize(gk.convert(small_ghost_net().to(DEVICE), backend="triton"))
+    getattr(model, mode)()
+    twin = copy.deepcopy(model)
+    x = torch.randn(4, 3, 12, 12, device=DEVICE)
+    torch._dynamo.reset()
+    loss = torch.compile(model, backend="inductor", fullgraph=True)(x).square().mean()
+    loss.backward()
+    loss_ref = twin(x).square().mean()
+    loss_ref.backward()
+    assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
+    # Inductor reorders float arithmetic: compare each gradient to 1e-4 of its norm, with a floor of
+    # 1e-6 of the whole gradient's norm (a BN bias followed by a train-mode BN has a zero gradient in
+    # exact arithmetic, and rounding noise on both sides)
+    total = torch.cat([b.grad.flatten() for b in twin.parameters()]).norm().item()
+    for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        assert (a.grad - b.grad).norm().item() <= 1e-4 * b.grad.norm().item() + 1e-6 * total, name
+    for (name, a), (_, b) in zip(model.named_buffers(), twin.named_buffers()):
+        assert rel_err(a, b) < 1e-5 if a.is_floating_point() else torch.equal(a, b), name

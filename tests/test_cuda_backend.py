@@ -9,31 +9,42 @@ import os
 
 import pytest
 import torch
-from helpers import DEVICE, GhostParams, assert_close_to_reference, eager_and_ref, randomize, rel_err
-from test_triton_forward import (DTYPES, LAYOUTS, REDUCED, SWEEP, check, make_x, run_poisoned)
+from helpers import (DEVICE, DTYPES, LAYOUTS, SWEEP, RandomGhost, assert_close_to_reference, check, eager_and_ref,
+                     make_x, randomize, rel_err, run_poisoned)
 
 import ghost_kernels as gk
-from ghost_kernels import cuda_forward
+from ghost_kernels import cuda_backend
 from ghost_kernels.spec import distinct_ghostnet_100_specs
 
-BUILT = cuda_forward._C is not None
+BUILT = cuda_backend._C is not None
 # CI sets this: there, a silently skipped build is a failure, not a skip.
 REQUIRED = os.environ.get("GHOST_KERNELS_REQUIRE_CUDA_EXT", "0") == "1"
-needs_ext = pytest.mark.skipif(not BUILT and not REQUIRED, reason=f"not built: {cuda_forward.UNAVAILABLE_REASON}")
+needs_ext = pytest.mark.skipif(not BUILT and not REQUIRED, reason=f"not built: {cuda_backend.UNAVAILABLE_REASON}")
 needs_gpu = pytest.mark.skipif(not (BUILT and torch.cuda.is_available()), reason="needs the extension and a CUDA GPU")
 
 
 @needs_ext
 def test_extension_built_and_loaded():
-    assert BUILT, cuda_forward.UNAVAILABLE_REASON
-    info = cuda_forward.BUILD_INFO
+    assert BUILT, cuda_backend.UNAVAILABLE_REASON
+    info = cuda_backend.BUILD_INFO
     assert info["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert info["cuda"] == torch.version.cuda and info["archs"]
-    assert hasattr(torch.ops.ghost_kernels, "fused_forward")
+    assert hasattr(torch.ops.ghost_kernels, "cuda_forward")
+
+
+@needs_ext
+def test_cpp_limits_equal_the_declared_table():
+    """csrc/ghost_forward.cuh's kSupported* tables are the backend's declared Support, not a copy
+    that can drift: the extension reports them and they must be equal."""
+    built = cuda_backend.BUILD_INFO["supports"]
+    declared = cuda_backend.BACKEND.support
+    assert tuple(built["strides"]) == declared.strides
+    assert tuple(built["ratios"]) == declared.ratios
+    assert tuple(built["dw_sizes"]) == declared.dw_sizes
 
 
 def op_args(spec, dtype, device, layout="nchw", n=2, h=7, w=9):
-    p = GhostParams(spec, device)
+    p = RandomGhost(spec, device)
     f = p.fold(dtype)
     x = make_x(n, spec.inp, h, w, dtype, layout).to(device)
     return p, (x, f.w1, f.scale1, f.shift1, f.wd, f.shift2, spec.oup, spec.stride, spec.ratio, spec.dw_size,
@@ -46,7 +57,7 @@ def op_args(spec, dtype, device, layout="nchw", n=2, h=7, w=9):
 def test_opcheck_on_the_cpu(spec, layout):
     """Schema, fake tensor, autograd registration and AOT dispatch checks of the op (CPU kernel)."""
     _, args = op_args(spec, torch.float32, "cpu", layout)
-    torch.library.opcheck(torch.ops.ghost_kernels.fused_forward.default, args)
+    torch.library.opcheck(torch.ops.ghost_kernels.cuda_forward.default, args)
 
 
 @needs_ext
@@ -54,7 +65,7 @@ def test_opcheck_on_the_cpu(spec, layout):
 def test_cpu_implementation_matches_reference(dtype):
     spec = gk.GhostSpec(8, 13, ratio=3, dw_size=3, stride=2)
     p, args = op_args(spec, dtype, "cpu", "channels_last")
-    out = torch.ops.ghost_kernels.fused_forward(*args)
+    out = torch.ops.ghost_kernels.cuda_forward(*args)
     eager, ref = eager_and_ref(p, args[0])
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert_close_to_reference(out, eager, ref, dtype, "cpu impl")
@@ -63,11 +74,11 @@ def test_cpu_implementation_matches_reference(dtype):
 @needs_ext
 def test_fake_implementation_and_export():
     mod = randomize(gk.GhostModule(8, 12)).eval()
-    folded = mod._folded(torch.float32)
+    folded = gk.fold_ghost(gk.GhostParams.from_module(mod), torch.float32)
 
     class Fused(torch.nn.Module):
         def forward(self, x):
-            return torch.ops.ghost_kernels.fused_forward(x, folded.w1, folded.scale1, folded.shift1, folded.wd,
+            return torch.ops.ghost_kernels.cuda_forward(x, folded.w1, folded.scale1, folded.shift1, folded.wd,
                                                          folded.shift2, 12, 1, 2, 3, True)
 
     x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
@@ -75,11 +86,11 @@ def test_fake_implementation_and_export():
 
     with FakeTensorMode() as mode:
         fx = mode.from_tensor(x)
-        fout = torch.ops.ghost_kernels.fused_forward(fx, *[mode.from_tensor(t) for t in folded], 12, 1, 2, 3, True)
+        fout = torch.ops.ghost_kernels.cuda_forward(fx, *[mode.from_tensor(t) for t in folded], 12, 1, 2, 3, True)
         assert fout.shape == (2, 12, 6, 6) and fout.is_contiguous(memory_format=torch.channels_last)
     ep = torch.export.export(Fused(), (x,))
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
-    assert targets == ["ghost_kernels.fused_forward.default"], targets
+    assert targets == ["ghost_kernels.cuda_forward.default"], targets
     with torch.no_grad():
         assert rel_err(ep.module()(x), gk.GhostModule.from_module(mod, backend="torch")(x)) < 1e-5
 
@@ -88,9 +99,8 @@ def test_cuda_backend_refuses_cpu_tensors_clearly():
     mod = randomize(gk.GhostModule(8, 12, backend="cuda")).eval()
     with torch.no_grad(), pytest.raises(gk.BackendNotSupported, match="x is on cpu: the cuda backend needs a CUDA tensor"):
         mod(torch.randn(1, 8, 5, 5))
-    assert "x is on cpu" in gk.not_supported_reasons("cuda", gk.dispatch.make_request(
-        torch.randn(1, 8, 5, 5), mod.primary_conv[0].weight, *mod._bn_states()[:1],
-        mod.cheap_operation[0].weight, mod._bn_states()[1], mod.spec, False))[0]
+    req = gk.Request.make(torch.randn(1, 8, 5, 5), mod.params(), training=False)
+    assert "x is on cpu" in gk.not_supported_reasons("cuda", req)[0]
 
 
 # ---- GPU: the same sweep as the Triton kernel ---------------------------------------------------
@@ -119,15 +129,15 @@ def test_cuda_spatial_sizes_and_empty_batch(hw):
     spec = gk.GhostSpec(16, 24, dw_size=5)
     check(spec, 2, *hw, torch.float16, LAYOUTS[hw[0] % 2], f"cuda {hw}", backend="cuda")
     x = make_x(0, 16, *hw, torch.float16, "channels_last")
-    assert cuda_forward.ghost_forward_cuda(x, GhostParams(spec, DEVICE).fold(torch.float16), spec).shape[0] == 0
+    assert cuda_backend.forward_folded(x, RandomGhost(spec, DEVICE).fold(torch.float16), spec).shape[0] == 0
 
 
 @needs_gpu
 def test_cuda_and_triton_backends_agree():
     for shape in distinct_ghostnet_100_specs()[::3]:
-        params = GhostParams(shape.spec, DEVICE)
+        params = RandomGhost(shape.spec, DEVICE)
         x = make_x(4, shape.spec.inp, shape.h, shape.w, torch.bfloat16, "channels_last")
-        a = run_poisoned(x, params, shape.spec, "triton")
+        a = run_poisoned(x, params, shape.spec, "triton_halo")
         b = run_poisoned(x, params, shape.spec, "cuda")
         eager, ref = eager_and_ref(params, x)
         assert rel_err(a, b) <= 2 * rel_err(eager, ref) + 1e-3, shape.name
@@ -140,16 +150,13 @@ def test_cuda_more_than_2_31_output_elements():
         pytest.skip(f"only {free / 2**30:.1f} GiB free on the GPU")
     spec = gk.GhostSpec(16, 16)
     n, h, w = 1040, 360, 360
-    params = GhostParams(spec, DEVICE)
+    params = RandomGhost(spec, DEVICE)
     x = torch.randn(n, 16, h, w, device=DEVICE, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-    out = cuda_forward.ghost_forward_cuda(x, params.fold(torch.float16), spec)
+    out = cuda_backend.forward_folded(x, params.fold(torch.float16), spec)
     assert out.numel() > 2**31
     for i in (0, n // 2, n - 1):
         eager, ref = eager_and_ref(params, x[i:i + 1])
         assert_close_to_reference(out[i:i + 1], eager, ref, torch.float16, f"image {i}")
-
-
-_ = REDUCED  # the CPU sizes of the Triton tests do not apply: the CUDA sweep only runs on a GPU
 
 
 def _run_python(code: str) -> str:
@@ -184,7 +191,7 @@ def test_mismatched_extension_warns_once_and_reports():
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    import ghost_kernels as gk\n"
-        "    import ghost_kernels.cuda_forward\n"
+        "    import ghost_kernels.cuda_backend\n"
         "print('WARNINGS', sum('rebuild it' in str(x.message) for x in w))\n"
         "print('REASON', gk.available_backends()['cuda'])\n")
     assert "WARNINGS 1" in out and "REASON ghost_kernels._C was built against torch 1.0.0" in out

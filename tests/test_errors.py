@@ -1,11 +1,13 @@
 """Bad input gets a clear exception naming the argument and what was expected."""
+import re
+
 import pytest
 import torch
-from helpers import DEVICE, GhostParams, randomize, rel_err
+from helpers import DEVICE, FAMILIES, RandomGhost, randomize, rel_err
 from torch import nn
 
 import ghost_kernels as gk
-from ghost_kernels.triton_forward import ghost_forward_triton
+from ghost_kernels import dispatch
 
 
 @pytest.fixture
@@ -32,14 +34,16 @@ def test_bad_inputs_raise_clear_errors(mod, backend):
 
 
 def test_unknown_backend_names():
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'torch', 'triton', 'cuda'\), got 'cudnn'"):
+    names = ", ".join(repr(n) for n in gk.BACKEND_CHOICES)
+    assert "'auto', 'torch', 'triton'" in names and "'cuda'" in names
+    with pytest.raises(ValueError, match=re.escape(f"backend must be one of ({names}), got 'cudnn'")):
         gk.GhostModule(8, 12, backend="cudnn")
     with pytest.raises(ValueError, match="backend must be one of"):
         gk.convert(nn.Sequential(gk.GhostModule(8, 12)), backend="tritonn")
     spec = gk.GhostSpec(8, 12)
-    p = GhostParams(spec, DEVICE)
+    p = RandomGhost(spec, DEVICE)
     with pytest.raises(ValueError, match="backend must be one of"):
-        gk.ghost_module(torch.randn(1, 8, 4, 4, device=DEVICE), p.w1, p.bn1, p.wd, p.bn2, spec, backend="fast")
+        gk.ghost_forward(torch.randn(1, 8, 4, 4, device=DEVICE), p.params, backend="fast")
 
 
 @pytest.mark.parametrize("ctor,expected", [
@@ -89,9 +93,67 @@ def test_invalid_module_options(kwargs, match):
         gk.GhostModule(8, 12, **kwargs)
 
 
-def test_launcher_rejects_wrong_out():
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_launcher_rejects_wrong_out(fam):
     spec = gk.GhostSpec(8, 12)
-    p = GhostParams(spec, DEVICE)
+    p = RandomGhost(spec, DEVICE)
     x = torch.randn(1, 8, 5, 5, device=DEVICE)
     with pytest.raises(ValueError, match=r"out must be a torch.float32 tensor of shape \(1, 12, 5, 5\)"):
-        ghost_forward_triton(x, p.fold(torch.float32), spec, out=torch.empty(1, 12, 5, 4, device=DEVICE))
+        dispatch.BY_NAME[fam].launcher(x, p.params, torch.float32, out=torch.empty(1, 12, 5, 4, device=DEVICE))
+
+
+# ---- issue 9, bug 2: every parameter validated against the spec, on every backend -----------------
+
+ALL_BACKENDS = ["auto", "torch", "triton", "torch_folded"] + FAMILIES
+
+
+def _swap(mod, path, new):
+    seq, idx = path
+    getattr(mod, seq)[idx] = new.to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("case,match", [
+    ("bn1_size", r"bn1 \(primary BatchNorm\)\.weight must have shape \(6,\) for this GhostSpec, got \(4,\)"),
+    ("bn2_size", r"bn2 \(cheap BatchNorm\)\.weight must have shape \(6,\) for this GhostSpec, got \(9,\)"),
+    ("bn_dtype_device", r"bn1 \(primary BatchNorm\)\.running_mean is on meta but w1"),
+])
+def test_module_parameters_validated_on_every_backend(backend, case, match):
+    """A BatchNorm of the wrong size (silent out-of-bounds reads on triton before) or on another
+    device is a clear error naming the tensor, whatever the backend, in eval and train mode."""
+    for train in (False, True):
+        mod = randomize(gk.GhostModule(8, 12, backend=backend)).to(DEVICE).train(train)
+        if case == "bn1_size":
+            _swap(mod, ("primary_conv", 1), randomize(nn.BatchNorm2d(4)))
+        elif case == "bn2_size":
+            _swap(mod, ("cheap_operation", 1), randomize(nn.BatchNorm2d(9)))
+        else:
+            mod.primary_conv[1].running_mean = torch.empty(6, device="meta")
+        with torch.no_grad(), pytest.raises(ValueError, match=match):
+            mod(torch.randn(2, 8, 5, 5, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_functional_api_validates_every_tensor(backend):
+    """The functional API checks both conv weights' shapes (a 3x3 primary weight with kernel_size=1
+    returned a wrong shape on torch and an opaque error on triton), the BNs' sizes and dtypes."""
+    spec = gk.GhostSpec(8, 12)
+    p = RandomGhost(spec, DEVICE)
+    x = torch.randn(1, 8, 5, 5, device=DEVICE)
+    bad = [
+        (p.params._replace(w1=torch.randn(6, 8, 3, 3, device=DEVICE)),
+         r"w1 \(primary conv weight\) must have shape \(6, 8, 1, 1\) for this GhostSpec, got \(6, 8, 3, 3\)"),
+        (p.params._replace(wd=torch.randn(6, 1, 5, 5, device=DEVICE)),
+         r"wd \(cheap conv weight\) must have shape \(6, 1, 3, 3\)"),
+        (p.params._replace(bn2=p.bn2._replace(running_var=torch.ones(5, device=DEVICE))),
+         r"bn2 \(cheap BatchNorm\)\.running_var must have shape \(6,\)"),
+        (p.params._replace(bn1=p.bn1._replace(bias=torch.ones(6, device=DEVICE, dtype=torch.int64))),
+         r"bn1 \(primary BatchNorm\)\.bias must be a floating-point tensor"),
+    ]
+    for params, match in bad:
+        with torch.no_grad(), pytest.raises((ValueError, TypeError), match=match):
+            gk.ghost_forward(x, params, backend=backend)
+    with pytest.raises(TypeError, match=r"wd \(cheap conv weight\) has dtype torch.float64 but w1"):
+        gk.ghost_forward(x, p.params._replace(wd=p.wd.double()), backend=backend)
+    with pytest.raises(TypeError, match="params must be a ghost_kernels.GhostParams"):
+        gk.ghost_forward(x, (p.w1, p.bn1), backend=backend)

@@ -1,11 +1,14 @@
 """Drop-in use: constructors, state_dict compatibility, convert(), the fold cache, backend choice."""
 import copy
+import logging
+import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
-from helpers import DEVICE, OfficialStyleGhost, randomize, rel_err
+from helpers import DEVICE, OfficialGhost, randomize, rel_err
 from torch import nn
 
 import ghost_kernels as gk
@@ -38,7 +41,7 @@ def test_timm_constructor_keywords_and_positional_act_layer():
 
 @pytest.mark.parametrize("args,kwargs", CONFIGS)
 def test_official_state_dict_loads_strictly_both_ways(args, kwargs):
-    official = randomize(OfficialStyleGhost(*args, **kwargs))
+    official = randomize(OfficialGhost(*args, **kwargs))
     ours = gk.GhostModule(*args, **kwargs)
     assert list(ours.state_dict()) == list(official.state_dict())
     ours.load_state_dict(official.state_dict(), strict=True)
@@ -98,9 +101,9 @@ def test_convert_timm_ghostnet_100_triton_backend():
 
 
 def test_convert_filter_fn_and_official_model():
-    model = nn.Sequential(OfficialStyleGhost(8, 16), nn.Sequential(OfficialStyleGhost(16, 8, relu=False)))
+    model = nn.Sequential(OfficialGhost(8, 16), nn.Sequential(OfficialGhost(16, 8, relu=False)))
     gk.convert(model, filter_fn=lambda name, mod: name != "0")
-    assert type(model[0]) is OfficialStyleGhost and isinstance(model[1][0], gk.GhostModule)
+    assert type(model[0]) is OfficialGhost and isinstance(model[1][0], gk.GhostModule)
     assert gk.convert(model, backend="torch") is model
     assert isinstance(model[0], gk.GhostModule) and model[1][0].backend == "torch"
 
@@ -109,58 +112,71 @@ def test_convert_leaves_lookalikes_alone():
     v2 = TimmGhostV2(8, 16)  # attention variant: different forward
     assert gk.convert(nn.Sequential(v2))[0] is v2
 
-    class GhostModule(OfficialStyleGhost):  # same name, extra part
+    class GhostModule(OfficialGhost):  # same name, extra part
         def __init__(self):
             super().__init__(8, 16)
             self.extra = nn.Conv2d(16, 16, 1)
 
     odd = GhostModule()
     assert not gk.is_ghost_module(odd) and gk.convert(nn.Sequential(odd))[0] is odd
-    converted = gk.convert(OfficialStyleGhost(8, 16))  # a Ghost module as the root is returned converted
+    converted = gk.convert(OfficialGhost(8, 16))  # a Ghost module as the root is returned converted
     assert isinstance(converted, gk.GhostModule)
 
 
-def count_folds(monkeypatch):
-    calls = []
-    real = gk.module.fold_ghost
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gk.module, "fold_ghost", counting)
-    return calls
+EDITS = ["data_fill", "ema_data_copy", "no_grad_in_place", "optimizer_step", "load_state_dict", "to_dtype",
+         "foreach"]
 
 
-def test_fold_cache_refreshes_when_parameters_or_buffers_change(monkeypatch):
-    folds = count_folds(monkeypatch)
-    mod = randomize(gk.GhostModule(8, 12, backend="triton")).to(DEVICE).eval()
+def apply_edit(mod, edit):
+    """One way training codebases change a module's weights or buffers in place."""
+    if edit == "data_fill":  # through .data: no version-counter bump
+        mod.cheap_operation[1].running_var.data.fill_(4.0)
+        mod.primary_conv[1].running_mean.data.add_(0.5)
+    elif edit == "ema_data_copy":  # timm's ModelEmaV2 style
+        for p in mod.parameters():
+            p.data.copy_(0.5 * p.data + 0.5 * torch.randn_like(p))
+    elif edit == "no_grad_in_place":
+        with torch.no_grad():
+            mod.primary_conv[0].weight.mul_(-1.5)
+            mod.cheap_operation[1].running_var.mul_(3.0)
+    elif edit == "optimizer_step":
+        opt = torch.optim.SGD(mod.parameters(), lr=0.5)
+        for p in mod.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    elif edit == "load_state_dict":
+        mod.load_state_dict(randomize(gk.GhostModule(8, 12)).state_dict())
+    elif edit == "to_dtype":
+        mod.to(torch.float64).to(torch.float32)
+        with torch.no_grad():
+            mod.primary_conv[1].weight.add_(1.0)
+    elif edit == "foreach":
+        with torch.no_grad():
+            torch._foreach_mul_(list(mod.parameters()), 0.7)
+            torch._foreach_add_([mod.primary_conv[1].running_mean, mod.cheap_operation[1].running_mean], 0.3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton_halo", "torch_folded", "cuda", "auto"])
+@pytest.mark.parametrize("edit", EDITS)
+def test_fresh_results_after_every_in_place_edit(backend, edit):
+    """No cached copy of the weights can go stale: after any in-place edit the next forward is the
+    module's current function (issue 9: `.data` edits used to leave a stale BN fold behind)."""
+    if backend == "cuda" and gk.available_backends()["cuda"]:
+        pytest.skip(f"cuda backend: {gk.available_backends()['cuda']}")
+    mod = randomize(gk.GhostModule(8, 12, backend=backend)).to(DEVICE).eval()
     x = torch.randn(2, 8, 7, 9, device=DEVICE)
 
-    def check(what, dtype=torch.float32):
+    def check(what):
         with torch.no_grad():
-            out = mod(x.to(dtype))
+            out = mod(x)
             ref = gk.GhostModule(8, 12, backend="torch").to(DEVICE).double().eval()
             ref.load_state_dict(mod.state_dict())
-            err = rel_err(out, ref(x.double()))
-        assert err < (1e-5 if dtype == torch.float32 else 1e-2), what  # bf16 rounding: ~4e-3
+            assert rel_err(out, ref(x.double())) < 1e-5, what
 
     check("first call")
     check("second call")
-    assert len(folds) == 1, "unchanged parameters must reuse the cached fold"
-    mod.load_state_dict(randomize(gk.GhostModule(8, 12)).state_dict())
-    check("after load_state_dict")
-    opt = torch.optim.SGD(mod.parameters(), lr=0.5)
-    for p in mod.parameters():
-        p.grad = torch.randn_like(p)
-    opt.step()
-    check("after an optimizer step")
-    with torch.no_grad():
-        mod.cheap_operation[1].running_var.mul_(3.0)
-    check("after a running_var update")
-    mod.to(torch.bfloat16)
-    check("after .to(bfloat16)", torch.bfloat16)
-    assert len(folds) == 5
+    apply_edit(mod, edit)
+    check(f"after {edit}")
 
 
 def test_backend_choice_and_reasons():
@@ -185,7 +201,8 @@ def test_backend_choice_and_reasons():
     with torch.no_grad():
         assert "runs 'triton'" in mod_t.explain(x)
         mod_t(x)
-        expected = "runs 'triton'" if DEVICE == "cuda" else "CUDA tensors only"
+        # auto: torch_folded where no GPU measurement says a fused family is faster (choice.py)
+        expected = "runs 'torch_folded'" if DEVICE == "cuda" else "CUDA tensors only"
         assert expected in mod.eval().explain(x)
 
 
@@ -193,22 +210,29 @@ def test_functional_api_matches_reference():
     spec = gk.GhostSpec(8, 13, ratio=3, stride=2)
     mod = randomize(gk.GhostModule(8, 13, ratio=3, stride=2)).to(DEVICE).eval()
     x = torch.randn(2, 8, 9, 9, device=DEVICE)
-    bn1 = gk.BatchNormState.from_module(mod.primary_conv[1])
-    bn2 = gk.BatchNormState.from_module(mod.cheap_operation[1])
-    args = (x, mod.primary_conv[0].weight, bn1, mod.cheap_operation[0].weight, bn2, spec)
+    params = gk.GhostParams.from_module(mod)
+    assert params.spec == spec
     with torch.no_grad():
-        fused = gk.ghost_module(*args, backend="triton")
-        eager = gk.ghost_module(*args, backend="torch")
+        fused = gk.ghost_forward(x, params, backend="triton")
+        eager = gk.ghost_forward(x, params, backend="torch")
         mod.double()
-        ref = gk.ghost_module(x.double(), mod.primary_conv[0].weight, gk.BatchNormState.from_module(mod.primary_conv[1]),
-                              mod.cheap_operation[0].weight, gk.BatchNormState.from_module(mod.cheap_operation[1]), spec)
+        ref = gk.ghost_forward(x.double(), gk.GhostParams.from_module(mod))
+        with pytest.warns(DeprecationWarning):  # the 0.1 calling convention still works
+            legacy = gk.ghost_module(x.double(), mod.primary_conv[0].weight,
+                                     gk.BatchNormState.from_module(mod.primary_conv[1]),
+                                     mod.cheap_operation[0].weight,
+                                     gk.BatchNormState.from_module(mod.cheap_operation[1]), spec)
     assert rel_err(fused, ref) <= 2 * rel_err(eager, ref) + 1e-6
+    assert torch.equal(legacy, ref)
 
 
 def test_available_backends_and_info_command():
     backends = gk.available_backends()
-    assert set(backends) == {"torch", "triton", "cuda"} and backends["torch"] is None
-    assert backends["triton"] is None  # CUDA here, or TRITON_INTERPRET=1 (set by conftest) on a CPU
+    assert list(backends) == list(gk.BACKEND_CHOICES[1:]) and backends["torch"] is None
+    assert {"torch", "triton", "torch_folded", "triton_halo", "cuda"} <= set(backends)
+    for name in backends:  # CUDA here, or TRITON_INTERPRET=1 (set by conftest) on a CPU
+        if name.startswith("triton") or name.startswith("torch"):
+            assert backends[name] is None, (name, backends[name])
     res = subprocess.run([sys.executable, "-m", "ghost_kernels.info"], capture_output=True, text=True, check=True)
     assert "backends:" in res.stdout and "triton" in res.stdout
 
@@ -224,9 +248,9 @@ def test_torch_backend_runs_the_submodules_themselves():
     x = torch.randn(2, 8, 5, 5, device=DEVICE)
     model.to(DEVICE).eval()
     with torch.no_grad():
-        ref = gk.ghost_reference(x.double(), ghost.primary_conv[0].weight.double(),
-                                 *[_double_bn(ghost.primary_conv[1]), ghost.cheap_operation[0].weight.double(),
-                                   _double_bn(ghost.cheap_operation[1])], ghost.spec)
+        ref = gk.ghost_reference(x.double(), gk.GhostParams(
+            ghost.primary_conv[0].weight.double(), _double_bn(ghost.primary_conv[1]),
+            ghost.cheap_operation[0].weight.double(), _double_bn(ghost.cheap_operation[1]), ghost.spec))
         ghost.backend = "torch"
         assert rel_err(model(x), ref) < 1e-5 and calls == [(2, 6, 5, 5)]
         ghost.backend = "triton"  # eval: SyncBatchNorm normalizes like BatchNorm2d, so the fold applies
@@ -255,3 +279,101 @@ def test_fused_forward_under_autocast(backend):
         ref = mod.double()(x.double())
     assert out.dtype == eager.dtype == amp and out.is_contiguous(memory_format=torch.channels_last)
     assert rel_err(out, ref) <= 2 * rel_err(eager, ref) + 2e-3
+
+
+# ---- issue 9: convert() says what it did; structural matching; TorchScript ----------------------
+
+class OfficialGhostV2(nn.Module):
+    """GhostNetV2's official GhostModuleV2 in its "original" mode (V1's math, an unused gate)."""
+
+    def __init__(self, inp, oup, mode="original"):
+        super().__init__()
+        self.mode = mode
+        self.gate_fn = nn.Sigmoid()
+        self.oup = oup
+        m = math.ceil(oup / 2)
+        self.primary_conv = nn.Sequential(nn.Conv2d(inp, m, 1, 1, 0, bias=False), nn.BatchNorm2d(m), nn.ReLU(inplace=True))
+        self.cheap_operation = nn.Sequential(nn.Conv2d(m, m, 3, 1, 1, groups=m, bias=False), nn.BatchNorm2d(m),
+                                             nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        x1 = self.primary_conv(x)
+        x2 = self.cheap_operation(x1)
+        return torch.cat([x1, x2], dim=1)[:, :self.oup]
+
+
+OfficialGhostV2.__name__ = "GhostModuleV2"
+
+
+def test_convert_reports_logs_and_warns(caplog):
+    """ghostnetv2_100: its 18 V1 modules convert, its 14 GhostModuleV2 (attention) are reported by
+    kind and count, in the log (INFO), in a warning, and in the report's lists of names."""
+    model = timm.create_model("ghostnetv2_100", pretrained=False)
+    with caplog.at_level(logging.INFO, logger="ghost_kernels"), pytest.warns(UserWarning) as warned:
+        out, report = gk.convert(model, return_report=True)
+    assert out is model and len(report.converted) == 18 and len(report.skipped) == 14
+    assert sum(isinstance(m, gk.GhostModule) for m in model.modules()) == 18
+    assert all(isinstance(model.get_submodule(n), gk.GhostModule) for n in report.converted)
+    assert all(type(model.get_submodule(n)).__name__ == "GhostModuleV2" for n in report.skipped)
+    msg = str(warned[0].message)
+    assert "converted 18" in msg and "14 x GhostModuleV2" in msg and "attention" in msg
+    assert any("converted 18 Ghost modules" in r.getMessage() for r in caplog.records)
+
+
+def test_convert_reports_ghostnetv3():
+    model = timm.create_model("ghostnetv3_100", pretrained=False)
+    with pytest.warns(UserWarning, match="32 x GhostModuleV3"):
+        _, report = gk.convert(model, return_report=True)
+    assert not report.converted and len(report.skipped) == 32
+
+
+def test_convert_matches_by_structure(caplog):
+    """A subclass of timm's GhostModule, a class named differently, and GhostModuleV2 in "original"
+    mode convert (same function); V2 in "attn" mode is reported. No warning when all convert."""
+    class MyGhost(TimmGhost):
+        pass
+
+    class RenamedGhost(OfficialGhost):
+        pass
+
+    model = nn.Sequential(randomize(MyGhost(8, 16)), randomize(RenamedGhost(16, 8)), randomize(OfficialGhostV2(8, 12)))
+    model.eval()
+    x = torch.randn(2, 8, 6, 6, device=DEVICE)
+    model.to(DEVICE)
+    with torch.no_grad():
+        want = [model[0](x), model[1](model[0](x)), model[2](model[1](model[0](x)))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # everything converts: no warning
+        with caplog.at_level(logging.INFO, logger="ghost_kernels"):
+            _, report = gk.convert(model, backend="torch", return_report=True)
+    assert report.converted == ["0", "1", "2"] and not report.skipped
+    assert all(isinstance(m, gk.GhostModule) for m in model)
+    assert "converted 3 Ghost modules" in caplog.text
+    with torch.no_grad():
+        got = [model[0](x), model[1](model[0](x)), model[2](model[1](model[0](x)))]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    attn = OfficialGhostV2(8, 12, mode="attn")
+    with pytest.warns(UserWarning, match=r"GhostModuleV2: GhostNetV2 attention \(DFC\) branch \(mode='attn'\)"):
+        assert gk.convert(nn.Sequential(attn))[0] is attn
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_torchscript_script_and_trace_run_the_pytorch_path(mode):
+    """torch.jit.script / trace of a converted model used to fail with opaque errors; now they work
+    (the Ghost modules' PyTorch path, with a warning saying so) and compute the model's function."""
+    import ghost_kernels.module as gm
+    model = randomize(nn.Sequential(OfficialGhost(8, 12), OfficialGhost(12, 8, relu=False))).to(DEVICE)
+    gk.convert(model, backend="triton")
+    getattr(model, mode)()
+    x = torch.randn(2, 8, 6, 5, device=DEVICE)
+    twin = copy.deepcopy(model)
+    gm._TORCHSCRIPT_WARNED = False
+    with pytest.warns(UserWarning, match="TorchScript .* runs the Ghost modules' PyTorch path"):
+        scripted = torch.jit.script(model)
+    traced = torch.jit.trace(copy.deepcopy(model), x, check_trace=False)
+    for ts in (scripted, traced):
+        ref = copy.deepcopy(twin)
+        ref[0].backend = ref[1].backend = "torch"
+        with torch.no_grad():
+            torch.testing.assert_close(ts(x), ref(x), rtol=1e-5, atol=1e-6)

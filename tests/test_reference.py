@@ -3,11 +3,13 @@ import copy
 
 import pytest
 import torch
-from helpers import DEVICE, GhostParams, OfficialStyleGhost, randomize, rel_err
+from helpers import DEVICE, OfficialGhost, RandomGhost, randomize, rel_err
 from torch import nn
 
 import ghost_kernels as gk
-from ghost_kernels.reference import BatchNormState, batch_norm, fold_batch_norm
+from ghost_kernels.fold import fold_batch_norm
+from ghost_kernels.params import BatchNormState
+from ghost_kernels.reference import batch_norm
 
 
 def functional(module, x, training):
@@ -16,9 +18,7 @@ def functional(module, x, training):
                         module.cheap_operation[0].out_channels // module.primary_conv[0].out_channels + 1,
                         module.cheap_operation[0].kernel_size[0], module.primary_conv[0].stride[0],
                         "relu" if isinstance(module.primary_conv[2], nn.ReLU) else "none")
-    return gk.ghost_reference(x, module.primary_conv[0].weight, BatchNormState.from_module(module.primary_conv[1]),
-                              module.cheap_operation[0].weight,
-                              BatchNormState.from_module(module.cheap_operation[1]), spec, training=training)
+    return gk.ghost_reference(x, gk.GhostParams.from_module(module, spec), training=training)
 
 
 BN_OPTIONS = [dict(), dict(momentum=None), dict(momentum=0.3), dict(track_running_stats=False), dict(affine=False)]
@@ -28,7 +28,7 @@ BN_OPTIONS = [dict(), dict(momentum=None), dict(momentum=0.3), dict(track_runnin
 @pytest.mark.parametrize("cfg", [(8, 12, 1, 2, 3, 1, True), (6, 11, 3, 3, 5, 2, False), (5, 9, 1, 4, 1, 2, True)])
 def test_reference_equals_module_train_and_eval(bn_kwargs, cfg):
     """Same outputs and same BN buffer updates (momentum, cumulative average, no stats, no affine)."""
-    module = randomize(OfficialStyleGhost(*cfg, bn_kwargs=bn_kwargs)).to(DEVICE).double()
+    module = randomize(OfficialGhost(*cfg, bn_kwargs=bn_kwargs)).to(DEVICE).double()
     twin = copy.deepcopy(module)
     for step in range(3):
         x = torch.randn(3, cfg[0], 7, 10, device=DEVICE, dtype=torch.float64)
@@ -43,7 +43,7 @@ def test_reference_equals_module_train_and_eval(bn_kwargs, cfg):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_reference_dtypes(dtype):
-    module = randomize(OfficialStyleGhost(8, 13, ratio=3)).to(DEVICE).eval()
+    module = randomize(OfficialGhost(8, 13, ratio=3)).to(DEVICE).eval()
     x = torch.randn(2, 8, 6, 7, device=DEVICE)
     ref = functional(copy.deepcopy(module).double(), x.double(), False)
     out = functional(module.to(dtype), x.to(dtype), False)
@@ -63,7 +63,7 @@ def test_fold_batch_norm_matches_eval_batch_norm():
 def test_folded_parameters_reproduce_the_module():
     """fold_ghost's parameters, applied with plain PyTorch, give the reference output (float64)."""
     spec = gk.GhostSpec(6, 11, ratio=3, dw_size=5, stride=2, act="relu")
-    p = GhostParams(spec, DEVICE, torch.float64)
+    p = RandomGhost(spec, DEVICE, torch.float64)
     f = p.fold(torch.float64)
     x = torch.randn(2, 6, 9, 8, device=DEVICE, dtype=torch.float64)
     y1 = torch.relu(torch.nn.functional.conv2d(x, f.w1[:, :, None, None], stride=2) * f.scale1[:, None, None]

@@ -10,12 +10,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, ERR_FLOOR, rel_err, small_ghost_net
-from test_triton_forward import DTYPES, LAYOUTS, SWEEP, nan_filled_allocations
+from helpers import DEVICE, DTYPES, ERR_FLOOR, LAYOUTS, SWEEP, nan_filled_allocations, rel_err, small_ghost_net
 
 import ghost_kernels as gk
 from ghost_kernels.layout import output_memory_format
-from ghost_kernels.reference import BatchNormState
+from ghost_kernels.params import BatchNormState
 
 # Gradients sum over the batch: the floor is looser than for outputs.
 GRAD_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-10}
@@ -52,11 +51,11 @@ class Leaves:
 
 def forward_backward(leaves: Leaves, dtype, training, backend, grad64, act=None):
     ts, bn1, bn2 = leaves.make(dtype)
-    args = (ts[0], ts[1], bn1, ts[4], bn2, leaves.spec)
+    params = gk.GhostParams(ts[1], bn1, ts[4], bn2, leaves.spec)
     if backend == "reference":
-        out = gk.ghost_reference(*args, training=training, act=act)
+        out = gk.ghost_reference(ts[0], params, training=training, act=act)
     else:
-        out = gk.ghost_module(*args, training=training, backend=backend)
+        out = gk.ghost_forward(ts[0], params, training=training, backend=backend)
     out.backward(grad64.to(out.dtype))
     grads = [t.grad for t in ts]
     if not leaves.affine:
@@ -351,6 +350,32 @@ def test_gradcheck_reference_in_float64(spec, layout, training):
                              not training)
         bn2 = BatchNormState(g2, b2, None if training else stats[1], None if training else var[1], None, 0.1, 1e-5,
                              not training)
-        return gk.ghost_reference(x, w1, bn1, wd, bn2, spec, training=training)
+        return gk.ghost_reference(x, gk.GhostParams(w1, bn1, wd, bn2, spec), training=training)
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_empty_batch_in_train_mode_matches_eager(backend, requires_grad):
+    """An empty batch in train mode returns what eager returns (an empty tensor) and leaves the
+    buffers as eager does (num_batches_tracked counts the call, running statistics unchanged); the
+    triton backend used to refuse it."""
+    from timm.models.ghostnet import GhostModule as TimmGhost
+
+    eager = TimmGhost(8, 12).to(DEVICE).train()
+    ours = gk.GhostModule(8, 12, backend=backend).to(DEVICE).train()
+    with torch.no_grad():
+        for t in list(eager.parameters()) + [b for b in eager.buffers() if b.is_floating_point()]:
+            t.uniform_(0.5, 1.5)
+    ours.load_state_dict(eager.state_dict())
+    x = torch.randn(0, 8, 5, 5, device=DEVICE, requires_grad=requires_grad)
+    want, got = eager(x), ours(x)
+    assert got.shape == want.shape == (0, 12, 5, 5) and got.dtype == want.dtype
+    if requires_grad:
+        got.sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+        assert all(p.grad is None or not p.grad.any() for p in ours.parameters())
+    for (name, a), (_, b) in zip(eager.named_buffers(), ours.named_buffers()):
+        assert torch.equal(a, b), name
+    assert int(ours.primary_conv[1].num_batches_tracked) == 1

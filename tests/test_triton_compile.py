@@ -19,7 +19,8 @@ triton = pytest.importorskip("triton")
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import ghost_kernels as gk  # noqa: E402
-from ghost_kernels import triton_forward  # noqa: E402
+from ghost_kernels import triton_common, triton_halo, triton_train  # noqa: E402
+from ghost_kernels.train_backward import backward_config  # noqa: E402
 
 try:
     from triton.backends.compiler import GPUTarget
@@ -84,17 +85,16 @@ TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 
 
 def compile_for_sm90(dtype: str, spec: gk.GhostSpec, ho: int, wo: int, kind: str = "fwd"):
-    from ghost_kernels import triton_train
-    cfg = triton_forward.pick_config(spec, ho, wo, TORCH_DTYPE[dtype])
+    cfg = triton_common.pick_config(spec, ho, wo, TORCH_DTYPE[dtype])
     base = dict(STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size, RELU=spec.act == "relu",
                 HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
                 IEEE=dtype == "fp32", DOT_F32=False)
     if kind in ("fwd", "fwd_stats"):
         consts = dict(base, RELU2=kind == "fwd" and spec.act == "relu", STATS=kind == "fwd_stats")
-        return _compile(triton_forward._ghost_fwd_kernel, dtype, consts, ("x_ptr", "out_ptr", "w1_ptr", "scratch_ptr"),
+        return _compile(triton_halo._ghost_fwd_kernel, dtype, consts, ("x_ptr", "out_ptr", "w1_ptr", "scratch_ptr"),
                         cfg.num_warps)
     if kind in ("bwd1", "bwd2"):
-        cfg = triton_train.backward_config(spec, ho, wo, TORCH_DTYPE[dtype])
+        cfg = backward_config(spec, ho, wo, TORCH_DTYPE[dtype])
         consts = dict(base, PHASE=int(kind[-1]), BATCH2=True, HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W)
         return _compile(triton_train._ghost_bwd_kernel, dtype, consts, ("x_ptr", "g_ptr", "w1_ptr", "y1s_ptr"),
                         cfg.num_warps)

@@ -94,9 +94,10 @@ def main(argv=None) -> int:
         return subprocess.call([sys.executable, "-m", "ghost_kernels.bench"] + (sys.argv[1:] if argv is None else argv))
 
     from .. import available_backends
-    from ..triton_forward import triton
+    from ..triton_common import triton
     from . import report
-    from .harness import DTYPES, FUSED, IMPLS, LAYOUTS, OPS, bench_shape, copy_bandwidth
+    from .harness import (BACKEND_IMPLS, DTYPES, IMPLS, LAYOUTS, OPS, Calibration, bench_shape,
+                          copy_bandwidth)
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
@@ -114,10 +115,13 @@ def main(argv=None) -> int:
     for o in ops:
         if o not in OPS:
             raise SystemExit(f"--ops: expected some of {list(OPS)}, got {o!r}")
-    fused = [b for b, why in available_backends().items() if b != "torch" and why is None]
+    runnable = [b for b, why in available_backends().items() if b != "torch" and why is None]
     if gpu:
         impls = [i.strip() for i in args.impls.split(",")] if args.impls else \
-            [i for i in IMPLS if i not in FUSED or i in fused]
+            [i for i in IMPLS if i not in BACKEND_IMPLS or i == "auto" or i in runnable]
+        for i in impls:
+            if i not in IMPLS:
+                raise SystemExit(f"--impls: expected some of {list(IMPLS)}, got {i!r}")
     else:
         print("No CUDA GPU here: timing the PyTorch reference path on the CPU and checking the Triton kernel "
               "under the interpreter. GPU numbers need a CUDA GPU (see benchmarks/gpu_suite.sh).", flush=True)
@@ -129,6 +133,7 @@ def main(argv=None) -> int:
     shapes = select_shapes("quick" if not gpu and args.shapes == "all" else args.shapes, args.quick)
 
     t_start = time.perf_counter()
+    calibration = Calibration(device)
     copy_GBps = copy_bandwidth(device)
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20) if gpu else 32 << 20
     dev_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({platform.processor() or platform.machine()})"
@@ -149,18 +154,25 @@ def main(argv=None) -> int:
     for k, (op, shape, count, d, lay, job_impls) in enumerate(jobs, 1):
         print(f"\r[{k}/{len(jobs)}] {op} {shape.name} {shape.spec.inp}->{shape.spec.oup} @{shape.h} {d} {lay}"
               + " " * 10, end="", file=sys.stderr, flush=True)
-        rows += bench_shape(shape, count, batch, d, lay, job_impls, device, copy_GBps, l2, budget,
-                            rep_ms=50 if args.quick or not gpu else 100, op=OPS[op])
+        new = bench_shape(shape, count, batch, d, lay, job_impls, device, copy_GBps, l2, budget,
+                          rep_ms=50 if args.quick or not gpu else 100, op=OPS[op])
+        calibration.mark(new)
+        rows += new
     print(file=sys.stderr)
 
-    model_rows = []
-    if gpu and not args.no_model:
+    model_rows, model_note = [], None
+    if args.no_model:
+        model_note = "model level: not run (--no-model)"
+    elif not gpu:
+        model_note = "model level (GhostNet 1.0x images/s): needs a CUDA GPU, not run on the CPU"
+    else:
         from .model import bench_model
 
         progress = lambda s: print(f"\r{s}" + " " * 20, end="", file=sys.stderr, flush=True)  # noqa: E731
+        model_backends = [b for b in ("auto", "triton") if b == "auto" or b in runnable]
         for op in ops:  # inference, then training images/s
             model_rows += bench_model(device, args.model_batch or batch, DTYPES[dtypes[0]], LAYOUTS[layouts[0]],
-                                      fused, budget, progress=progress, train=op == "train")
+                                      model_backends, budget, progress=progress, train=op == "train")
         print(file=sys.stderr)
 
     interp_check = None
@@ -175,7 +187,8 @@ def main(argv=None) -> int:
         "driver": _driver() if gpu else None, "python": platform.python_version(),
         "copy_GBps": copy_GBps, "batch": batch, "quick": args.quick,
         "tests": report.parse_junit(args.junit), "interpreter_check": interp_check,
-        "wall_s": None,
+        "wall_s": None, "model_note": model_note, "busy": calibration.summary(),
+        "not_timed": {op: OPS[op].unsupported for op in ops if OPS[op].unsupported},
     }
     data = report.to_json(meta, rows, sums, model_rows)
     data["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -184,8 +197,14 @@ def main(argv=None) -> int:
         f.write(report.markdown(data))
     written = [] if args.no_plots else report.plots(data, args.out)
     print(text)
+    for op, why in meta["not_timed"].items():
+        print(f"not timed for {op}, by design: " + "; ".join(f"{i} ({w})" for i, w in why.items() if i in impls))
     if model_rows:
         print(report.model_table(model_rows))
+    if model_note:
+        print(model_note)
+    if meta["busy"]:
+        print(f"WARNING: {meta['busy']}")
     if interp_check:
         print(f"Triton kernel under the interpreter: {interp_check}")
         print("GPU numbers need a CUDA GPU: run benchmarks/gpu_suite.sh OUTDIR on one.")
@@ -198,14 +217,14 @@ def main(argv=None) -> int:
 
 
 def interpreter_check() -> str:
-    """Run the fused Triton kernel once under the interpreter against the float64 reference."""
+    """Run every Triton kernel family once under the interpreter against the float64 reference."""
     import torch
 
-    from ..fold import fold_ghost
-    from ..reference import BatchNormState, ghost_reference
+    from ..dispatch import TRITON_FAMILIES
+    from ..params import BatchNormState, GhostParams
+    from ..reference import ghost_reference
     from ..spec import GhostSpec
-    from ..triton_forward import ghost_forward_triton
-    from .harness import rel_err
+    from ..testing import rel_err
 
     spec = GhostSpec(16, 24, dw_size=3)
     g = torch.Generator().manual_seed(0)
@@ -215,15 +234,19 @@ def interpreter_check() -> str:
         return BatchNormState(torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g), torch.randn(c, generator=g),
                               torch.rand(c, generator=g) + 0.5, None, 0.1, 1e-5, True)
 
-    bn1, bn2 = bn(spec.m), bn(spec.new)
+    params = GhostParams(w1, bn(spec.m), wd, bn(spec.new), spec)
     x = torch.randn(2, 16, 12, 12, generator=g).contiguous(memory_format=torch.channels_last)
     d = lambda s: s._replace(**{k: getattr(s, k).double() for k in ("weight", "bias", "running_mean", "running_var")})  # noqa: E731,E501
-    ref = ghost_reference(x.double(), w1.double(), d(bn1), wd.double(), d(bn2), spec)
+    ref = ghost_reference(x.double(), GhostParams(w1.double(), d(params.bn1), wd.double(), d(params.bn2), spec))
+    results, worst = [], 0.0
     t0 = time.perf_counter()
-    out = ghost_forward_triton(x, fold_ghost(w1, bn1, wd, bn2, spec, torch.float32), spec)
-    err = rel_err(out, ref)
-    status = "ok" if err < 1e-5 else "WRONG"
-    return f"{status}: 2x16x12x12 -> 24 channels, rel err {err:.1e} vs float64 ({time.perf_counter() - t0:.1f} s)"
+    for fam in TRITON_FAMILIES:
+        err = rel_err(fam.launcher(x, params, torch.float32), ref)
+        worst = max(worst, err)
+        results.append(f"{fam.name} {err:.1e}")
+    status = "ok" if worst < 1e-5 else "WRONG"
+    return (f"{status}: 2x16x12x12 -> 24 channels, rel err vs float64: {', '.join(results)} "
+            f"({time.perf_counter() - t0:.1f} s)")
 
 
 if __name__ == "__main__":

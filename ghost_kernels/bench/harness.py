@@ -16,16 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..dispatch import BACKEND_CHOICES, BY_NAME
+from ..fold import folded_conv_weights
 from ..module import GhostModule
+from ..params import GhostParams
 from ..spec import GhostSpec, ModuleShape
+from ..testing import rel_err
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 # Relative-error gate per dtype (output vs float64 reference); the tests hold the kernels to a
 # tighter, eager-relative bound. This only keeps a broken implementation out of the tables.
 ERR_GATE = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}  # fp32: eager convs use TF32
-IMPLS = ("eager", "eager_folded", "compile", "compile_max_autotune", "triton", "cuda")
-FUSED = ("triton", "cuda")
+# eager PyTorch baselines, then every ghost_kernels backend by name ("auto": what convert() users get)
+BASELINES = ("eager", "eager_folded", "compile", "compile_max_autotune")
+BACKEND_IMPLS = ("auto",) + tuple(n for n in BACKEND_CHOICES if n not in ("auto", "torch"))
+IMPLS = BASELINES + BACKEND_IMPLS
 
 
 class Skip(Exception):
@@ -86,20 +92,15 @@ def eager_module(spec: GhostSpec) -> nn.Module:
 
 
 class FoldedEager(nn.Module):
-    """Eager PyTorch with BN folded into the convs (conv+bias, act, dw conv+bias, act, cat, slice)."""
+    """Eager PyTorch with BN folded into the convs once, ahead of time (conv+bias, act, dw conv+bias,
+    act, cat): what a user who folds BN for deployment runs. (``torch_folded`` is the same math with
+    the fold on every call.)"""
 
     def __init__(self, module: nn.Module, spec: GhostSpec):
         super().__init__()
         self.spec = spec
-        folds = []
-        for seq in (module.primary_conv, module.cheap_operation):
-            conv, bn = seq[0], seq[1]
-            scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
-            shift = bn.bias.float() - bn.running_mean.float() * scale
-            folds.append((conv.weight.float() * scale[:, None, None, None], shift))
-        dt = module.primary_conv[0].weight.dtype
-        self.w1, self.b1 = (t.to(dt) for t in folds[0])
-        self.wd, self.bd = (t.to(dt) for t in folds[1])
+        self.w1, self.b1, self.wd, self.bd = folded_conv_weights(GhostParams.from_module(module, spec),
+                                                                 module.primary_conv[0].weight.dtype)
         self.relu = spec.act == "relu"
 
     def forward(self, x: Tensor) -> Tensor:
@@ -118,7 +119,7 @@ def build_impl(impl: str, base: nn.Module, spec: GhostSpec, device: torch.device
         return base
     if impl == "eager_folded":
         return FoldedEager(base, spec)
-    if impl in FUSED:
+    if impl in BACKEND_IMPLS:
         return GhostModule.from_module(base, backend=impl)
     if impl in ("compile", "compile_max_autotune"):
         if device.type != "cuda":
@@ -134,11 +135,33 @@ def build_impl(impl: str, base: nn.Module, spec: GhostSpec, device: torch.device
     raise ValueError(f"unknown impl {impl!r}")
 
 
-def rel_err(out: Tensor, ref: Tensor) -> float:
-    out64, ref64 = out.detach().double(), ref.detach().double()
-    if not torch.isfinite(out64).all():
-        return float("inf")
-    return ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-300)).item()
+class Calibration:
+    """Notices a busy machine: a fixed small workload timed at the start and again after every shape;
+    when it runs more than ``factor`` x slower than at the start, the rows measured meanwhile are
+    flagged (the numbers say more about the other load than about the kernels)."""
+
+    def __init__(self, device: torch.device, factor: float = 3.0):
+        self.device, self.factor = device, factor
+        n = 512 if device.type == "cuda" else 128
+        self._a = torch.randn(n, n, device=device)
+        self.base_ms = self._time()
+        self.worst = 1.0
+
+    def _time(self) -> float:
+        return time_fn(lambda: self._a @ self._a, self.device, warmup_ms=5, rep_ms=20)[0]
+
+    def mark(self, rows: List["Row"]) -> None:
+        slow = self._time() / max(self.base_ms, 1e-9)
+        self.worst = max(self.worst, slow)
+        if slow > self.factor:
+            for r in rows:
+                r.note = (r.note + "; " if r.note else "") + f"machine busy ({slow:.0f}x slower calibration)"
+
+    def summary(self) -> Optional[str]:
+        if self.worst <= self.factor:
+            return None
+        return (f"the machine was busy during this run: a fixed calibration workload ran up to {self.worst:.0f}x "
+                f"slower than at the start; rows so marked are not representative")
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -236,16 +259,19 @@ def _train(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 OPS: Dict[str, Op] = {
     "forward": Op("forward", train=False, call=_forward, floor_bytes=module_bytes),
     "train": Op("train", train=True, call=_train, floor_bytes=train_bytes,
-                unsupported={"eager_folded": "BN folding is eval-mode only",
-                             "cuda": "the CUDA C++ backend has no train mode or backward (dispatch.py)",
-                             "compile_max_autotune": "not timed for train (compile time)"}),
+                unsupported=dict({"eager_folded": "BN folding is eval-mode only",
+                                  "compile_max_autotune": "not timed for train (compile time)"},
+                                 **{n: "an inference-only backend" for n in BACKEND_IMPLS
+                                    if n in BY_NAME and not BY_NAME[n].trains})),
 }
 
 
 def bench_shape(shape: ModuleShape, count: int, batch: int, dtype_name: str, layout_name: str,
                 impls: List[str], device: torch.device, copy_GBps: float, l2_bytes: int,
                 compile_budget: Dict[str, float], rep_ms: int = 100, op: Op = OPS["forward"]) -> List[Row]:
-    """Check, then time, every implementation of ``op`` on one module shape."""
+    """Check, then time, every implementation of ``op`` on one module shape (those that cannot run
+    ``op`` by design, ``op.unsupported``, get no row: the report lists them once)."""
+    impls = [i for i in impls if i not in op.unsupported]
     dtype, layout = DTYPES[dtype_name], LAYOUTS[layout_name]
     spec = shape.spec
     base = randomize_(eager_module(spec)).to(device=device).train(op.train)
@@ -260,8 +286,6 @@ def bench_shape(shape: ModuleShape, count: int, batch: int, dtype_name: str, lay
                   dtype_name, layout_name, count, nbytes)
         rows.append(row)
         try:
-            if impl in op.unsupported:
-                raise Skip(op.unsupported[impl])
             t0 = time.perf_counter()
             fn = build_impl(impl, base, spec, device, compile_budget)
             out = op.call(fn, xs[0])  # also compiles

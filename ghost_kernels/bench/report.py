@@ -117,8 +117,11 @@ def markdown(data: dict) -> str:
              f"Batch {data.get('batch')}; {'quick run; ' if data.get('quick') else ''}run time {data.get('wall_s')} s.", "",
              f"torch {data['torch']}, triton {data['triton']}, CUDA {data['cuda']}, driver {data.get('driver')}. "
              f"Device-to-device copy (read + write bytes): **{data['copy_GBps']:.0f} GB/s**. "
-             f"Tests: {data['tests']}.", "",
-             "## The network's Ghost modules (sum of all 32; train = forward + backward, train-mode BN)", "",
+             f"Tests: {tests_line(data.get('tests'))}.", "",
+             *([f"**Warning: {data['busy']}**", ""] if data.get("busy") else []),
+             "## The network's Ghost modules (count x time summed over the measured shapes; "
+             "train = forward + backward, train-mode BN)", "",
+             "GhostNet 1.0x has 32 Ghost modules (22 distinct shapes); `modules` says how many of them a row covers.", "",
              "| op | impl | dtype | layout | batch | modules | ms | GB/s | % of copy | x eager | x best compile |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in data["network"]:
@@ -137,6 +140,10 @@ def markdown(data: dict) -> str:
                      f"{_fmt(r['GBps'], '.0f')} | {_fmt(r['copy_fraction'] and 100 * r['copy_fraction'], '.0f')} | "
                      f"{_fmt(r.get('x_eager'), '.2f')} | {_fmt(r.get('peak_MiB'), '.0f')} | "
                      f"{'' if r['status'] == 'ok' else r['status'] + ': ' + r['note']} |")
+    for op, why in (data.get("not_timed") or {}).items():
+        lines += ["", f"Not timed for {op}, by design: " + "; ".join(f"{i} ({w})" for i, w in why.items()) + "."]
+    if data.get("model_note"):
+        lines += ["", data["model_note"] + "."]
     if data.get("model"):
         lines += ["", "## Model level: GhostNet 1.0x, 224², random weights, AMP (fp32 model under torch.autocast)", "",
                   "| op | impl | batch | dtype | layout | images/s | peak MiB | note |", "|---|---|---|---|---|---|---|---|"]
@@ -192,17 +199,24 @@ def plots(data: dict, out_dir: str) -> List[str]:
     return written
 
 
-def parse_junit(path: Optional[str]) -> dict:
-    """{'passed', 'failed', 'skipped'} from a pytest junit XML file (zeros if absent)."""
+def tests_line(tests: Optional[dict]) -> str:
+    if not tests:
+        return "not run in this job (the GPU suite runs pytest first and passes its counts with --junit)"
+    return ", ".join(f"{v} {k}" for k, v in tests.items())
+
+
+def parse_junit(path: Optional[str]) -> Optional[dict]:
+    """{'passed', 'failed', 'skipped'} from a pytest junit XML file; None if there is none (pytest did
+    not run, or wrote nothing)."""
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     if not path:
-        return counts
+        return None
     try:
         import xml.etree.ElementTree as ET
 
         root = ET.parse(path).getroot()
-    except (OSError, Exception):
-        return counts
+    except Exception:
+        return None
     for suite in root.iter("testsuite"):
         tests, fail = int(suite.get("tests", 0)), int(suite.get("failures", 0)) + int(suite.get("errors", 0))
         skip = int(suite.get("skipped", 0))

@@ -1,4 +1,6 @@
-"""Fused Ghost-module forward (eval mode) in Triton: one launch, x read once, output written once.
+"""``triton_halo``: the v1 single-pass Triton kernel (halo tiles, y1 through a per-program scratch slot).
+
+One launch, x read once, output written once. Also the forward of the training ops (STATS mode).
 
 Design note
 ===========
@@ -44,112 +46,24 @@ Indexing: image, channel and pixel offsets are 64-bit; within-tile indices are 3
 """
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Dict, NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .fold import FoldedGhost, is_compiling
+from . import triton_common as tc
+from .backend import Support
+from .batch_stats import Moments
+from .fold import FoldedGhost, fold_ghost
 from .layout import empty_output
+from .params import GhostParams
 from .spec import GhostSpec
-
-try:  # triton is optional: without it the backend reports why it cannot run.
-    import triton
-    import triton.language as tl
-
-    TRITON_IMPORT_ERROR = None
-except Exception as exc:  # pragma: no cover - exercised only where triton is missing
-    triton, tl = None, None
-    TRITON_IMPORT_ERROR = exc
-
-# What this kernel supports; dispatch.py turns these into reasons.
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SUPPORTED_STRIDES = (1, 2)
-SUPPORTED_RATIOS = (2, 3, 4)
-SUPPORTED_DW_SIZES = (1, 3, 5, 7)
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
-
-
-class TileConfig(NamedTuple):
-    HALO_H: int
-    HALO_W: int
-    BLOCK_M: int
-    BLOCK_K: int
-    num_warps: int
-
-
-def pick_config(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype = torch.bfloat16,
-                max_lanes: int = 256, pad: Optional[int] = None) -> TileConfig:
-    """Tile shape for an ``ho`` x ``wo`` output: the halo tile covers the image when it is small,
-    else 16 x 16 (``max_lanes`` = 256 pixels per program). A square halo tile wastes the fewest lanes
-    on the halo (14 x 14 useful of 16 x 16 for a 3x3 cheap op, 77 %, against 70 % for 32 x 8), and
-    GhostNet's resolutions (112, 56, 28, 14) are multiples of 14. ``pad``: halo width (default d // 2;
-    the backward kernel needs 2 * (d // 2))."""
-    pad = spec.dw_size // 2 if pad is None else pad
-    halo_w = min(max(_next_pow2(wo + 2 * pad), _next_pow2(2 * pad + 1)), 16)
-    halo_h = min(_next_pow2(ho + 2 * pad), max(max_lanes // halo_w, 1))
-    halo_h = max(halo_h, _next_pow2(2 * pad + 1), 16 // halo_w if halo_w < 16 else 1)  # tl.dot: N >= 16
-    # 16 channels x 256 lanes x 4 warps: ~100-130 registers (ptxas, sm_90), so 4-5 programs per SM
-    # stay resident; 32 channels or 512 lanes need ~250 and halve the warps in flight.
-    block_m = 16
-    block_k = 16 if spec.inp <= 16 or dtype == torch.float32 else 32  # fp32 (FMA dot): 16 avoids ~180 regs
-    return TileConfig(halo_h, halo_w, block_m, block_k, 4)
-
+from .triton_common import tl, triton
+from .triton_family import TritonFamily
 
 if triton is not None:
+    from .triton_common import bn_act_tile, pointwise_conv_tile, tile_coords
 
-    # Pieces shared with the training kernels (triton_train.py): the backward recomputes y1 with the
-    # very same code as the forward, so its activation masks match the forward's bit for bit.
-
-    @triton.jit
-    def tile_coords(tile, n_mblocks, n_tiles_w, n_tiles_h):
-        """(channel block, tile column, tile row, image) of a tile index; channel block fastest, so that
-        programs running together share the x tile through L2."""
-        mb = tile % n_mblocks
-        t = tile // n_mblocks
-        tw = t % n_tiles_w
-        t = t // n_tiles_w
-        th = t % n_tiles_h
-        return mb, tw, th, (t // n_tiles_h).to(tl.int64)
-
-    @triton.jit
-    def pointwise_conv_tile(x_ptr, w1_ptr, x_pix, pix_ok, c, c_ok, C_IN, sxc,
-                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                            IEEE: tl.constexpr, DOT_F32: tl.constexpr):
-        """z1[c, p] = sum_k w1[c, k] x[k, p] in fp32 for BLOCK_M channels and BLOCK_P pixels (64-bit pixel
-        offsets ``x_pix``; masked pixels give 0) with tl.dot, K-loop over the input channels."""
-        ck = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
-        for k0 in range(0, C_IN, BLOCK_K):
-            k = k0 + ck
-            k_ok = k < C_IN
-            xt = tl.load(x_ptr + k.to(tl.int64)[:, None] * sxc + x_pix[None, :],
-                         mask=k_ok[:, None] & pix_ok[None, :], other=0.0)
-            xt = xt.to(w1_ptr.dtype.element_ty)  # autocast: fp32 x, half weights (a no-op otherwise)
-            wt = tl.load(w1_ptr + c[:, None] * C_IN + k[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-            if DOT_F32:  # interpreter only: its bf16 tl.dot multiplies raw bits (triton#11584)
-                acc = tl.dot(wt.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-            elif IEEE:
-                acc = tl.dot(wt, xt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(wt, xt, acc)
-        return acc
-
-    @triton.jit
-    def bn_act_tile(z, scale_ptr, shift_ptr, c, c_ok, in_img, RELU: tl.constexpr):
-        """act(z * scale[c] + shift[c]) in fp32, zero outside the image (the depthwise conv zero-pads y1)."""
-        y = z * tl.load(scale_ptr + c, mask=c_ok, other=0.0)[:, None] + tl.load(shift_ptr + c, mask=c_ok, other=0.0)[:, None]
-        if RELU:
-            y = tl.where(y < 0.0, 0.0, y)    # not max(): NaN must propagate as in eager
-        return tl.where(in_img[None, :], y, 0.0)
-
-    # Sizes and counts are not specialized on (==1, %16): every new activation size would otherwise
-    # compile a new variant. The channel and column strides are, so that stride 1 is known statically.
     @triton.jit(do_not_specialize=["C_IN", "HO", "WO", "M", "OUP", "sxn", "sxh", "son", "soh",
                                    "n_tiles_h", "n_tiles_w", "n_mblocks", "total_tiles"])
     def _ghost_fwd_kernel(
@@ -232,41 +146,14 @@ if triton is not None:
                          y2.to(out_ptr.dtype.element_ty), mask=j_ok[:, None] & keep[None, :])
 
 
-INTERPRETER_PROGRAMS = 3  # few programs, so the interpreter also runs several tiles per program
-# Resident programs per SM for each compiled variant, learned from its first launch (which runs
-# one program per SM). A persistent grid larger than what fits would serialize whole programs.
-_RESIDENT: Dict[tuple, int] = {}
+def forward(x: Tensor, params: GhostParams, dtype: torch.dtype, out: Optional[Tensor] = None, config=None) -> Tensor:
+    """The family's launcher (``triton_family`` contract): BN folded here, on every call (this kernel
+    takes folded parameters; the newer families fold inside the kernel)."""
+    return forward_folded(x, fold_ghost(params, dtype), params.spec, out=out)
 
 
-def _resident_programs(compiled, device_index: int, num_warps: int) -> int:
-    """How many programs of ``compiled`` fit on one SM at once (registers, shared memory, warps)."""
-    try:
-        compiled._init_handles()
-        regs, smem = compiled.n_regs, compiled.metadata.shared
-    except Exception:  # a Triton without these internals: a safe middle
-        return 2
-    props = torch.cuda.get_device_properties(device_index)
-    regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
-    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-    warps_sm = getattr(props, "max_threads_per_multi_processor", 2048) // 32
-    regs_per_warp = -(-regs * 32 // 256) * 256  # allocated in units of 256 registers per warp
-    fit = min(regs_sm // max(regs_per_warp * num_warps, 1), warps_sm // num_warps,
-              smem_sm // (smem + 1024) if smem else 32)
-    return max(1, min(fit, 8))
-
-
-# Triton decides interpreter or compiler when @triton.jit runs, i.e. when this module is imported:
-# read the variable then, not on every launch.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def interpreting() -> bool:
-    """True when this module's Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return _INTERPRETING
-
-
-def ghost_forward_triton(x: Tensor, folded: FoldedGhost, spec: GhostSpec, out: Optional[Tensor] = None) -> Tensor:
-    """Launch the fused kernel. ``x``: N x inp x H x W, any strides; legality is checked by dispatch.py.
+def forward_folded(x: Tensor, folded: FoldedGhost, spec: GhostSpec, out: Optional[Tensor] = None) -> Tensor:
+    """Launch the fused kernel on folded parameters. ``x``: N x inp x H x W, any strides.
 
     The output dtype is ``folded.w1``'s (the compute dtype): under autocast, an fp32 ``x`` is cast
     to it as it is loaded. ``out``, if given, receives the result (N x oup x H' x W', that dtype, x's
@@ -292,76 +179,56 @@ def ghost_forward_triton(x: Tensor, folded: FoldedGhost, spec: GhostSpec, out: O
     return out
 
 
-def tile_grid(spec: GhostSpec, n: int, ho: int, wo: int, cfg: TileConfig, pad: int):
-    """(tiles along H, tiles along W, channel blocks, total tiles) for halo tiles with ``pad`` rows/cols
-    of halo on each side."""
-    th, tw = cfg.HALO_H - 2 * pad, cfg.HALO_W - 2 * pad
-    n_th, n_tw = triton.cdiv(ho, th), triton.cdiv(wo, tw)
-    n_mb = triton.cdiv(spec.m, cfg.BLOCK_M)
-    return n_th, n_tw, n_mb, n * n_th * n_tw * n_mb
-
-
-def persistent_programs(variant: tuple, x: Tensor, total: int) -> int:
-    """Programs of a persistent grid: what fits on the GPU at once (learned from the first launch)."""
-    if x.is_cuda:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        return max(1, min(total, _RESIDENT.get(variant, 1) * sms))
-    return max(1, min(total, INTERPRETER_PROGRAMS))
-
-
-def remember_occupancy(variant: tuple, compiled, x: Tensor, num_warps: int) -> None:
-    if x.is_cuda and variant not in _RESIDENT:
-        _RESIDENT[variant] = _resident_programs(compiled, x.device.index, num_warps)
-
-
 def launch_forward(x: Tensor, out: Tensor, folded: FoldedGhost, spec: GhostSpec, relu2: bool,
-                   stats: bool = False) -> Optional[Tensor]:
-    """Launch ``_ghost_fwd_kernel`` into ``out``. With ``stats`` (train mode) return the per-tile
-    statistics of the cheap branch, a float32 tensor of ``2 * T * (r - 1) * BLOCK_M + T`` elements
-    for T tiles (sums, centred sums of squares, pixel counts), decoded by ``triton_train``."""
+                   stats: bool = False) -> Optional[Moments]:
+    """Launch ``_ghost_fwd_kernel`` into ``out``. With ``stats`` (train mode, see triton_train.py) the
+    kernel also writes per-tile statistics of the cheap branch (sums, centred sums of squares and
+    pixel counts, ``2 * T * (r - 1) * BLOCK_M + T`` floats for T tiles), returned decoded: the
+    moments of the m(r-1) ghost channels."""
     n, _, ho, wo = out.shape
     dtype = out.dtype
-    cfg = pick_config(spec, ho, wo, dtype)
-    n_th, n_tw, n_mb, total = tile_grid(spec, n, ho, wo, cfg, spec.dw_size // 2)
+    cfg = tc.pick_config(spec, ho, wo, dtype)
+    n_th, n_tw, n_mb, total = tc.tile_grid(spec, n, ho, wo, cfg, spec.dw_size // 2)
     variant = ("fwd", x.device.index, x.dtype, dtype, spec.stride, spec.ratio, spec.dw_size, spec.act, relu2,
                stats, cfg)
-    programs = persistent_programs(variant, x, total)
+    programs = tc.persistent_programs(variant, x, total)
     scratch = torch.empty(programs * cfg.BLOCK_M * cfg.HALO_H * cfg.HALO_W, dtype=dtype, device=x.device)
     stats_buf = (torch.empty(total * (2 * (spec.ratio - 1) * cfg.BLOCK_M + 1), dtype=torch.float32,
                              device=x.device) if stats else scratch)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        compiled = _ghost_fwd_kernel[(programs,)](
+    taps = float(spec.dw_size)
+    with tc.device_ctx(x):
+        compiled = tc.launch(
+            _ghost_fwd_kernel, (programs,),
             x, out, folded.w1, folded.scale1, folded.shift1, folded.wd, folded.shift2, scratch, stats_buf,
             spec.inp, ho, wo, spec.m, spec.oup,
             *x.stride(), *out.stride(),
             n_th, n_tw, n_mb, total,
+            # the tile loop, the K loop, and a dy/dx loop pair per ghost multiplier (static_range copies)
+            loops=(total / programs, triton.cdiv(spec.inp, cfg.BLOCK_K)) + (taps, taps) * (spec.ratio - 1),
             STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size, RELU=spec.act == "relu", RELU2=relu2,
             STATS=stats,
             HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
-            IEEE=dtype == torch.float32, DOT_F32=interpreting() and dtype == torch.bfloat16,
+            IEEE=dtype == torch.float32, DOT_F32=tc.interpreting() and dtype == torch.bfloat16,
             num_warps=cfg.num_warps,
         )
-    remember_occupancy(variant, compiled, x, cfg.num_warps)
-    return stats_buf if stats else None
+    tc.remember_occupancy(variant, compiled, x, cfg.num_warps)
+    if not stats:
+        return None
+    return _tile_moments(stats_buf, spec, total, n_mb, cfg.BLOCK_M)
 
 
-# The launcher as a torch.library op: torch.compile and torch.export see one opaque op (shape and
-# memory format from the fake implementation) instead of tracing into the Triton launch.
-@torch.library.custom_op("ghost_kernels::triton_forward_folded", mutates_args=())
-def triton_forward_op(x: Tensor, w1: Tensor, scale1: Tensor, shift1: Tensor, wd: Tensor, shift2: Tensor,
-                      oup: int, stride: int, ratio: int, dw_size: int, relu: bool) -> Tensor:
-    spec = GhostSpec(x.shape[1], oup, 1, ratio, dw_size, stride, "relu" if relu else "none")
-    return ghost_forward_triton(x, FoldedGhost(w1, scale1, shift1, wd, shift2), spec)
+def _tile_moments(buf: Tensor, spec: GhostSpec, n_tiles: int, n_mb: int, block_m: int) -> Moments:
+    """Decode the STATS buffer into the moments of the m(r-1) ghost channels."""
+    r1 = spec.ratio - 1
+    per = n_tiles * r1 * block_m
+    sums = buf[:per].view(n_tiles // n_mb, n_mb, r1, block_m)
+    m2s = buf[per:2 * per].view(n_tiles // n_mb, n_mb, r1, block_m)
+    count = buf[2 * per:2 * per + n_tiles].view(n_tiles // n_mb, n_mb)[:, 0]
+    # ghost channel j = c * (r - 1) + k of intrinsic channel c = mb * BLOCK_M + cm
+    as_channels = lambda t: t.permute(0, 1, 3, 2).reshape(t.shape[0], -1)[:, :spec.new]  # noqa: E731
+    return Moments.merge(count, as_channels(sums), as_channels(m2s))
 
 
-@triton_forward_op.register_fake
-def _(x, w1, scale1, shift1, wd, shift2, oup, stride, ratio, dw_size, relu):
-    return empty_output(x, oup, stride, w1.dtype)
-
-
-def run_triton(x: Tensor, folded: FoldedGhost, spec: GhostSpec) -> Tensor:
-    """dispatch.py's entry: the op under torch.compile, the launcher directly in eager mode (no op
-    dispatch overhead on the hot path)."""
-    if is_compiling():
-        return triton_forward_op(x, *folded, spec.oup, spec.stride, spec.ratio, spec.dw_size, spec.act == "relu")
-    return ghost_forward_triton(x, folded, spec)
+BACKEND = TritonFamily(
+    "triton_halo", "v1 single pass: 16x16 halo tiles, y1 through a per-program scratch slot in L2; also the "
+    "training ops' forward", support=Support(), launcher=forward)

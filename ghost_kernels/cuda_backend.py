@@ -1,14 +1,16 @@
-"""The CUDA C++ backend: loading ``ghost_kernels._C``, the op's fake and CPU implementations, the launcher.
+"""The ``cuda`` backend: the CUDA C++ kernel, its op's fake and CPU implementations, the backend object.
 
 The kernel is ``csrc/ghost_forward.cu`` (design note at its top), registered by ``python/bindings.cpp``
-as ``torch.ops.ghost_kernels.fused_forward``. Here:
+as ``torch.ops.ghost_kernels.cuda_forward``. Here:
 
 * the extension is imported if it was built; a missing, broken or mismatched build never breaks
   ``import ghost_kernels``: it warns once and :data:`UNAVAILABLE_REASON` says why;
 * ``register_fake`` gives the op its output shape, dtype and memory format without running it, so
   torch.compile and torch.export treat it as one op;
 * a CPU implementation (plain PyTorch, the folded eval-mode math) makes the op usable, and
-  ``torch.library.opcheck``-able, on machines without a GPU.
+  ``torch.library.opcheck``-able, on machines without a GPU;
+* :data:`BACKEND`: its limits (:data:`SUPPORT`, the table ``csrc/ghost_forward.cuh`` checks too) and
+  its forward, BN folded on every call (``fold.fold_ghost``).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fold import FoldedGhost
+from .backend import Backend, Request, Support
+from .fold import FoldedGhost, fold_ghost
 from .layout import empty_output
 from .spec import GhostSpec
 
@@ -47,12 +50,12 @@ if _C is not None:
     elif not torch.cuda.is_available():
         UNAVAILABLE_REASON = "no CUDA GPU is visible"
 
-OP = "ghost_kernels::fused_forward"
+OP = "ghost_kernels::cuda_forward"
 
 
 def _op_defined() -> bool:
     try:
-        torch.ops.ghost_kernels.fused_forward
+        torch.ops.ghost_kernels.cuda_forward
         return True
     except (AttributeError, RuntimeError):
         return False
@@ -61,12 +64,12 @@ def _op_defined() -> bool:
 if _C is not None and _op_defined():
 
     @torch.library.register_fake(OP)
-    def _fused_forward_fake(x, w1, scale1, shift1, wd, shift2, oup, stride, ratio, dw_size, relu):
+    def _cuda_forward_fake(x, w1, scale1, shift1, wd, shift2, oup, stride, ratio, dw_size, relu):
         torch._check(x.dim() == 4, lambda: f"x must be 4-D, got {x.dim()}-D")
         return empty_output(x, oup, stride)
 
     @torch.library.impl(OP, "cpu")
-    def _fused_forward_cpu(x, w1, scale1, shift1, wd, shift2, oup, stride, ratio, dw_size, relu):
+    def _cuda_forward_cpu(x, w1, scale1, shift1, wd, shift2, oup, stride, ratio, dw_size, relu):
         # The same folded eval-mode math as the kernel, in plain PyTorch (fp32 accumulation).
         act = torch.relu if relu else (lambda t: t)
         m = w1.shape[0]
@@ -78,13 +81,32 @@ if _C is not None and _op_defined():
         return out.copy_(torch.cat([y1, y2], 1)[:, :oup])
 
 
-def ghost_forward_cuda(x: Tensor, folded: FoldedGhost, spec: GhostSpec) -> Tensor:
-    """Run ``torch.ops.ghost_kernels.fused_forward``; legality is checked by dispatch.py.
+def forward_folded(x: Tensor, folded: FoldedGhost, spec: GhostSpec) -> Tensor:
+    """Run ``torch.ops.ghost_kernels.cuda_forward`` on folded parameters (x in the compute dtype).
 
-    Equivalent PyTorch: see ``triton_forward.ghost_forward_triton`` (same contract, same folding).
+    Equivalent PyTorch: see ``triton_halo.forward_folded`` (same contract, same folding).
     """
     if _C is None:
         raise RuntimeError(f"ghost_kernels: {UNAVAILABLE_REASON}")
-    return torch.ops.ghost_kernels.fused_forward(
+    return torch.ops.ghost_kernels.cuda_forward(
         x, folded.w1, folded.scale1, folded.shift1, folded.wd, folded.shift2,
         spec.oup, spec.stride, spec.ratio, spec.dw_size, spec.act == "relu")
+
+
+# Must equal csrc/ghost_forward.cuh's kSupported* tables (tests/test_cuda_backend.py checks).
+SUPPORT = Support(strides=(1, 2), ratios=(2, 3, 4), dw_sizes=(1, 3, 5, 7))
+
+
+class CudaBackend(Backend):
+    def environment_reason(self, device: Optional[torch.device] = None) -> Optional[str]:
+        if device is not None and device.type != "cuda":
+            return f"x is on {device.type}: the cuda backend needs a CUDA tensor"
+        return UNAVAILABLE_REASON
+
+    def forward(self, x: Tensor, req: Request) -> Tensor:
+        dtype = req.compute_dtype   # under autocast: cast x before the launch, as nn.Conv2d would
+        return forward_folded(x.to(dtype), fold_ghost(req.params, dtype), req.spec)
+
+
+BACKEND = CudaBackend("cuda", "CUDA C++ v1 single pass (halo tiles, WMMA, y1 in shared memory); inference only",
+                      support=SUPPORT)

@@ -1,0 +1,86 @@
+"""``backend="triton"``: the Triton path as one name.
+
+* Inference (eval-mode BN, no autograd): the Triton kernel family that ``choice.py`` ranks first for
+  the shape (measured on this GPU, else the offline model's order) among those whose limits admit it.
+* Training (train-mode BN, or any call that needs gradients): the training ops of ``train_ops.py``
+  (nn.BatchNorm2d semantics, a fused backward, SyncBatchNorm).
+
+Equivalent PyTorch: ``reference.ghost_reference(x, params, training=training)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import choice
+from .backend import Backend, Request, Support
+from .reference import ghost_reference
+from .train_ops import ghost_train
+from .triton_family import TritonFamily, triton_environment_reason
+
+
+def device_name(x: Tensor) -> Tuple[str, Optional[Tuple[int, int]]]:
+    """(GPU name, compute capability) of x's device; the interpreter is "CPU (Triton interpreter)"."""
+    if x.is_cuda:
+        return torch.cuda.get_device_name(x.device), torch.cuda.get_device_capability(x.device)
+    return "CPU (Triton interpreter)", None
+
+
+@dataclass
+class TritonBackend(Backend):
+    families: Sequence[TritonFamily] = field(default=(), repr=False)
+
+    def environment_reason(self, device: Optional[torch.device] = None) -> Optional[str]:
+        return triton_environment_reason(device)
+
+    def family_order(self, req: Request) -> Tuple[List[TritonFamily], str]:
+        """The families in the order to try them for ``req``, and why."""
+        ho, wo = req.out_hw
+        by_name = {f.name: f for f in self.families}
+        name, capability = device_name(req.x)
+        key = choice.shape_key(req.spec, req.x.shape[2], req.x.shape[3], req.compute_dtype, req.channels_last)
+        order, why = choice.rank(list(by_name), key, name, capability, choice.heuristic_triton_order(req.spec, ho, wo))
+        return [by_name[n] for n in order], why
+
+    def pick(self, req: Request) -> Tuple[Optional[TritonFamily], str, List[str]]:
+        """(the family to run or None, why, the reasons of every family passed over)."""
+        order, why = self.family_order(req)
+        passed = []
+        for fam in order:
+            reasons = fam.not_supported_reasons(req)
+            if not reasons:
+                return fam, why, passed
+            passed.append(f"{fam.name}: " + "; ".join(reasons))
+        return None, why, passed
+
+    def not_supported_reasons(self, req: Request) -> List[str]:
+        env = self.environment_reason(req.x.device)
+        if env:
+            return [env]
+        if req.inference:
+            fam, _, passed = self.pick(req)
+            return [] if fam is not None else passed
+        reasons = Support().reasons(req)
+        batch_stats = req.training or not req.params.has_running_stats
+        if batch_stats and req.batch_values == 1:
+            reasons.append("batch statistics need more than 1 value per channel, got 1")
+        if req.sync_error:
+            reasons.append(req.sync_error)
+        return reasons
+
+    def forward(self, x: Tensor, req: Request) -> Tensor:
+        if req.inference:
+            fam, _, _ = self.pick(req)
+            return fam.forward(x, req)
+        if req.batch_values == 0:  # nothing to compute; eager's result and buffer updates exactly
+            return ghost_reference(x, req.params, training=req.training)
+        return ghost_train(x, req.params, req.training, req.compute_dtype, req.sync_group)
+
+    def explain_choice(self, req: Request) -> str:
+        if not req.inference:
+            return "training ops (train_ops.py): train-mode BN / autograd"
+        fam, why, _ = self.pick(req)
+        return f"family {fam.name if fam else None}; {why}"

@@ -1,0 +1,337 @@
+"""The ``triton_band`` family (single pass, full-width row bands, stencil by in-register shifts) against
+the float64 reference: CPU interpreter here, device="cuda" on a GPU.
+
+Every output is NaN-poisoned before the launch (``torch.full(nan)`` in the output's memory format), so
+an element the kernel forgets shows as NaN. Both tiling regimes run: whole images per program (the
+default at the reduced sizes used here, several images per program for small planes) and bands of rows
+with a recomputed halo (forced through ``config``).
+"""
+import itertools
+import warnings
+
+import pytest
+import torch
+from helpers import DEVICE, ERR_FLOOR, GhostParams, assert_close_to_reference, eager_and_ref, rel_err
+
+import ghost_kernels as gk
+from ghost_kernels import params as kparams
+from ghost_kernels import triton_common as tc
+from ghost_kernels import triton_family
+from ghost_kernels import triton_band as tb
+from ghost_kernels.backend import Request
+from ghost_kernels.layout import output_memory_format
+from ghost_kernels.spec import distinct_ghostnet_100_specs
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["nchw", "channels_last"]
+# Reduced spatial size per GhostNet resolution (as in test_triton_forward.py): small for the interpreter.
+REDUCED = {112: 12, 56: 9, 28: 6, 14: 5, 7: 3}
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def kernel_params(p: GhostParams) -> kparams.GhostParams:
+    """The package's parameter bundle from the tests' random parameters (same tensors)."""
+    bn = lambda b: kparams.BatchNormState(*b)  # noqa: E731
+    return kparams.GhostParams(p.w1, bn(p.bn1), p.wd, bn(p.bn2), p.spec)
+
+
+def make_x(n, c, h, w, dtype, layout):
+    x = torch.randn(n, c, h, w, device=DEVICE, dtype=torch.float32).to(dtype)
+    return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def poisoned_out(x, spec, dtype):
+    n, _, h, w = x.shape
+    ho, wo = spec.out_hw(h, w)
+    out = torch.full((n, spec.oup, ho, wo), float("nan"), dtype=dtype, device=x.device)
+    return out.contiguous(memory_format=output_memory_format(x))
+
+
+def run_poisoned(x, params, dtype, config=None):
+    out = poisoned_out(x, params.spec, dtype)
+    result = tb.forward(x, kernel_params(params), dtype, out=out, config=config)
+    assert result.data_ptr() == out.data_ptr()
+    return out
+
+
+def check(spec, n, h, w, dtype, layout, what, config=None, x=None):
+    params = GhostParams(spec, DEVICE)
+    x = make_x(n, spec.inp, h, w, dtype, layout) if x is None else x
+    out = run_poisoned(x, params, dtype, config)
+    eager, ref = eager_and_ref(params, x)
+    assert out.shape == eager.shape
+    assert not torch.isnan(out).any(), f"{what}: unwritten (NaN) elements"
+    assert_close_to_reference(out, eager, ref, dtype, what)
+    return out
+
+
+def band_configs(spec, ho, wo, dtype):
+    """One config per tile geometry of this output size: whole images (if they fit) and bands."""
+    return [tb.make_config(spec, ho, wo, dtype, geometry=g) for g, _ in tb.geometries(spec, ho, wo)]
+
+
+def smallest_band(spec, ho, wo, dtype):
+    bands = [g for g, _ in tb.geometries(spec, ho, wo) if g[2] > 0]
+    assert bands, f"no band geometry for {ho}x{wo}"
+    return tb.make_config(spec, ho, wo, dtype, geometry=min(bands, key=lambda g: g[1]))
+
+
+# --------------------------------------------------------------------------------------------------
+# GhostNet 1.0x: the 22 distinct modules x 3 dtypes x 2 layouts, at reduced size
+
+@pytest.mark.parametrize("shape", distinct_ghostnet_100_specs(), ids=lambda s: f"{s.spec.inp}-{s.spec.oup}-{s.h}-{s.spec.act}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ghostnet_100_configurations(shape, dtype, layout):
+    """Default config (on a GPU: the real size; here the reduced one, whole images per program)."""
+    hw = REDUCED[shape.h] if DEVICE == "cpu" else shape.h
+    check(shape.spec, 2, hw, hw, dtype, layout, f"{shape.name} {dtype} {layout}")
+
+
+@pytest.mark.parametrize("shape", [s for s in distinct_ghostnet_100_specs() if s.h >= 28],
+                         ids=lambda s: f"{s.spec.inp}-{s.spec.oup}-{s.h}-{s.spec.act}")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ghostnet_100_multi_band(shape, layout):
+    """The large-plane modules in the band regime: several bands per image, halo rows recomputed."""
+    hw = REDUCED[shape.h] if DEVICE == "cpu" else shape.h
+    dtype = torch.bfloat16 if layout == "channels_last" else torch.float16
+    cfg = smallest_band(shape.spec, hw, hw, dtype)
+    assert tb.n_bands_of(cfg, shape.spec, hw) > 1
+    check(shape.spec, 2, hw, hw, dtype, layout, f"{shape.name} bands {cfg}", config=cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# Options: ratio x dw x stride x act, odd oup; every geometry on a few sizes
+
+SWEEP = list(itertools.product([2, 3, 4], [1, 3, 5, 7], [1, 2], ["relu", "none"]))
+
+
+@pytest.mark.parametrize("i,ratio,dw,stride,act", [(i,) + c for i, c in enumerate(SWEEP)])
+def test_option_sweep(i, ratio, dw, stride, act):
+    """With an oup that forces the channel slice; dtype and layout rotate; every other case in bands."""
+    oup = 2 * ratio + 1 + 4 * (i % 5)
+    spec = gk.GhostSpec(5 + i % 7, oup, ratio=ratio, dw_size=dw, stride=stride, act=act)
+    dtype, layout = DTYPES[i % 3], LAYOUTS[(i // 3) % 2]
+    h, w = 9 + i % 4, 6 + i % 5
+    ho, wo = spec.out_hw(h, w)
+    cfg = None
+    if i % 2:
+        bands = [g for g, _ in tb.geometries(spec, ho, wo) if g[2] > 0]
+        cfg = tb.make_config(spec, ho, wo, dtype, geometry=bands[0]) if bands else None
+    check(spec, 2, h, w, dtype, layout, f"{spec} {dtype} {layout} {cfg}", config=cfg)
+
+
+@pytest.mark.parametrize("dw", [1, 3, 5, 7])
+def test_every_geometry(dw):
+    """Every tile geometry of a 13 x 11 output (whole image, bands of each height), and the lab configs."""
+    spec = gk.GhostSpec(12, 21, ratio=3, dw_size=dw)
+    cfgs = band_configs(spec, 13, 11, torch.float32) + tb.lab_configs(spec, 13, 11, torch.float32)
+    assert any(c.TOP == 0 for c in cfgs) and any(c.TOP > 0 for c in cfgs)
+    x = make_x(2, 12, 13, 11, torch.float32, "nchw")
+    for cfg in cfgs:
+        check(spec, 2, 13, 11, torch.float32, "nchw", f"dw {dw} {cfg}", config=cfg, x=x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_channel_blocks_and_several_images(dtype, layout, stride):
+    """m = 19 over channel blocks of 8 (the last one partial), 3 images over programs of 2 and 4."""
+    spec = gk.GhostSpec(24, 37, ratio=2, dw_size=3, stride=stride)
+    x = make_x(3, 24, 13, 11, dtype, layout)
+    ho, wo = spec.out_hw(13, 11)
+    whole = [g for g, _ in tb.geometries(spec, ho, wo) if g[2] == 0][0]
+    for imgs in (1, 2, 4):
+        cfg = tb.make_config(spec, ho, wo, dtype, geometry=whole[:3] + (imgs,), block_m=8)
+        check(spec, 3, 13, 11, dtype, layout, f"{dtype} {layout} stride {stride} {cfg}", config=cfg, x=x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sizes, strides, special values
+
+@pytest.mark.parametrize("hw", [(1, 1), (1, 7), (7, 1), (2, 3), (5, 37)])
+@pytest.mark.parametrize("dw", [3, 7])
+def test_tiny_images(hw, dw):
+    """Images smaller than the stencil: every neighbour of a pixel may be outside the image."""
+    spec = gk.GhostSpec(8, 12, dw_size=dw)
+    check(spec, 2, *hw, torch.float32, LAYOUTS[hw[0] % 2], f"{hw} dw {dw}")
+
+
+@pytest.mark.parametrize("w,dw", [(61, 3), (100, 5), (130, 3)])
+def test_wide_images(w, dw):
+    """Rows of 64-256 lanes: the band regime (a whole image does not fit the tile)."""
+    spec = gk.GhostSpec(8, 10, dw_size=dw, act="none")
+    ho, wo = spec.out_hw(6, w)
+    cfg = tb.default_config(spec, ho, wo, torch.float16, True)
+    assert cfg.TOP > 0, cfg
+    check(spec, 1, 6, w, torch.float16, "channels_last", f"w={w} dw={dw}")
+
+
+def test_too_wide_is_declared():
+    """Rows wider than a tile can hold: extra_reasons says so (dispatch falls back); narrower rows run."""
+    spec = gk.GhostSpec(8, 8, dw_size=7)
+    params = kernel_params(GhostParams(spec, DEVICE))
+    wide = torch.zeros(1, 8, 4, 300, device=DEVICE)
+    reasons = tb.extra_reasons(Request.make(wide, params, training=False))
+    assert reasons and "lanes" in reasons[0]
+    assert tb.extra_reasons(Request.make(wide[..., :100], params, training=False)) == []
+    assert tb.BACKEND.extra_reasons is tb.extra_reasons
+
+
+def test_non_dense_input_strides():
+    """Any input strides: a cropped view, a permuted one, and a stride-2 slice of channels_last."""
+    spec = gk.GhostSpec(6, 10, ratio=3)
+    base = torch.randn(2, 6, 12, 15, device=DEVICE)
+    views = [base[:, :, 1:10, 2:13],
+             base.permute(0, 1, 3, 2),
+             base.to(memory_format=torch.channels_last)[:, :, ::2, 1::2],
+             torch.randn(2, 12, 9, 8, device=DEVICE)[:, ::2]]
+    for x in views:
+        check(spec, 2, 0, 0, torch.float32, "nchw", f"strides {x.stride()}", x=x)
+
+
+@pytest.mark.parametrize("act", ["relu", "none"])
+def test_nan_and_inf_propagate_like_eager(act):
+    spec = gk.GhostSpec(8, 12, act=act)
+    params = GhostParams(spec, DEVICE)
+    x = torch.randn(1, 8, 9, 10, device=DEVICE)
+    x[0, 3, 2, 2] = float("nan")
+    x[0, 5, 6, 7] = float("inf")
+    for cfg in band_configs(spec, 9, 10, torch.float32):
+        out = run_poisoned(x, params, torch.float32, cfg)
+        eager = params.reference(x)
+        assert torch.isnan(eager).any() and torch.isinf(eager).any()  # the test would catch a clamp
+        assert torch.equal(torch.isnan(out), torch.isnan(eager)), cfg
+        assert torch.equal(torch.isinf(out), torch.isinf(eager)), cfg
+        finite = torch.isfinite(eager)
+        ref = params.to(torch.float64).reference(x.double())
+        assert rel_err(out[finite], ref[finite]) <= 2 * rel_err(eager[finite], ref[finite]) + 1e-6
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_empty_batch(layout):
+    spec = gk.GhostSpec(8, 12)
+    params = kernel_params(GhostParams(spec, DEVICE))
+    x = make_x(0, 8, 5, 6, torch.float32, layout)
+    out = tb.forward(x, params, torch.float32)
+    assert out.shape == (0, 12, 5, 6)
+    assert out.is_contiguous(memory_format=output_memory_format(x))
+
+
+def test_out_is_validated():
+    spec = gk.GhostSpec(8, 12)
+    params = kernel_params(GhostParams(spec, DEVICE))
+    x = make_x(1, 8, 5, 6, torch.float32, "nchw")
+    for bad in (torch.empty(1, 12, 5, 5, device=DEVICE), torch.empty(1, 12, 5, 6, device=DEVICE, dtype=torch.float16)):
+        with pytest.raises(ValueError, match="out must be"):
+            tb.forward(x, params, torch.float32, out=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_autocast_style_call(dtype, layout):
+    """fp32 x and fp32 weights, half compute dtype (what torch.autocast asks for): x and w1 are cast in
+    the kernel; eager is autocast's own computation (x and weights cast to the half type)."""
+    spec = gk.GhostSpec(16, 22, ratio=2)
+    params = GhostParams(spec, DEVICE)
+    x = make_x(2, 16, 7, 9, torch.float32, layout)
+    out = run_poisoned(x, params, dtype)
+    assert out.dtype == dtype and not torch.isnan(out).any()
+    eager = params.to(dtype).reference(x.to(dtype))
+    ref = params.to(torch.float64).reference(x.double())
+    assert_close_to_reference(out, eager, ref, dtype, f"autocast {dtype} {layout}")
+
+
+def test_batchnorm_without_affine():
+    """affine=False: no weight or bias in either BN (folded_bn's HAS_W / HAS_B off)."""
+    spec = gk.GhostSpec(10, 14, ratio=2, dw_size=5)
+    params = GhostParams(spec, DEVICE)
+    params.bn1 = params.bn1._replace(weight=None, bias=None)
+    params.bn2 = params.bn2._replace(weight=None)
+    x = make_x(2, 10, 8, 9, torch.float32, "channels_last")
+    out = run_poisoned(x, params, torch.float32)
+    eager = params.reference(x)
+    p64 = GhostParams.__new__(GhostParams)
+    p64.spec, p64.w1, p64.wd = spec, params.w1.double(), params.wd.double()
+    cast = lambda bn: bn._replace(**{f: None if getattr(bn, f) is None else getattr(bn, f).double()  # noqa: E731
+                                     for f in ("weight", "bias", "running_mean", "running_var")})
+    p64.bn1, p64.bn2 = cast(params.bn1), cast(params.bn2)
+    ref = p64.reference(x.double())
+    assert_close_to_reference(out, eager, ref, torch.float32, "affine=False")
+
+
+def test_weights_of_any_strides():
+    """w1 and wd as non-contiguous views (the kernel reads them through their strides)."""
+    spec = gk.GhostSpec(8, 12, ratio=3, dw_size=3)
+    params = GhostParams(spec, DEVICE)
+    params.w1 = torch.randn(spec.inp, spec.m, 1, 1, device=DEVICE).transpose(0, 1)
+    params.wd = torch.randn(spec.new, 1, 3, 3, device=DEVICE).transpose(2, 3)
+    x = make_x(2, 8, 6, 7, torch.float32, "nchw")
+    out = run_poisoned(x, params, torch.float32)
+    eager, ref = eager_and_ref(params, x)
+    assert_close_to_reference(out, eager, ref, torch.float32, "strided weights")
+
+
+# --------------------------------------------------------------------------------------------------
+# The op path, the backend object, the launch record
+
+@pytest.mark.parametrize("case", [(gk.GhostSpec(8, 12), torch.float32, "nchw"),
+                                  (gk.GhostSpec(6, 11, ratio=3, dw_size=5, stride=2, act="none"), torch.bfloat16,
+                                   "channels_last")], ids=["fp32-nchw", "bf16-cl-odd"])
+def test_op_path_opcheck(case):
+    spec, dtype, layout = case
+    params = kernel_params(GhostParams(spec, DEVICE).to(dtype))
+    x = make_x(2, spec.inp, 6, 7, dtype, layout)
+    args = (x, *triton_family.op_args(params), dtype, "triton_band")
+    out = torch.ops.ghost_kernels.triton_forward(*args)
+    direct = tb.forward(x, params, dtype)
+    assert torch.equal(out, direct) and out.stride() == direct.stride()
+    torch.library.opcheck(torch.ops.ghost_kernels.triton_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_backend_object():
+    assert isinstance(tb.BACKEND, triton_family.TritonFamily)
+    assert tb.BACKEND.name == "triton_band" and triton_family.FAMILIES["triton_band"] is tb.forward
+    spec = gk.GhostSpec(8, 12)
+    params = kernel_params(GhostParams(spec, DEVICE))
+    req = Request.make(torch.zeros(1, 8, 5, 5, device=DEVICE), params, training=False)
+    assert tb.BACKEND.not_supported_reasons(req) == []
+
+
+def test_launch_record_and_compiled_variants():
+    """Every launch goes through triton_common.launch with the K loop's trip count; the GhostNet 1.0x
+    shapes compile a bounded number of variants (constexprs + Triton's own specialization)."""
+    keys = set()
+    for shape in distinct_ghostnet_100_specs():
+        spec = shape.spec
+        x = torch.empty(64, spec.inp, shape.h, shape.w, device="meta", dtype=torch.bfloat16)
+        x = x.to(memory_format=torch.channels_last)
+        params = kernel_params(GhostParams(spec, "cpu").to(torch.bfloat16))
+        params = params._replace(w1=params.w1.to("meta"), wd=params.wd.to("meta"))
+        with tc.capture_launches() as launches:
+            tb.forward(x, params, torch.bfloat16)
+        (launch,) = launches
+        assert launch.kernel is tb._band_kernel
+        assert launch.loops == (-(-spec.inp // launch.kwargs["BLOCK_K"]),)
+        ints = tuple((v == 1, v % 16 == 0) for v in launch.args if isinstance(v, int) and not isinstance(v, bool))
+        keys.add((tuple(sorted(launch.kwargs.items())), ints))
+    assert len(keys) <= len(distinct_ghostnet_100_specs()), len(keys)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU with > 10 GB free")
+def test_more_than_2_31_output_elements():
+    """64-bit offsets: an output of more than 2^31 elements (fp16: > 4 GiB)."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2**30:
+        pytest.skip(f"only {free / 2**30:.1f} GiB free on the GPU")
+    spec = gk.GhostSpec(16, 16)
+    n, h, w = 1040, 360, 360
+    params = GhostParams(spec, DEVICE)
+    x = torch.randn(n, 16, h, w, device=DEVICE, dtype=torch.float16)
+    out = tb.forward(x, kernel_params(params.to(torch.float16)), torch.float16)
+    assert out.numel() > 2**31
+    for i in (0, n // 2, n - 1):
+        eager, ref = eager_and_ref(params, x[i:i + 1])
+        assert_close_to_reference(out[i:i + 1], eager, ref, torch.float16, f"image {i}")

@@ -1,0 +1,447 @@
+"""The offline performance model (ghost_kernels/bench/offline.py), checked on small kernels of its own.
+
+Pure parts (SASS parsing, loops, trip-count weighting, widths, ptxas/cuobjdump/MLIR parsing) run in
+this process. Whatever compiles runs in a child process without TRITON_INTERPRET (the compiler does
+not run under the interpreter): this file is also that child's script (``python
+tests/test_offline_model.py checks``), and it is the ``--import`` file that registers the test's own
+kernel family, ``offline_test_copy``, in the CLI's child. The family is registered only there (module
+name from ``offline.load_module_file``), never in the pytest process, so no other test sees it.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from ghost_kernels import triton_common as tc  # noqa: E402
+from ghost_kernels.bench import offline  # noqa: E402
+from ghost_kernels.layout import empty_output  # noqa: E402
+
+HERE = os.path.abspath(__file__)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+# --------------------------------------------------------------------------------------------------
+# The test's kernels and its family
+
+
+@triton.jit
+def _offline_copy_kernel(x_ptr, y_ptr, n_blocks, BLOCK: tl.constexpr):
+    """Persistent streaming copy: a runtime loop with a runtime step (ptxas cannot unroll it)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    for i in range(pid, n_blocks, nprog):
+        o = i * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + o, tl.load(x_ptr + o))
+
+
+@triton.jit
+def _offline_strided_kernel(x_ptr, y_ptr, n, sx, sy, BLOCK: tl.constexpr):
+    """Strided copy, for the specialization of pointers and integers."""
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + o * sy, tl.load(x_ptr + o * sx, mask=o < n), mask=o < n)
+
+
+@triton.jit
+def _offline_sum_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    """A small runtime loop with a constant step: ptxas unrolls it (x4 body + remainder loop)."""
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k in range(0, n):
+        acc += tl.load(x_ptr + o + k * BLOCK).to(tl.float32)
+    tl.store(y_ptr + o, acc)
+
+
+@triton.jit
+def _offline_dot_kernel(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """A K loop with tl.dot: software-pipelined (cp.async) at num_stages=3."""
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k in range(0, K, BK):
+        a = tl.load(a_ptr + rm[:, None] * K + (k + rk)[None, :])
+        b = tl.load(b_ptr + (k + rk)[:, None] * BN + rn[None, :])
+        acc = tl.dot(a, b, acc)
+    tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc.to(c_ptr.dtype.element_ty))
+
+
+COPY_PROGRAMS = 8
+COPY_BLOCK = 1024
+
+
+def copy_forward(x, params, dtype, out=None, config=None):
+    """The test family's launcher (the family contract; it copies bytes, it is not a Ghost module)."""
+    out = empty_output(x, params.spec.oup, params.spec.stride, dtype) if out is None else out
+    n_blocks = max(min(x.numel(), out.numel()) // COPY_BLOCK, 1)
+    programs = min(COPY_PROGRAMS, n_blocks)
+    tc.launch(_offline_copy_kernel, (programs,), x, out, n_blocks, loops=[n_blocks / programs],
+              BLOCK=COPY_BLOCK, num_warps=4)
+    return out
+
+
+if __name__ == "__main__" or __name__.startswith(offline.IMPORTED_PREFIX):
+    from ghost_kernels.triton_family import TritonFamily
+    BACKEND = TritonFamily("offline_test_copy", "offline model test: a persistent copy", launcher=copy_forward)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure parts
+
+SASS = """
+k:
+.text.k:
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_CTAID.X ;
+        /*0020*/                   ISETP.GE.AND P0, PT, R0, 0x10, PT ;
+        /*0030*/               @P0 EXIT ;
+.L_x_0:
+	//## File "/src/k.py", line 10
+        /*0040*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0050*/                   IADD3 R8, R8, 0x1, RZ ;
+.L_x_1:
+	//## File "/src/k.py", line 12 inlined at "/src/k.py", line 11
+        /*0060*/                   FFMA R9, R9, R9, R9 ;
+        /*0070*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+	//## File "/src/k.py", line 11
+        /*0080*/               @P1 BRA `(.L_x_1) ;
+	//## File "/src/k.py", line 10
+        /*0090*/                   STG.E.U16 desc[UR4][R2.64], R4 ;
+        /*00a0*/               @P2 BRA `(.L_x_0) ;
+        /*00b0*/                   HMMA.16816.F32.BF16 R12, R4, R8, R12 ;
+        /*00c0*/                   EXIT ;
+.L_x_2:
+        /*00d0*/                   BRA `(.L_x_2);
+        /*00e0*/                   NOP;
+"""
+
+
+def test_sass_loops_nesting_and_reachability():
+    instrs = offline.parse_sass(SASS)
+    assert [i.addr for i in instrs][:3] == [0, 0x10, 0x20] and len(instrs) == 15
+    assert instrs[8].target == 0x60 and instrs[10].target == 0x40
+    assert instrs[6].loc == (("/src/k.py", 12), ("/src/k.py", 11))
+    loops, reach = offline.find_loops(instrs)
+    assert len(loops) == 2                                  # the trailing BRA-to-itself is unreachable
+    outer, inner = loops
+    assert outer.start(instrs) == 0x40 and outer.end(instrs) == 0xa0 and outer.parent is None
+    assert inner.start(instrs) == 0x60 and inner.end(instrs) == 0x80 and inner.parent == outer.id
+    assert reach[:13] == [True] * 13 and reach[13:] == [False, False]
+
+
+def test_trip_count_weighting_and_widths():
+    a = offline.analyze_sass(SASS)
+    assert a["static"] == dict(instrs=13, bar=1, mma=1)
+    assert a["ld_bits"] == 128 and a["st_bits"] == 16
+    # no source loops given (no TTGIR): loops= match the SASS loops by start address
+    w, desc = offline.assign_trips(a, [], [5, 3])
+    assert w == {0: 5.0, 1: 3.0} and desc[1]["line"] == "k.py:11"
+    c = offline.weighted_counts(a, w)
+    # 4 + 1 (HMMA) + 1 (EXIT) straight; outer body 4 (LDG, IADD3, STG, BRA) x 5; inner 3 x 5 x 3
+    assert c["n"] == 6 + 4 * 5 + 3 * 15
+    assert c["bar"] == 15 and c["ldg"] == 5 and c["stg"] == 5 and c["mma"] == 1
+
+
+def test_loop_mismatch_is_a_clear_error():
+    a = offline.analyze_sass(SASS)
+    with pytest.raises(offline.LoopMismatch, match=r"loops= has 3 trip counts.*2 SASS loop"):
+        offline.assign_trips(a, [], [5, 3, 2], "k")
+    with pytest.raises(offline.LoopMismatch, match="passes no loops="):
+        offline.assign_trips(a, [], None, "k")
+
+
+def test_source_loops_match_sass_lines_and_static_range_copies():
+    """Source loops (TTGIR) match SASS loops by line; a loop unrolled away takes no SASS loop."""
+    a = offline.analyze_sass(SASS)
+    src = [dict(line=["/src/k.py", 10], parent=None, const_trips=None, pipelined=False, stages=3, peeled=False),
+           dict(line=["/src/k.py", 20], parent=0, const_trips=4, pipelined=False, stages=3, peeled=False),
+           dict(line=["/src/k.py", 12], parent=0, const_trips=None, pipelined=False, stages=3, peeled=False)]
+    # the inner loop's back edge is attributed to the call line 11 in this SASS: no match by line,
+    # so the fallback (SASS order) applies when loops= has one entry per SASS loop
+    w, desc = offline.assign_trips(a, src, [5, 3])
+    assert w == {0: 5.0, 1: 3.0} and desc[0]["match"] == "SASS loops by start address"
+    src[2]["line"] = ["/src/k.py", 11]
+    w, desc = offline.assign_trips(a, src, [5, 4, 3])       # every source loop; loop 1 was unrolled away
+    assert w == {0: 5.0, 1: 3.0} and desc[0]["match"] == "source loops"
+    w, _ = offline.assign_trips(a, src, [5, 3])             # only the surviving ones
+    assert w == {0: 5.0, 1: 3.0}
+    w, desc = offline.assign_trips(a, src, [5, 1, 4, 3])    # a 1-trip loop the compiler removed
+    assert w == {0: 5.0, 1: 3.0} and "removed" in desc[0]["match"]
+
+
+@pytest.mark.parametrize("opcode,bits", [
+    ("LDG.E.128", 128), ("LDG.E.64.CONSTANT", 64), ("LDG.E", 32), ("LDG.E.U16", 16), ("LDG.E.S8", 8),
+    ("LDGSTS.E.BYPASS.LTC128B.128", 128), ("LDGSTS.E.LTC128B", 32), ("UTMALDG.2D", 128), ("STG.E.128", 128),
+    ("STG.E.U16", 16), ("STG.E.64", 64)])
+def test_access_bits(opcode, bits):
+    assert offline.access_bits(offline.Instr(0, "", opcode, "", ())) == bits
+
+
+def test_ptxas_and_res_usage_parsing():
+    log = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\nptxas info    : Function properties for k\n"
+           "    24 bytes stack frame, 16 bytes spill stores, 8 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 384 bytes cmem[0]\n")
+    assert offline.parse_ptxas_log(log) == dict(regs=255, spill_stores=16, spill_loads=8, stack=24)
+    assert offline.parse_ptxas_log("") == dict(regs=None, spill_stores=None, spill_loads=None, stack=None)
+    res = " Function k:\n  REG:96 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:576 TEXTURE:0\n"
+    assert offline.parse_res_usage(res) == dict(regs=96, stack=0, shared=1024, local=0)
+    a = offline.analyze_sass("/*0000*/ STL.64 [R1], R2 ;\n/*0010*/ STL [R1+0x8], R3 ;\n/*0020*/ LDL.128 R4, [R1] ;\n"
+                             "/*0030*/ EXIT ;")
+    assert a["local_store_bytes"] == 12 and a["local_load_bytes"] == 16
+
+
+TTGIR = """#loc = loc("/src/k.py":4:1)
+#loc5 = loc("/src/h.py":20:8)
+#loc6 = loc("/src/k.py":30:4)
+#loc7 = loc(callsite(#loc5 at #loc6))
+#loc8 = loc("/src/k.py":12:4)
+#loc9 = loc("acc"(#loc8))
+module {
+  tt.func public @k(%K: i32) {
+    %acc = scf.for %t = %pid to %n step %nprog iter_args(%a = %c) -> (i32)  : i32 {
+      %x = scf.for %k = %c0_i32 to %K step %c32_i32 iter_args(%b = %a) -> (i32)  : i32 {
+        %y = ttg.async_copy_global_to_local %p, %q : tensor<1xi32>
+        scf.yield %b : i32
+      } loc(#loc7)
+      %z = scf.for %d = %c0_i32 to %c3_i32 step %c1_i32 iter_args(%e = %x) -> (i32)  : i32 {
+        scf.yield %e : i32
+      } {tt.num_stages = 1 : i32} loc(#loc6)
+      scf.yield %z : i32
+    } loc(#loc9)
+    tt.return
+  } loc(#loc)
+}
+"""
+
+
+def test_mlir_loops():
+    loops = offline.mlir_loops(TTGIR)
+    assert [l["line"] for l in loops] == [["/src/k.py", 12], ["/src/h.py", 20], ["/src/k.py", 30]]
+    assert [l["parent"] for l in loops] == [None, 0, 0]
+    assert [l["pipelined"] for l in loops] == [False, True, False]
+    assert loops[2]["const_trips"] == 3 and loops[2]["stages"] == 1 and loops[1]["const_trips"] is None
+    peeled = offline.source_loops(TTGIR.replace("to %K step", "to %K_2 step"),     # TTIR
+                                  TTGIR.replace("to %K step", "to %KP step"), 3)    # TTGIR: another bound
+    assert peeled[1]["peeled"] and not offline.source_loops(TTGIR, TTGIR, 3)[1]["peeled"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiled (in a child process without TRITON_INTERPRET)
+
+def _child_checks() -> dict:
+    """Everything that compiles, in one process (runs as ``python tests/test_offline_model.py checks``)."""
+    from ghost_kernels.spec import GhostSpec, ModuleShape
+    out = {}
+
+    def model_one(launch, keep_sass=False):
+        job = offline.specialize_launch(launch)
+        res = offline.compile_job(job)
+        rec = dict(job=dict(signature=job.signature, attrs={str(k): v for k, v in job.attrs.items()},
+                            constexprs={str(k): v for k, v in job.constexprs.items()}, options=job.options))
+        try:
+            rec["model"] = offline.model_launch(res, launch, job)
+        except offline.LoopMismatch as exc:
+            rec["mismatch"] = str(exc)
+        rec["res"] = {k: v for k, v in res.items() if k not in ("analysis",)}
+        rec["analysis"] = res["analysis"]
+        if keep_sass:
+            import triton as _t
+            from triton.compiler import ASTSource
+            src = ASTSource(offline.resolve_kernel(job.kernel), job.signature,
+                            {k: offline._decode_const(v) for k, v in job.constexprs.items()}, job.attrs)
+            compiled = _t.compile(src, target=offline.target(), options=dict(job.options))
+            rec["sass"] = offline._disassemble(compiled.asm["cubin"])[0]
+        return rec
+
+    # 1. the family launcher on a real shape, captured
+    shape = ModuleShape("t", GhostSpec(16, 16), 112, 112)
+    x, params = offline.make_inputs(shape, torch.bfloat16, "channels_last", 4)
+    launches = offline.capture(copy_forward, x, params, torch.bfloat16)
+    out["copy"] = model_one(launches[0], keep_sass=True)
+    out["copy"]["n_blocks"] = launches[0].args[2]
+    out["copy"]["programs"] = launches[0].grid[0]
+    out["copy"]["loops"] = list(launches[0].loops)
+
+    # 2. the same kernel on a view 2 bytes off 16-byte alignment
+    flat = torch.empty(1 << 16, dtype=torch.bfloat16)
+    with tc.capture_launches() as rec:
+        tc.launch(_offline_copy_kernel, (8,), flat[1:], flat[1:], 60, loops=[7.5], BLOCK=1024, num_warps=4)
+    out["odd"] = model_one(rec[0])
+
+    # 3. loops= that do not fit the kernel
+    with tc.capture_launches() as rec:
+        tc.launch(_offline_copy_kernel, (8,), flat, flat, 64, loops=[4, 5], BLOCK=1024, num_warps=4)
+        tc.launch(_offline_copy_kernel, (8,), flat, flat, 64, BLOCK=1024, num_warps=4)
+    out["mismatch"] = [model_one(r).get("mismatch") for r in rec]
+
+    # 4. a loop that ptxas unrolls
+    with tc.capture_launches() as rec:
+        tc.launch(_offline_sum_kernel, (16,), flat, flat, 64, loops=[64], BLOCK=128, num_warps=4)
+    out["unrolled"] = model_one(rec[0])
+
+    # 5. a software-pipelined K loop
+    a = torch.empty(1 << 16, dtype=torch.bfloat16)
+    with tc.capture_launches() as rec:
+        tc.launch(_offline_dot_kernel, (1,), a, a, a, 256, loops=[8], BM=64, BN=64, BK=32, num_warps=4, num_stages=3)
+    out["dot"] = model_one(rec[0])
+
+    # 6. specialization: the binder path against Triton's own JITFunction.run (warmup=True with a
+    #    stand-in sm_90 driver; its jit_cache_hook sees the compile request and skips the compile)
+    cases = [((flat, flat, 4096, 1, 1), {}), ((flat[1:], flat[8:], 4097, 16, 48), {}),
+             ((flat[3:], flat, 33, 7, 1), {"num_warps": 2}), ((flat.float()[:100], flat, 1, 32, 5), {"num_stages": 1})]
+    out["spec"] = []
+    for args, opts in cases:
+        with tc.capture_launches() as rec:
+            tc.launch(_offline_strided_kernel, (4,), *args, BLOCK=256, **opts)
+        jobs = [offline.specialize_launch(rec[0], method=m) for m in ("binder", "run")]
+        out["spec"].append([dict(key=j.key, signature=j.signature, options=repr(sorted(j.options.items())),
+                                 constexprs={str(k): repr(v) for k, v in j.constexprs.items()},
+                                 attrs={str(k): repr(offline._tuplify(v)) for k, v in j.attrs.items()})
+                            for j in jobs])
+    out["triton"] = triton.__version__
+    out["regs_match"] = out["copy"]["res"]["regs"] == out["copy"]["res"]["ptxas_regs"] or \
+        out["copy"]["res"]["ptxas_regs"] is None
+    return out
+
+
+@pytest.fixture(scope="module")
+def child():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, HERE, "checks"], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    if "skip" in out:
+        pytest.skip(out["skip"])
+    return out
+
+
+def test_copy_model_is_exact(child):
+    """The persistent copy, counted by hand from its SASS: the loop body runs n_blocks / programs times
+    per program, everything else (up to the EXIT after the loop) once."""
+    c = child["copy"]
+    instrs = offline.parse_sass(c["sass"])
+    back = [i for i in instrs if i.base == "BRA" and i.target is not None and i.target <= i.addr and i.target != i.addr]
+    assert len(back) == 1
+    body = sum(1 for i in instrs if back[0].target <= i.addr <= back[0].addr)
+    last_exit = next(i.addr for i in instrs if i.base == "EXIT" and i.addr > back[0].addr)
+    straight = sum(1 for i in instrs if i.addr <= last_exit) - body
+    trips = c["n_blocks"] / c["programs"]
+    assert c["loops"] == [trips]
+    m = c["model"]
+    assert m["instr_per_warp"] == pytest.approx(straight + body * trips)
+    assert m["warp_instr"] == pytest.approx((straight + body * trips) * 4 * c["programs"])
+    assert m["ldg_warp_instr"] == pytest.approx(c["n_blocks"] * 4) and m["programs"] == c["programs"]
+    assert m["ld_bits"] == 128 and m["st_bits"] == 128          # 16-byte aligned bf16: LDG.E.128 / STG.E.128
+    assert m["ld_bits_main"] == 128 and m["ldg_by_bits"] == {"128": pytest.approx(c["n_blocks"] * 4)}
+    assert m["sass_loops"][0]["match"] == "source loops"
+    assert m["spills"] == 0 and m["regs"] and child["regs_match"]
+
+
+def test_capture_specialization_of_the_launcher(child):
+    """The captured launch specializes like Triton's JIT would: 16-byte aligned pointers and an int
+    divisible by 16 carry tt.divisibility, the constexpr stays a constexpr, options are the launch's."""
+    job = child["copy"]["job"]
+    assert job["signature"] == {"x_ptr": "*bf16", "y_ptr": "*bf16", "n_blocks": "i32", "BLOCK": "constexpr"}
+    div = [k for k, v in job["attrs"].items() if "tt.divisibility" in json.dumps(v)]
+    assert sorted(div) == ["(0,)", "(1,)", "(2,)"]              # 4*16*112*112 // 1024 = 784 = 16 * 49
+    assert job["constexprs"] == {"(3,)": 1024} and job["options"]["num_warps"] == 4
+
+
+def test_odd_offset_gives_narrow_accesses(child):
+    o = child["odd"]
+    assert not any("tt.divisibility" in json.dumps(v) for k, v in o["job"]["attrs"].items() if k in ("(0,)", "(1,)"))
+    assert o["model"]["ld_bits"] == 16 and o["model"]["st_bits"] == 16     # LDG.E.U16 / STG.E.U16
+    assert o["model"]["ld_bits_main"] == 16
+
+
+def test_specialization_equals_tritons_own_run(child):
+    for binder, run in child["spec"]:
+        assert binder == run
+    sig = [case[0]["signature"] for case in child["spec"]]
+    assert sig[0]["sx"] == sig[0]["sy"] == "constexpr"        # ints equal to 1
+    assert sig[1]["sx"] == "i32" and child["spec"][1][0]["attrs"]["(3,)"] == "(('tt.divisibility', 16),)"
+    assert child["spec"][1][0]["attrs"]["(0,)"] == "()"           # bf16 pointer 2 bytes off 16
+    assert child["spec"][1][0]["attrs"]["(1,)"] == "(('tt.divisibility', 16),)"   # 16 bytes off: aligned
+    assert sig[3]["x_ptr"] == "*fp32" and sig[3]["n"] == "constexpr"
+
+
+def test_loops_mismatch_error_from_compiled_kernel(child):
+    wrong, missing = child["mismatch"]
+    assert wrong and "loops= has 2 trip counts" in wrong and "SASS loops" in wrong and "test_offline_model.py" in wrong
+    assert missing and "passes no loops=" in missing
+
+
+def test_ptxas_unrolled_loop(child):
+    """ptxas unrolls the small loop into a U-times body and a remainder loop: both are one source loop,
+    and the modelled count lies between the U-times body's per-iteration cost and the remainder's."""
+    u = child["unrolled"]
+    loops = u["model"]["sass_loops"]
+    assert len(loops) >= 2 and any("unrolled x" in lp["trips"] for lp in loops)
+    main = max(loops, key=lambda lp: lp["instrs"])
+    rem = min(loops, key=lambda lp: lp["instrs"])
+    unroll = int(main["trips"].split("unrolled x")[1].split(" ")[0])
+    per = u["model"]["instr_per_warp"]
+    assert 64 * main["instrs"] / unroll <= per <= 64 * rem["instrs"] + u["model"]["static_instrs"]
+
+
+def test_pipelined_loop(child):
+    d = child["dot"]["model"]
+    lp = d["sass_loops"]
+    assert len(lp) == 1 and "pipelined (3 stages" in lp[0]["trips"] and lp[0]["weight"] == 8.0
+    assert d["ld_bits"] == 128 and d["mma_static"] > 0 and d["smem"] > 0   # cp.async 16 B, tensor cores
+
+
+# --------------------------------------------------------------------------------------------------
+# The CLI and model_rows (under TRITON_INTERPRET the model runs in a child process)
+
+REQUIRED = ("family", "name", "inp", "oup", "h", "w", "dtype", "layout", "regs", "spills", "smem", "ld_bits",
+            "st_bits", "barriers", "warp_instr", "floor_bytes", "instr_per_byte", "chosen", "variants", "launches")
+
+
+def test_cli_writes_offline_json(tmp_path, capsys):
+    rc = offline.main(["--out", str(tmp_path), "--families", "offline_test_copy", "--shapes", "0,21",
+                       "--dtypes", "bfloat16,float32", "--layouts", "channels_last,nchw", "--batch", "4",
+                       "--import", HERE, "--quiet"])
+    assert rc == 0
+    data = json.loads((tmp_path / "offline.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    assert len(rows) == 8 and not any(r["error"] for r in rows)
+    for r in rows:
+        assert set(REQUIRED) <= set(r), set(REQUIRED) - set(r)
+        assert r["chosen"] is False and r["variants"] == 1 and r["warp_instr"] > 0
+        assert r["instr_per_byte"] == pytest.approx(r["warp_instr"] / r["floor_bytes"])
+        assert r["launches"][0]["kernel"] == "_offline_copy_kernel"
+    r0 = rows[0]
+    assert (r0["inp"], r0["oup"], r0["h"], r0["dtype"], r0["layout"]) == (16, 16, 112, "bfloat16", "channels_last")
+    assert r0["floor_bytes"] == 4 * 16 * 112 * 112 * 2 * 2
+    # 4 variants: {bf16, fp32} x {n_blocks divisible by 16 or not}
+    assert meta["variants"] == 4 and meta["batch"] == 4 and "chosen" in meta
+    assert (tmp_path / "offline.md").exists() and "offline_test_copy" in capsys.readouterr().out
+
+
+def test_model_rows_with_module_shapes():
+    """The lead's entry point: model_rows with ModuleShape objects, from the interpreter's process."""
+    from ghost_kernels.spec import GhostSpec, ModuleShape
+    shape = ModuleShape("custom", GhostSpec(24, 37, ratio=3, dw_size=5), 9, 9)
+    rows = offline.model_rows(["offline_test_copy"], [shape], ["float16"], ["nchw"], batch=2, imports=[HERE])
+    assert len(rows) == 1 and rows[0]["name"] == "custom" and rows[0]["oup"] == 37 and not rows[0]["error"]
+    assert rows[0]["launches"][0]["loops"] == [1.0] and rows[0]["dtype"] == "float16"
+
+
+def test_model_rows_reports_unknown_family():
+    with pytest.raises(offline.OfflineError, match="unknown family"):
+        offline.model_rows(["no_such_family"], "0", batch=2)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["checks"]:
+        try:
+            result = _child_checks()
+        except offline.TritonApiMismatch as exc:
+            result = {"skip": str(exc)}
+        print(json.dumps(result, default=str))
