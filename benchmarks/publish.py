@@ -1,8 +1,14 @@
-"""Commit-ready copies of a GPU suite run: ``python benchmarks/publish.py OUTDIR``.
+"""Commit-ready copies of a GPU run: ``python benchmarks/publish.py OUTDIR [--table PATH]``.
 
-Copies OUTDIR/bench.json and bench.md to benchmarks/results/<date>-<gpu>.{json,md} (plots as
-<date>-<gpu>-*.png) and rewrites benchmarks/RESULTS.md with the newest run's tables.
+* A GPU suite run (``gpu_suite.sh``: OUTDIR/bench.json): copies bench.json and bench.md to
+  benchmarks/results/<date>-<gpu>.{json,md} (plots as <date>-<gpu>-*.png) and rewrites
+  benchmarks/RESULTS.md with the newest run's tables.
+* A GPU lab run (``gpu_lab.sh``: OUTDIR/timing.json and the other phases' files): copies them to
+  benchmarks/results/<date>-<gpu>-lab-<phase>.json, and writes the GPU's entry of the measured choice
+  table (ghost_kernels/choice_table.json, or ``--table PATH``) from the timing rows, so that ``auto``
+  and ``backend="triton"`` choose per shape by these measurements.
 """
+import argparse
 import json
 import os
 import re
@@ -10,13 +16,19 @@ import shutil
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+LAB_PHASES = ("timing", "references", "precompile", "ncu", "model", "phases")
 
 
-def main(out_dir: str) -> str:
+def _stem(data: dict, suffix: str = "") -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", data["device"].lower()).strip("-")
+    return f"{data['date']}-{slug}" + ("-quick" if data.get("quick") else "") + suffix
+
+
+def publish_suite(out_dir: str) -> str:
     with open(os.path.join(out_dir, "bench.json")) as f:
         data = json.load(f)
-    slug = re.sub(r"[^a-z0-9]+", "-", data["device"].lower()).strip("-")
-    stem = f"{data['date']}-{slug}" + ("-quick" if data.get("quick") else "")
+    stem = _stem(data)
     results = os.path.join(HERE, "results")
     os.makedirs(results, exist_ok=True)
     shutil.copy(os.path.join(out_dir, "bench.json"), os.path.join(results, stem + ".json"))
@@ -35,7 +47,41 @@ def main(out_dir: str) -> str:
     return stem
 
 
+def publish_lab(out_dir: str, table_path: str, results: str) -> str:
+    sys.path.insert(0, ROOT)
+    from ghost_kernels import choice
+
+    with open(os.path.join(out_dir, "timing.json")) as f:
+        timing = json.load(f)
+    stem = _stem(timing, "-lab")
+    os.makedirs(results, exist_ok=True)
+    for phase in LAB_PHASES:
+        src = os.path.join(out_dir, f"{phase}.json")
+        if os.path.exists(src):
+            shutil.copy(src, os.path.join(results, f"{stem}-{phase}.json"))
+    table = {"gpus": {}}
+    if os.path.exists(table_path):
+        with open(table_path) as f:
+            table = json.load(f)
+    table.setdefault("gpus", {})[timing["device"]] = choice.entry_from_rows(
+        timing["rows"], timing["device"], timing.get("capability"), f"benchmarks/results/{stem}-timing.json",
+        timing["date"])
+    table["note"] = "written by benchmarks/publish.py from GPU lab runs; do not edit by hand (ghost_kernels/choice.py)"
+    with open(table_path, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    return stem
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir")
+    p.add_argument("--table", default=os.path.join(ROOT, "ghost_kernels", "choice_table.json"))
+    p.add_argument("--results", default=os.path.join(HERE, "results"))
+    args = p.parse_args(argv)
+    if os.path.exists(os.path.join(args.out_dir, "timing.json")):
+        return publish_lab(args.out_dir, args.table, args.results)
+    return publish_suite(args.out_dir)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python benchmarks/publish.py OUTDIR")
-    print("published", main(sys.argv[1]))
+    print("published", main())

@@ -44,6 +44,10 @@ def shape_key(spec: GhostSpec, h: int, w: int, dtype: torch.dtype, channels_last
             DTYPE_NAMES.get(dtype, str(dtype)), "channels_last" if channels_last else "nchw")
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def row_key(row: dict) -> Tuple:
     return (row["inp"], row["oup"], row["ratio"], row["dw_size"], row["stride"], row["act"], row["h"], row["w"],
             row["dtype"], row["layout"])
@@ -59,8 +63,81 @@ def load_table(path: str = TABLE_PATH) -> Dict[str, dict]:
     table = {}
     for gpu, entry in raw.get("gpus", {}).items():
         rows = {row_key(r): dict(r["ms"]) for r in entry.get("rows", [])}
-        table[gpu] = dict(entry, rows=rows)
+        configs = {row_key(r): dict(r.get("config", {})) for r in entry.get("rows", [])}
+        table[gpu] = dict(entry, rows=rows, configs=configs)
     return table
+
+
+def _constant(fn):
+    """Under torch.compile, call ``fn`` at trace time and keep its result as a constant: the choice is
+    a pure function of the shape, the GPU and the committed table (no file or device query traced)."""
+    assume = getattr(getattr(torch, "compiler", None), "assume_constant_result", None)
+    return assume(fn) if assume is not None else fn
+
+
+def device_of(x: torch.Tensor) -> Tuple[str, Optional[Tuple[int, int]]]:
+    """(GPU name, compute capability) of x's device; the interpreter is "CPU (Triton interpreter)"."""
+    return _device_info(x.device.type, x.device.index if x.device.index is not None else -1)
+
+
+@_constant
+def _device_info(device_type: str, index: int) -> Tuple[str, Optional[Tuple[int, int]]]:
+    if device_type == "cuda":
+        idx = torch.cuda.current_device() if index < 0 else index
+        return torch.cuda.get_device_name(idx), tuple(torch.cuda.get_device_capability(idx))
+    return "CPU (Triton interpreter)", None
+
+
+# Implementations whose measured times enter the table: the backends "auto" can choose, and
+# eager_folded, which stands in for torch_folded in runs that did not time it.
+TABLE_IMPLS = ("torch_folded", "eager_folded", "cuda") + TRITON_FAMILIES
+
+
+def entry_from_rows(rows: Sequence[dict], device: str, capability, source: str, date: str) -> dict:
+    """A GPU's table entry from the lab's timing rows (``timing.json``: the bench's result schema with
+    ``ratio``, ``dw_size``, ``act`` and, for families, the fastest ``config``). Written by
+    ``benchmarks/publish.py``; read by :func:`load_table`."""
+    by_key: Dict[Tuple, dict] = {}
+    for r in rows:
+        if r.get("op", "forward") != "forward" or r.get("status") != "ok" or not r.get("median_ms"):
+            continue
+        if r["impl"] not in TABLE_IMPLS and r["impl"] not in _extra_families():
+            continue
+        key = row_key(r)
+        entry = by_key.setdefault(key, dict(zip(("inp", "oup", "ratio", "dw_size", "stride", "act", "h", "w",
+                                                 "dtype", "layout"), key), ms={}, config={}))
+        entry["ms"][r["impl"]] = r["median_ms"]
+        if r.get("config"):
+            entry["config"][r["impl"]] = r["config"]
+    return {"capability": list(capability) if capability else None, "source": source, "date": date,
+            "rows": list(by_key.values())}
+
+
+def _extra_families():
+    from .triton_family import FAMILIES
+    return tuple(FAMILIES)
+
+
+def _entries(device_name: str, capability, table: dict):
+    """This GPU's table entry first, then those of measured GPUs with the same compute capability."""
+    names = [device_name] + sorted(g for g, e in table.items()
+                                   if g != device_name and capability is not None
+                                   and tuple(e.get("capability", ())) == tuple(capability))
+    return [(g, table[g]) for g in names if g in table]
+
+
+def measured_config(family: str, x: torch.Tensor, spec: GhostSpec, dtype: torch.dtype) -> Optional[dict]:
+    """The tiling the GPU lab measured fastest for ``family`` at this shape (a dict of the family's
+    config fields), or None."""
+    table = load_table()
+    if not table:
+        return None
+    key = shape_key(spec, x.shape[2], x.shape[3], dtype, is_channels_last(x))
+    for _, entry in _entries(*device_of(x), table):
+        cfg = entry["configs"].get(key, {}).get(family)
+        if cfg:
+            return cfg
+    return None
 
 
 def measurements(key: Tuple, device_name: str, capability: Optional[Tuple[int, int]] = None,
@@ -68,12 +145,8 @@ def measurements(key: Tuple, device_name: str, capability: Optional[Tuple[int, i
     """(impl -> ms, "GPU name (source)") for ``key`` on this GPU or the nearest measured one of the
     same compute capability; (None, None) when nothing was measured."""
     table = load_table() if table is None else table
-    names = [device_name] + sorted(g for g, e in table.items()
-                                   if g != device_name and capability is not None
-                                   and tuple(e.get("capability", ())) == tuple(capability))
-    for gpu in names:
-        entry = table.get(gpu)
-        if entry and key in entry["rows"]:
+    for gpu, entry in _entries(device_name, capability, table):
+        if key in entry["rows"]:
             ms = dict(entry["rows"][key])
             if "torch_folded" not in ms and "eager_folded" in ms:
                 ms["torch_folded"] = ms["eager_folded"]
@@ -81,6 +154,7 @@ def measurements(key: Tuple, device_name: str, capability: Optional[Tuple[int, i
     return None, None
 
 
+@_constant
 def rank(candidates: Sequence[str], key: Tuple, device_name: str, capability: Optional[Tuple[int, int]] = None,
          heuristic: Sequence[str] = ()) -> Tuple[List[str], str]:
     """``candidates`` in the order to try them, and a sentence saying why."""

@@ -21,16 +21,16 @@ from typing import Dict, List, Optional
 
 from torch import Tensor
 
-from . import choice, cuda_backend, reference, torch_folded, triton_halo
+from . import choice, cuda_backend, reference, torch_folded, triton_band, triton_halo, triton_two_pass
 from .backend import Backend, Request, autocast_enabled
 from .params import GhostParams
 from .reference import legacy_params
-from .triton_backend import TritonBackend, device_name
+from .triton_backend import TritonBackend
 
 logger = logging.getLogger("ghost_kernels")
 
 # The inference-only Triton kernel families, each a backend of its own (triton_<family>.py).
-TRITON_FAMILIES = [triton_halo.BACKEND]
+TRITON_FAMILIES = [triton_band.BACKEND, triton_two_pass.BACKEND, triton_halo.BACKEND]
 
 TRITON = TritonBackend("triton", "the Triton kernels: per shape the fastest admissible family for inference, "
                        "the fused training ops for train-mode BN and autograd", trains=True,
@@ -111,7 +111,7 @@ def choose(requested: str, req: Request) -> Choice:
     if not req.inference:
         passed = {b.name: b.not_supported_reasons(req) + [AUTO_TRAINING_REASON] for b in [TRITON] + candidates}
         return Choice(reference.BACKEND, "train-mode BN / autograd: " + AUTO_TRAINING_REASON, passed)
-    gpu, capability = device_name(req.x)
+    gpu, capability = choice.device_of(req.x)
     key = choice.shape_key(req.spec, req.x.shape[2], req.x.shape[3], req.compute_dtype, req.channels_last)
     order, why = choice.rank([b.name for b in candidates], key, gpu, capability, ["torch_folded"])
     passed: Dict[str, List[str]] = {}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-import torch
 from torch import Tensor, nn
 
 from .spec import GhostSpec

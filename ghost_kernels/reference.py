@@ -11,7 +11,7 @@ BatchNorm follows ``nn.BatchNorm2d`` exactly, train mode included (see :func:`ba
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Tuple, Union
 
 import torch
 import torch.nn.functional as F

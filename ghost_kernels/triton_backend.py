@@ -22,13 +22,6 @@ from .train_ops import ghost_train
 from .triton_family import TritonFamily, triton_environment_reason
 
 
-def device_name(x: Tensor) -> Tuple[str, Optional[Tuple[int, int]]]:
-    """(GPU name, compute capability) of x's device; the interpreter is "CPU (Triton interpreter)"."""
-    if x.is_cuda:
-        return torch.cuda.get_device_name(x.device), torch.cuda.get_device_capability(x.device)
-    return "CPU (Triton interpreter)", None
-
-
 @dataclass
 class TritonBackend(Backend):
     families: Sequence[TritonFamily] = field(default=(), repr=False)
@@ -40,7 +33,7 @@ class TritonBackend(Backend):
         """The families in the order to try them for ``req``, and why."""
         ho, wo = req.out_hw
         by_name = {f.name: f for f in self.families}
-        name, capability = device_name(req.x)
+        name, capability = choice.device_of(req.x)
         key = choice.shape_key(req.spec, req.x.shape[2], req.x.shape[3], req.compute_dtype, req.channels_last)
         order, why = choice.rank(list(by_name), key, name, capability, choice.heuristic_triton_order(req.spec, ho, wo))
         return [by_name[n] for n in order], why

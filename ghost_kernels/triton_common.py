@@ -43,7 +43,7 @@ def next_pow2(v: int) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # The launch point. Every kernel launch of the package goes through launch(), so that the offline
-# performance model (ghost_kernels/bench/offline.py) can record the exact launches a call makes --
+# performance model (ghost_kernels/bench/offline/) can record the exact launches a call makes --
 # kernel, grid, arguments, specialization -- and compile them for sm_90 without a GPU.
 
 class Launch(NamedTuple):

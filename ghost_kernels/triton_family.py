@@ -3,13 +3,17 @@
 A family file (``triton_two_pass.py``, ...) holds its kernels, its launcher and, at the bottom, its
 backend object::
 
-    BACKEND = TritonFamily("triton_two_pass", "two passes: ...", launcher=forward, support=Support(...))
+    BACKEND = TritonFamily("triton_two_pass", "two passes: ...", launcher=forward, support=Support(...),
+                           default_config=default_config, lab_configs=lab_configs)
 
 The launcher's contract: ``launcher(x, params, dtype, out=None, config=None) -> out``, eval-mode BN
 folded inside the kernels from ``params`` (the module's own tensors), output of shape
 ``N x oup x H' x W'`` in ``dtype`` with eager's memory format (``layout.empty_output``), x of any
-strides. Under torch.compile every family runs as ``torch.ops.ghost_kernels.triton_forward``, with
-the family's name as an argument: one op and one fake implementation for all of them.
+strides. ``default_config(spec, ho, wo, dtype, channels_last)`` is the launcher's own choice of
+tiling, ``lab_configs(...)`` the few alternatives the GPU lab times; a configuration measured faster
+on this GPU (``choice.py``) replaces the default. Under torch.compile every family runs as
+``torch.ops.ghost_kernels.triton_forward``, with the family's name as an argument: one op and one
+fake implementation for all of them.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from .params import BatchNormState, GhostParams
 from .spec import GhostSpec
 
 Launcher = Callable[..., Tensor]
-FAMILIES: Dict[str, Launcher] = {}   # name -> launcher, for the op
+FAMILIES: Dict[str, "TritonFamily"] = {}   # name -> family, for the op
 
 
 def is_compiling() -> bool:
@@ -56,10 +60,15 @@ class TritonFamily(Backend):
     """An inference-only Triton kernel family (eval-mode BN folded in the kernels)."""
 
     launcher: Optional[Launcher] = field(default=None, repr=False)
+    default_config: Optional[Callable] = field(default=None, repr=False)
+    lab_configs: Optional[Callable] = field(default=None, repr=False)
+    # HBM bytes a call moves (spec, n, h, w, element bytes, channels_last) when more than the floor
+    # (x read once, out written once): for the offline model's predicted time and the heuristic.
+    extra_hbm_bytes: Optional[Callable] = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.launcher is not None:
-            FAMILIES[self.name] = self.launcher
+            FAMILIES[self.name] = self
 
     def environment_reason(self, device: Optional[torch.device] = None) -> Optional[str]:
         return triton_environment_reason(device)
@@ -67,13 +76,41 @@ class TritonFamily(Backend):
     def forward(self, x: Tensor, req: Request) -> Tensor:
         return run_family(self.name, x, req.params, req.compute_dtype)
 
+    def measured_config(self, x: Tensor, spec: GhostSpec, dtype: torch.dtype):
+        """The configuration measured fastest for this shape on this GPU (choice.py), or None."""
+        if self.default_config is None or not x.is_cuda:
+            return None
+        from . import choice
+        found = choice.measured_config(self.name, x, spec, dtype)
+        if found is None:
+            return None
+        ho, wo = spec.out_hw(x.shape[2], x.shape[3])
+        default = self.default_config(spec, ho, wo, dtype, choice.is_channels_last(x))
+        return type(default)(**found)
+
+    def launch(self, x: Tensor, params: GhostParams, dtype: torch.dtype) -> Tensor:
+        return self.launcher(x, params, dtype, config=self.measured_config(x, params.spec, dtype))
+
 
 def run_family(family: str, x: Tensor, params: GhostParams, dtype: torch.dtype) -> Tensor:
     """The family's launcher in eager mode (no op-dispatch overhead on the hot path), the op under
     torch.compile (an opaque call with a fake implementation)."""
     if is_compiling():
         return triton_forward_op(x, *op_args(params), dtype, family)
-    return FAMILIES[family](x, params, dtype)
+    return FAMILIES[family].launch(x, params, dtype)
+
+
+def prepare_output(x: Tensor, spec: GhostSpec, dtype: torch.dtype, out: Optional[Tensor]) -> Tensor:
+    """The launcher's output: a new tensor with eager's shape and memory format, or ``out`` after
+    checking its shape, dtype and device (any strides)."""
+    n, _, h, w = x.shape
+    ho, wo = spec.out_hw(h, w)
+    if out is None:
+        return empty_output(x, spec.oup, spec.stride, dtype)
+    if out.shape != (n, spec.oup, ho, wo) or out.dtype != dtype or out.device != x.device:
+        raise ValueError(f"out must be a {dtype} tensor of shape {(n, spec.oup, ho, wo)} on {x.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
 
 
 def op_args(params: GhostParams) -> tuple:
@@ -100,7 +137,7 @@ def triton_forward_op(x: Tensor, w1: Tensor, bn1_weight: Optional[Tensor], bn1_b
     """Eval-mode Ghost module forward by the Triton kernel family ``family``, computing in ``dtype``."""
     params = params_from_op(x, w1, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, wd, bn2_weight, bn2_bias,
                             bn2_mean, bn2_var, bn2_eps, oup, stride, ratio, dw_size, relu)
-    return FAMILIES[family](x, params, dtype)
+    return FAMILIES[family].launch(x, params, dtype)
 
 
 @triton_forward_op.register_fake

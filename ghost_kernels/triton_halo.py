@@ -55,11 +55,10 @@ from . import triton_common as tc
 from .backend import Support
 from .batch_stats import Moments
 from .fold import FoldedGhost, fold_ghost
-from .layout import empty_output
 from .params import GhostParams
 from .spec import GhostSpec
 from .triton_common import tl, triton
-from .triton_family import TritonFamily
+from .triton_family import TritonFamily, prepare_output
 
 if triton is not None:
     from .triton_common import bn_act_tile, pointwise_conv_tile, tile_coords
@@ -168,11 +167,7 @@ def forward_folded(x: Tensor, folded: FoldedGhost, spec: GhostSpec, out: Optiona
     n, _, h, w = x.shape
     ho, wo = spec.out_hw(h, w)
     dtype = folded.w1.dtype
-    if out is None:
-        out = empty_output(x, spec.oup, spec.stride, dtype)
-    elif out.shape != (n, spec.oup, ho, wo) or out.dtype != dtype or out.device != x.device:
-        raise ValueError(f"out must be a {dtype} tensor of shape {(n, spec.oup, ho, wo)} on {x.device}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    out = prepare_output(x, spec, dtype, out)
     if out.numel() == 0:
         return out
     launch_forward(x, out, folded, spec, relu2=spec.act == "relu")

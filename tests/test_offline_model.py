@@ -1,4 +1,4 @@
-"""The offline performance model (ghost_kernels/bench/offline.py), checked on small kernels of its own.
+"""The offline performance model (ghost_kernels/bench/offline/), checked on small kernels of its own.
 
 Pure parts (SASS parsing, loops, trip-count weighting, widths, ptxas/cuobjdump/MLIR parsing) run in
 this process. Whatever compiles runs in a child process without TRITON_INTERPRET (the compiler does
@@ -20,6 +20,7 @@ import triton.language as tl  # noqa: E402
 
 from ghost_kernels import triton_common as tc  # noqa: E402
 from ghost_kernels.bench import offline  # noqa: E402
+from ghost_kernels.bench.offline import compiler, specialize  # noqa: E402
 from ghost_kernels.layout import empty_output  # noqa: E402
 
 HERE = os.path.abspath(__file__)
@@ -131,6 +132,14 @@ def test_sass_loops_nesting_and_reachability():
     assert outer.start(instrs) == 0x40 and outer.end(instrs) == 0xa0 and outer.parent is None
     assert inner.start(instrs) == 0x60 and inner.end(instrs) == 0x80 and inner.parent == outer.id
     assert reach[:13] == [True] * 13 and reach[13:] == [False, False]
+
+
+def test_only_the_kernel_function_is_parsed():
+    two = ("//--------------------- .text.k --------------------------\n" + SASS
+           + "\n//--------------------- .text.helper --------------------------\n"
+             "        /*0000*/                   FADD R1, R1, R1 ;\n        /*0010*/                   RET.REL.NODEC R20 ;\n")
+    assert list(offline.split_functions(two)) == ["k", "helper"]
+    assert len(offline.parse_sass(two)) == 15 and len(offline.parse_sass(two, "helper")) == 2
 
 
 def test_trip_count_weighting_and_widths():
@@ -252,9 +261,9 @@ def _child_checks() -> dict:
             import triton as _t
             from triton.compiler import ASTSource
             src = ASTSource(offline.resolve_kernel(job.kernel), job.signature,
-                            {k: offline._decode_const(v) for k, v in job.constexprs.items()}, job.attrs)
+                            {k: specialize._decode_const(v) for k, v in job.constexprs.items()}, job.attrs)
             compiled = _t.compile(src, target=offline.target(), options=dict(job.options))
-            rec["sass"] = offline._disassemble(compiled.asm["cubin"])[0]
+            rec["sass"] = compiler._disassemble(compiled.asm["cubin"])[0]
         return rec
 
     # 1. the family launcher on a real shape, captured
@@ -300,7 +309,7 @@ def _child_checks() -> dict:
         jobs = [offline.specialize_launch(rec[0], method=m) for m in ("binder", "run")]
         out["spec"].append([dict(key=j.key, signature=j.signature, options=repr(sorted(j.options.items())),
                                  constexprs={str(k): repr(v) for k, v in j.constexprs.items()},
-                                 attrs={str(k): repr(offline._tuplify(v)) for k, v in j.attrs.items()})
+                                 attrs={str(k): repr(specialize._tuplify(v)) for k, v in j.attrs.items()})
                             for j in jobs])
     out["triton"] = triton.__version__
     out["regs_match"] = out["copy"]["res"]["regs"] == out["copy"]["res"]["ptxas_regs"] or \

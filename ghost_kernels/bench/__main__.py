@@ -43,6 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--junit", default=None, help="pytest junit XML whose counts go into the JSON")
     p.add_argument("--out", default="bench-out", help="output folder")
+    p.add_argument("--offline", action="store_true",
+                   help="no timing: the offline sm_90 performance model of every Triton kernel family (registers, "
+                        "spills, vector widths, modelled warp-instructions per HBM byte; no GPU needed) -> "
+                        "offline.json, offline.md")
+    from .offline import add_arguments
+    add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -86,6 +92,9 @@ def select_shapes(which: str, quick: bool):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.offline:
+        from .offline import run
+        return run(args)
     import torch
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):

@@ -1,0 +1,219 @@
+"""``python -m ghost_kernels.bench.lab --out DIR``: the one-call GPU lab (``benchmarks/gpu_lab.sh``).
+
+Phases, each writing its results under DIR as soon as it finishes (a timeout loses only the phase it
+cut short); the whole run keeps to ``--budget-s`` seconds:
+
+1. ``precompile``: every Triton variant the lab will launch (family x config x shape x dtype x
+   layout) compiled in a process pool, so that timing never waits on the compiler
+   (``precompile.json``: variants per family, compile seconds, failures).
+2. ``references``: device-copy bandwidth at several sizes and at each shape's own bytes, an
+   L2-resident copy, and empty-launch latency (``references.json``).
+3. ``timing``: per shape (the 22 distinct GhostNet 1.0x shapes, batch 256; bf16 channels_last with
+   every lab config of every family, then fp16 channels_last and a few NCHW shapes with the default
+   configs), eager, eager_folded, torch_folded, the CUDA C++ kernel, ``auto`` (what convert() users
+   get), every family, and torch.compile while its budget lasts; each checked against float64, then
+   timed by CUDA-graph replay over inputs larger than L2 (``timing.json``, the schema of the bench's
+   results with one ``impl`` per family and ``configs`` listing each config's time).
+4. ``ncu``: Nsight Compute (``--clock-control none``) on a few shapes per family: time, DRAM and L2
+   bytes, executed warp-instructions, issue activity, occupancy, registers, stall reasons, beside the
+   offline model's prediction for the same launch (``ncu.json``).
+5. ``model``: GhostNet 1.0x images/s, timm + torch.compile against converted + torch.compile, and the
+   copy kernels in a profile of the compiled converted model (``model.json``).
+
+``benchmarks/publish.py DIR`` files the results under benchmarks/results/ and writes the measured
+choice table (``ghost_kernels/choice_table.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from collections import Counter
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m ghost_kernels.bench.lab", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--budget-s", type=float, default=400.0, help="seconds for the whole lab (phases shrink to fit)")
+    p.add_argument("--phases", default="precompile,references,timing,ncu,model")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
+    p.add_argument("--quick", action="store_true", help="one shape per resolution, default configs only")
+    p.add_argument("--compile-budget", type=float, default=90.0, help="seconds of torch.compile in the timing phase")
+    p.add_argument("--cpu-check", action="store_true",
+                   help="run every phase's plumbing on the CPU (Triton interpreter, two small shapes): a test of "
+                        "the lab itself, no numbers")
+    p.add_argument("--ncu-child", default=None, help=argparse.SUPPRESS)   # FAMILY:SHAPE_INDEX:DTYPE (under ncu)
+    return p.parse_args(argv)
+
+
+def jobs(quick: bool, cpu_check: bool = False):
+    """(shape, count, dtype, layout, all_configs) in priority order: what matters most runs first."""
+    from .__main__ import select_shapes
+    if cpu_check:   # two small shapes (one ghost1, one ghost2) for the interpreter
+        import dataclasses
+        small = [dataclasses.replace(s, h=6, w=5) for s, _ in select_shapes("blocks.0.0.ghost1,blocks.1.0.ghost2", False)]
+        return [(s, 1, "float32", lay, True) for s in small for lay in ("channels_last", "nchw")]
+    everything = select_shapes("quick" if quick else "all", quick)
+    few = select_shapes("quick", True)
+    out = [(s, c, "bfloat16", "channels_last", not quick) for s, c in everything]
+    out += [(s, c, "float16", "channels_last", False) for s, c in everything]
+    out += [(s, c, "bfloat16", "nchw", False) for s, c in few]
+    return out
+
+
+class Lab:
+    def __init__(self, args):
+        import torch
+        self.args, self.t0 = args, time.perf_counter()
+        gpu = not args.cpu_check
+        self.device = torch.device("cuda" if gpu else "cpu")
+        props = torch.cuda.get_device_properties(self.device) if gpu else None
+        self.l2 = getattr(props, "L2_cache_size", 50 << 20) if gpu else 1 << 20
+        self.meta = {"device": torch.cuda.get_device_name(self.device) if gpu else "CPU (lab --cpu-check)",
+                     "capability": list(torch.cuda.get_device_capability()) if gpu else None,
+                     "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                     "triton": _triton_version(), "cuda": torch.version.cuda, "python": platform.python_version(),
+                     "batch": args.batch, "quick": args.quick, "sms": props.multi_processor_count if gpu else None}
+        os.makedirs(args.out, exist_ok=True)
+
+    def left(self) -> float:
+        return self.args.budget_s - (time.perf_counter() - self.t0)
+
+    def write(self, name: str, data) -> None:
+        with open(os.path.join(self.args.out, name), "w") as f:
+            json.dump(data, f, indent=1, default=str)
+
+    def say(self, msg: str) -> None:
+        print(f"[lab +{time.perf_counter() - self.t0:5.0f}s] {msg}", flush=True)
+
+    def jobs(self):
+        return jobs(self.args.quick, self.args.cpu_check)
+
+    # ---- phases ----------------------------------------------------------------------------------
+
+    def precompile(self):
+        from .lab_precompile import precompile
+        res = precompile(self.jobs(), self.args.workers, self.device.type, deadline=self.t0 + 0.3 * self.args.budget_s)
+        self.write("precompile.json", dict(self.meta, **res))
+        self.say(f"precompile: {res['variants']} launches, {res['failures']} failures, {res['wall_s']:.0f} s")
+
+    def references(self):
+        from ..spec import distinct_ghostnet_100_specs
+        from .harness import module_bytes
+        from .lab_timing import references
+        sizes = [module_bytes(s.spec, self.args.batch, s.h, s.w, 2) for s in distinct_ghostnet_100_specs()]
+        self.refs = references(self.device, self.l2, sizes)
+        self.write("references.json", dict(self.meta, **self.refs))
+        self.say(f"references: copy peak {self.refs['copy_peak_GBps']:.0f} GB/s, "
+                 f"empty launch {self.refs['empty_launch_graph_us']:.1f} us in a graph")
+
+    def timing(self):
+        from .lab_rows import time_shape
+        rows, compile_left = [], self.args.compile_budget
+        copy_peak = getattr(self, "refs", {}).get("copy_peak_GBps")
+        for k, (shape, count, dt, lay, all_cfg) in enumerate(self.jobs()):
+            if self.left() < 0.25 * self.args.budget_s:
+                self.say(f"timing: stopped before job {k} ({shape.name} {dt} {lay}): lab budget")
+                break
+            t = time.perf_counter()
+            new, compile_left = time_shape(shape, count, self.args.batch, dt, lay, all_cfg, self.device, self.l2,
+                                           copy_peak, compile_left)
+            rows += new
+            self.write("timing.json", dict(self.meta, copy_GBps=copy_peak, rows=rows))
+            best = min((r for r in new if r.get("median_ms")), key=lambda r: r["median_ms"], default=None)
+            self.say(f"timing {k + 1}: {shape.name} {dt} {lay}: best {best and best['impl']} "
+                     f"{best and best['median_ms']:.4f} ms ({time.perf_counter() - t:.0f} s)")
+        self.rows = rows
+
+    def ncu(self):
+        if self.args.cpu_check:
+            self.write("ncu.json", dict(self.meta, status="needs a GPU", kernels=[]))
+            return
+        from .lab_ncu import run_ncu
+        res = run_ncu(self.args, self.meta, deadline=self.t0 + self.args.budget_s - 60)
+        self.write("ncu.json", dict(self.meta, **res))
+        self.say(f"ncu: {len(res.get('kernels', []))} kernels profiled ({res.get('status')})")
+
+    def model(self):
+        if self.args.cpu_check:
+            self.write("model.json", dict(self.meta, rows=[], status="needs a GPU"))
+            return
+        from .lab_model import model_phase
+        res = model_phase(self.device, self.args.batch, deadline=self.t0 + self.args.budget_s)
+        self.write("model.json", dict(self.meta, **res))
+        self.say("model: " + "; ".join(f"{r['impl']} {r.get('images_per_s') or r.get('status')}" for r in res["rows"]))
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def summary(out: str) -> str:
+    """A short table from what the phases wrote (printed last: the reply carries the end)."""
+    lines = []
+    try:
+        with open(os.path.join(out, "timing.json")) as f:
+            data = json.load(f)
+    except OSError:
+        return "no timing.json"
+    wins = Counter()
+    for (name, dt, lay), group in _groups(data["rows"]).items():
+        ok = {r["impl"]: r["median_ms"] for r in group if r.get("median_ms")}
+        if not ok:
+            continue
+        best = min(ok, key=ok.get)
+        wins[best] += 1
+        base = ok.get("eager_folded")
+        lines.append(f"{name:<20} {dt:<8} {lay:<13} best {best:<16} {ok[best]:.4f} ms"
+                     + (f"  x{base / ok[best]:.2f} vs eager_folded" if base else ""))
+    lines.append("wins: " + ", ".join(f"{k} {v}" for k, v in wins.most_common()))
+    return "\n".join(lines)
+
+
+def _groups(rows):
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["name"], r["dtype"], r["layout"]), []).append(r)
+    return groups
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.ncu_child:
+        from .lab_ncu import ncu_child
+        return ncu_child(args)
+    import torch
+    if not torch.cuda.is_available() and not args.cpu_check:
+        print("the GPU lab needs a CUDA GPU (on the CPU: python -m ghost_kernels.bench --offline, or "
+              "--cpu-check to test the lab's own plumbing)")
+        return 2
+    lab = Lab(args)
+    status = {}
+    for phase in [p.strip() for p in args.phases.split(",") if p.strip()]:
+        if lab.left() <= 0:
+            status[phase] = "skipped: lab budget spent"
+            continue
+        try:
+            getattr(lab, phase)()
+            status[phase] = "ok"
+        except Exception as exc:  # one failing phase must not cost the others
+            import traceback
+            traceback.print_exc()
+            status[phase] = f"error: {type(exc).__name__}: {exc}"[:400]
+        lab.write("phases.json", dict(lab.meta, phases=status, wall_s=round(time.perf_counter() - lab.t0, 1)))
+    print(summary(args.out))
+    print("phases: " + ", ".join(f"{k}={v}" for k, v in status.items()))
+    return 0 if all(v == "ok" for v in status.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

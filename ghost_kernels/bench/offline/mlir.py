@@ -1,0 +1,144 @@
+"""The source loops of a compiled kernel, from its TTIR and TTGIR: each ``scf.for`` with its source
+line, nesting, constant trip count, and whether the pipeliner made it software-pipelined (and peeled
+an epilogue). These are what the launcher's ``loops=`` trip counts describe."""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Tuple
+
+_LOCDEF_RE = re.compile(r"^(#loc\d*)\s*=\s*loc\((.*)\)\s*$")
+_FOR_RE = re.compile(r"^(\s*)(?:%[\w#:]+\s*=\s*)?scf\.for\s+%[\w]+\s*=\s*(\S+)\s+to\s+(\S+)\s+step\s+(\S+)")
+_PIPELINE_OPS = ("ttg.async_copy_global_to_local", "ttng.async_tma_copy_global_to_local", "ttg.async_wait",
+                 "ttng.wait_barrier", "ttng.async_tma_gather")
+
+
+def _resolve_locs(lines: List[str]) -> Dict[str, Optional[Tuple[str, int]]]:
+    raw = {}
+    for ln in lines:
+        m = _LOCDEF_RE.match(ln.strip())
+        if m:
+            raw[m.group(1)] = m.group(2)
+    memo: Dict[str, Optional[Tuple[str, int]]] = {}
+
+    def res(expr: str, depth=0) -> Optional[Tuple[str, int]]:
+        expr = expr.strip()
+        if depth > 50:
+            return None
+        m = re.match(r'^"([^"]*)":(\d+):\d+', expr)
+        if m:
+            return (m.group(1), int(m.group(2)))
+        m = re.match(r"^callsite\((#loc\d*)\s+at\s+(#loc\d*)\)", expr)
+        if m:
+            return ref(m.group(1), depth + 1)
+        m = re.match(r'^"[^"]*"\((#loc\d*)\)', expr)
+        if m:
+            return ref(m.group(1), depth + 1)
+        m = re.match(r"^fused\[(.*)\]", expr)
+        if m:
+            for part in re.findall(r"#loc\d*", m.group(1)):
+                r = ref(part, depth + 1)
+                if r:
+                    return r
+        m = re.match(r"^(#loc\d*)$", expr)
+        if m:
+            return ref(m.group(1), depth + 1)
+        return None
+
+    def ref(name: str, depth=0):
+        if name not in memo:
+            memo[name] = None
+            memo[name] = res(raw.get(name, ""), depth)
+        return memo[name]
+
+    return {k: ref(k) for k in raw}
+
+
+def _strip_ssa(tok: str) -> str:
+    return re.sub(r"_\d+$", "", tok)
+
+
+def _const_value(tok: str) -> Optional[int]:
+    m = re.match(r"^%c(-?\d+)(?:_i\d+|_index)?(?:_\d+)?$", tok)
+    return int(m.group(1)) if m else None
+
+
+def mlir_loops(text: str) -> List[dict]:
+    """The ``scf.for`` ops of a TTIR/TTGIR module in source (pre-)order: source line, parent,
+    constant trip count (when the bounds are constants), pipelined or not, ``tt.num_stages``."""
+    lines = text.splitlines()
+    locs = _resolve_locs(lines)
+    out: List[dict] = []
+    open_loops: List[Tuple[int, int]] = []  # (indent, index in out)
+    for li, ln in enumerate(lines):
+        m = _FOR_RE.match(ln)
+        if m:
+            indent = len(m.group(1))
+            while open_loops and open_loops[-1][0] >= indent:
+                open_loops.pop()
+            lb, ub, step = m.group(2), m.group(3), m.group(4)
+            const = None
+            vals = [_const_value(t) for t in (lb, ub, step)]
+            if None not in vals and vals[2] != 0:
+                const = max(0, -(-(vals[1] - vals[0]) // vals[2]))
+            rec = dict(line=None, parent=open_loops[-1][1] if open_loops else None, lb=lb, ub=ub, step=step,
+                       const_trips=const, pipelined=False, stages=None, _start=li, _indent=indent)
+            # find the closing brace of this op, its attributes and loc
+            close = None
+            for lj in range(li + 1, len(lines)):
+                s = lines[lj]
+                if s.startswith(" " * indent + "}") and (len(s) - len(s.lstrip())) == indent:
+                    close = lj
+                    break
+            if close is not None:
+                tail = lines[close]
+                lm = re.search(r"loc\((#loc\d*)\)\s*$", tail)
+                if lm:
+                    rec["line"] = locs.get(lm.group(1))
+                sm = re.search(r"tt\.num_stages\s*=\s*(\d+)", tail)
+                if sm:
+                    rec["stages"] = int(sm.group(1))
+                # ops directly in this loop (nested scf.for regions excluded)
+                depth_skip = None
+                for lj in range(li + 1, close):
+                    s = lines[lj]
+                    ind = len(s) - len(s.lstrip())
+                    if depth_skip is not None:
+                        if ind == depth_skip and s.strip().startswith("}"):
+                            depth_skip = None
+                        continue
+                    if _FOR_RE.match(s):
+                        depth_skip = ind
+                        continue
+                    if any(op in s for op in _PIPELINE_OPS) or ("warp_group_dot" in s and "isAsync = true" in s):
+                        rec["pipelined"] = True
+            out.append(rec)
+            open_loops.append((indent, len(out) - 1))
+    for rec in out:
+        rec.pop("_start"), rec.pop("_indent")
+        if rec["line"] is not None:
+            rec["line"] = list(rec["line"])
+    return out
+
+
+def source_loops(ttir: str, ttgir: str, num_stages: int) -> List[dict]:
+    """TTGIR loops (what LLVM gets), with pipelining and, by comparison with the TTIR loop of the
+    same line, whether the pipeliner peeled an epilogue (then ``peeled``: the steady state runs
+    ``trips - (stages - 1)`` times)."""
+    gl = mlir_loops(ttgir)
+    il = mlir_loops(ttir) if ttir else []
+    by_line: Dict[Any, List[dict]] = defaultdict(list)
+    for rec in il:
+        by_line[tuple(rec["line"]) if rec["line"] else None].append(rec)
+    used: Dict[Any, int] = defaultdict(int)
+    for rec in gl:
+        k = tuple(rec["line"]) if rec["line"] else None
+        cands = by_line.get(k, [])
+        twin = cands[used[k]] if used[k] < len(cands) else None
+        used[k] += 1
+        stages = rec["stages"] or (twin["stages"] if twin and twin["stages"] else None) or num_stages
+        rec["stages"] = stages
+        rec["peeled"] = bool(rec["pipelined"] and twin is not None
+                             and _strip_ssa(twin["ub"]) != _strip_ssa(rec["ub"]))
+    return gl
+

@@ -1,0 +1,134 @@
+"""Rows of the model: one launch's modelled counts (:func:`model_launch`), and one case's row (its
+launches summed or maxed, the floor bytes, the issue and floor times on an H200, ``chosen``)."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from .cases import _torch_dtype
+from .errors import OfflineError
+from .specialize import CompileJob
+from .trips import _fmt_line, assign_trips, weighted_counts
+
+H200_COPY_BYTES_PER_S = 4223e9       # measured copy bandwidth (benchmarks/results, 2026-11-28)
+H200_ISSUE_PER_S = 132 * 2 * 1.98e9  # 132 SMs x 2 warp-instructions per clock (realistic IPC) x 1.98 GHz
+DEVICE_NAME = "NVIDIA H200"
+
+
+def model_launch(result: dict, launch, job: CompileJob) -> dict:
+    """One launch: the variant's static facts and its modelled warp-instructions."""
+    programs = 1
+    for g in launch.grid:
+        programs *= int(g)
+    warps = result["num_warps"]
+    analysis = result["analysis"]
+    weights, desc = assign_trips(analysis, result["src_loops"], launch.loops, result["name"])
+    per_warp = weighted_counts(analysis, weights)
+    instr_per_program = per_warp.get("n", 0.0) * warps
+    sass = analysis["sass_loops"]
+    tile_unit, per_tile = "program", 1.0
+    if sass and weights.get(sass[0]["id"], 0) > 0:
+        # a persistent kernel: a tile is one iteration of the first top-level loop, when that loop
+        # issues most of the program's instructions
+        top = sass[0]["id"]
+        inside = weighted_counts(dict(buckets=[b for b in analysis["buckets"] if b["loops"] and b["loops"][0] == top]),
+                                 weights).get("n", 0.0)
+        if inside >= 0.5 * per_warp.get("n", 0.0):
+            tile_unit, per_tile = f"iteration of the loop at {_fmt_line(sass[0]['line'])}", weights[top]
+    bar_prog = per_warp.get("bar", 0.0)
+    dyn = {kind: {int(k[3:]): v * warps * programs for k, v in per_warp.items() if k.startswith(kind) and k[3:]}
+           for kind in ("ldg", "stg")}
+    return dict(
+        kernel=result["name"], key=job.key, grid=list(launch.grid), programs=programs, num_warps=warps,
+        num_stages=result["num_stages"], loops=None if launch.loops is None else list(launch.loops),
+        specialization=job.specialization, regs=result["regs"], spills=result["spills"],
+        spill_loads=result["spill_loads"], spills_source=result["spills_source"], smem=result["smem"],
+        ld_bits=analysis["ld_bits"], st_bits=analysis["st_bits"], ld_hist=analysis["ld_hist"],
+        st_hist=analysis["st_hist"], ld_bits_main=_main_width(dyn["ldg"]), st_bits_main=_main_width(dyn["stg"]),
+        ldg_by_bits={str(k): v for k, v in sorted(dyn["ldg"].items())},
+        stg_by_bits={str(k): v for k, v in sorted(dyn["stg"].items())},
+        barriers_static=analysis["static"].get("bar", 0),
+        barriers_per_program=bar_prog, barriers_per_tile=bar_prog / per_tile if per_tile else bar_prog,
+        tile_unit=tile_unit, mma_static=analysis["static"].get("mma", 0),
+        mma_warp_instr=per_warp.get("mma", 0.0) * warps * programs,
+        static_instrs=analysis["static"]["instrs"], instr_per_warp=per_warp.get("n", 0.0),
+        instr_per_program=instr_per_program, warp_instr=instr_per_program * programs,
+        ldg_warp_instr=per_warp.get("ldg", 0.0) * warps * programs,
+        stg_warp_instr=per_warp.get("stg", 0.0) * warps * programs,
+        compile_s=result["compile_s"], sass_loops=desc,
+    )
+
+
+def _main_width(hist: Dict[int, float]) -> Optional[int]:
+    """The access width (bits) that moves the most bytes, from modelled warp-instructions per width."""
+    hist = {b: n for b, n in hist.items() if n > 0}
+    return max(hist, key=lambda b: (hist[b] * b, b)) if hist else None
+
+
+def family_chooser():
+    """(``choice.triton_family`` or None, the meta note on how ``chosen`` is decided)."""
+    try:
+        from ... import choice
+    except ImportError as exc:
+        return None, f"ghost_kernels.choice is not importable ({exc}): chosen is False on every row"
+    fn = getattr(choice, "triton_family", None)
+    if fn is None:
+        return None, "ghost_kernels.choice has no triton_family(): chosen is False on every row"
+    return fn, "chosen: ghost_kernels.choice.triton_family(spec, h, w, dtype, channels_last, device_name='NVIDIA H200')"
+
+
+def floor_bytes(spec, n: int, h: int, w: int, elem: int) -> int:
+    """The HBM bytes no implementation can avoid: x read once, the output written once."""
+    ho, wo = spec.out_hw(h, w)
+    return n * spec.inp * h * w * elem + n * spec.oup * ho * wo * elem
+
+
+def make_row(case, results, batch, chooser, strict) -> dict:
+    """The row of one case (its captured launches and their compile results by key)."""
+    shape, dn, lay = case["shape"], case["dtype"], case["layout"]
+    spec = shape.spec
+    dt = _torch_dtype(dn)
+    elem = {"bfloat16": 2, "float16": 2, "float32": 4}[dn]
+    ho, wo = spec.out_hw(shape.h, shape.w)
+    fb = floor_bytes(spec, batch, shape.h, shape.w, elem)
+    row = dict(family=case["family"], name=shape.name, inp=spec.inp, oup=spec.oup, h=shape.h, w=shape.w, ho=ho,
+               wo=wo, ratio=spec.ratio, dw_size=spec.dw_size, stride=spec.stride, act=spec.act, dtype=dn,
+               layout=lay, batch=batch, regs=None, spills=None, smem=None, ld_bits=None, st_bits=None,
+               ld_bits_main=None, st_bits_main=None,
+               barriers=None, barriers_per_tile=None, mma=None, warp_instr=None, floor_bytes=fb,
+               instr_per_byte=None, floor_us=fb / H200_COPY_BYTES_PER_S * 1e6, issue_us=None, chosen=False,
+               variants=len({job.key for _, job in case["launches"]}), launches=[], error=case["error"])
+    if chooser is not None:
+        try:
+            row["chosen"] = chooser(spec, shape.h, shape.w, dt, lay == "channels_last",
+                                    device_name=DEVICE_NAME) == case["family"]
+        except Exception as exc:
+            row["chosen"] = False
+            row["chosen_error"] = f"{type(exc).__name__}: {exc}"
+    if row["error"]:
+        return row
+    launches = []
+    try:
+        for la, job in case["launches"]:
+            res = results[job.key]
+            if "error" in res:
+                raise OfflineError(f"compile of {job.name}: {res['error']}")
+            launches.append(model_launch(res, la, job))
+    except Exception as exc:
+        if strict:
+            raise
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        return row
+    row["launches"] = launches
+    row.update(
+        regs=max(l["regs"] or 0 for l in launches), spills=max(l["spills"] for l in launches),
+        smem=max(l["smem"] for l in launches),
+        **{k: min((l[k] for l in launches if l[k]), default=None)
+           for k in ("ld_bits", "st_bits", "ld_bits_main", "st_bits_main")},
+        barriers=sum(l["barriers_static"] for l in launches),
+        barriers_per_tile=max(l["barriers_per_tile"] for l in launches),
+        mma=sum(l["mma_static"] for l in launches),
+        warp_instr=sum(l["warp_instr"] for l in launches),
+    )
+    row["instr_per_byte"] = row["warp_instr"] / fb if fb else None
+    row["issue_us"] = row["warp_instr"] / H200_ISSUE_PER_S * 1e6
+    return row

@@ -1,0 +1,169 @@
+"""The model over every case (families x shapes x dtypes x layouts): capture and specialize every
+launch, compile each distinct variant once, model the rows. Under ``TRITON_INTERPRET=1`` (the
+compiler does not run under the interpreter) it runs in a child process without it, which answers
+a JSON request through ``python -m ghost_kernels.bench.offline --request ... --result ...``."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .cases import (IMPORT_ERRORS, LAYOUTS, _dtype_name, _interpreting, _torch_dtype, capture, load_families,
+                      make_inputs, select_shapes)
+from .compiler import MAX_WORKERS, compile_jobs
+from .errors import LoopMismatch, OfflineError, TritonApiMismatch
+from .rows import DEVICE_NAME, H200_COPY_BYTES_PER_S, H200_ISSUE_PER_S, family_chooser, make_row
+from .specialize import TARGET_ARCH, CompileJob, _triton, specialize_launch
+
+
+def model(families: Optional[Sequence[str]] = None, shapes="all", dtypes: Sequence = ("bfloat16",),
+          layouts: Sequence[str] = ("channels_last",), batch: int = 256, workers: int = MAX_WORKERS,
+          imports: Sequence[str] = (), strict: bool = False, verbose: bool = False) -> Tuple[List[dict], dict]:
+    """(rows, meta) of the offline model; see :func:`model_rows`."""
+    shapes = select_shapes(shapes)
+    dtypes = [_dtype_name(_torch_dtype(d)) for d in dtypes]
+    for lay in layouts:
+        if lay not in LAYOUTS:
+            raise ValueError(f"layout {lay!r}: expected one of {LAYOUTS}")
+    if _interpreting():
+        return _model_in_child(families, shapes, dtypes, layouts, batch, workers, imports, strict, verbose)
+    t_start = time.perf_counter()
+    fams = load_families(imports)
+    names = list(fams) if families is None else list(families)
+    missing = [f for f in names if f not in fams]
+    if missing:
+        raise OfflineError(f"unknown famil{'y' if len(missing) == 1 else 'ies'} {missing}: registered: {sorted(fams)}"
+                           + (f"; modules that failed to import: {IMPORT_ERRORS}" if IMPORT_ERRORS else ""))
+    chooser, chosen_note = family_chooser()
+
+    cases = []
+    jobs: Dict[str, CompileJob] = {}
+    for fam in names:
+        for shape in shapes:
+            for dn in dtypes:
+                for lay in layouts:
+                    case = dict(family=fam, shape=shape, dtype=dn, layout=lay, launches=[], error=None)
+                    cases.append(case)
+                    dt = _torch_dtype(dn)
+                    try:
+                        x, params = make_inputs(shape, dt, lay, batch)
+                        launches = capture(fams[fam], x, params, dt)
+                        if not launches:
+                            raise OfflineError("the launcher made no launch through triton_common.launch()")
+                        for la in launches:
+                            job = specialize_launch(la)
+                            jobs.setdefault(job.key, job)
+                            case["launches"].append((la, jobs[job.key]))
+                    except TritonApiMismatch:
+                        raise
+                    except Exception as exc:
+                        if strict:
+                            raise
+                        case["error"] = f"capture: {type(exc).__name__}: {exc}"
+    t_capture = time.perf_counter() - t_start
+
+    def progress(job, res):
+        if verbose:
+            msg = res.get("error") or f"{res['compile_s']:.1f} s, {res['regs']} regs"
+            print(f"  compiled {job.name} [{job.key[:8]}]: {msg}", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    results = compile_jobs(list(jobs.values()), workers, progress)
+    t_compile = time.perf_counter() - t0
+    api_errors = [r["error"] for r in results.values() if r.get("error", "").startswith("TritonApiMismatch")]
+    if api_errors:
+        raise TritonApiMismatch(api_errors[0].split(": ", 1)[1])
+
+    rows = []
+    for case in cases:
+        rows.append(make_row(case, results, batch, chooser, strict))
+    compile_times = [r["compile_s"] for r in results.values() if "compile_s" in r]
+    meta = dict(
+        triton=_triton().__version__, target=f"sm_{TARGET_ARCH}", device_model=DEVICE_NAME, batch=batch,
+        families=names, dtypes=list(dtypes), layouts=list(layouts), shapes=[s.name for s in shapes],
+        chosen=chosen_note, import_errors=dict(IMPORT_ERRORS), variants=len(jobs),
+        compile_errors=sum(1 for r in results.values() if "error" in r),
+        capture_s=round(t_capture, 2), compile_wall_s=round(t_compile, 2),
+        compile_s_per_variant=round(sum(compile_times) / len(compile_times), 2) if compile_times else None,
+        workers=(1 if len(jobs) < 3 else max(1, min(workers, MAX_WORKERS))) if jobs else 0,
+        wall_s=round(time.perf_counter() - t_start, 2),
+        model=("warp_instr = sum over launches of (SASS instructions weighted by the trip counts of their loops) "
+               "x num_warps x programs; instr_per_byte = warp_instr / floor_bytes; floor_bytes = x read once + "
+               "output written once; see ghost_kernels/bench/offline/__init__.py"),
+        issue_us=f"warp_instr / ({H200_ISSUE_PER_S / 1e9:.0f} G warp-instr/s: 132 SMs x IPC 2 x 1.98 GHz)",
+        floor_us=f"floor_bytes / {H200_COPY_BYTES_PER_S / 1e9:.0f} GB/s",
+    )
+    return rows, meta
+
+
+
+def model_rows(families: Optional[Sequence[str]] = None, shapes="all", dtypes: Sequence = ("bfloat16",),
+               layouts: Sequence[str] = ("channels_last",), batch: int = 256, **kwargs) -> List[dict]:
+    """One row per (family, shape, dtype, layout): registers, spills, shared memory, widest global
+    load/store (bits; the narrowest such widest over the call's launches), barriers, modelled
+    warp-instructions per call, floor bytes, ``instr_per_byte``, ``chosen``, ``variants`` and
+    per-launch detail (``launches``); ``error`` says why a row has no numbers. ``shapes``: ``all``,
+    ``quick``, indices / module names (comma string) or a list of ModuleShape. Works under
+    ``TRITON_INTERPRET=1`` too (the model then runs in a child process without it). Keyword
+    arguments: ``workers`` (<= 2), ``imports`` (modules or .py files that register families),
+    ``strict`` (raise instead of recording errors in rows)."""
+    return model(families, shapes, dtypes, layouts, batch, **kwargs)[0]
+
+
+def _shape_to_json(s) -> dict:
+    sp = s.spec
+    return dict(name=s.name, h=s.h, w=s.w, spec=dict(inp=sp.inp, oup=sp.oup, kernel_size=sp.kernel_size,
+                                                      ratio=sp.ratio, dw_size=sp.dw_size, stride=sp.stride, act=sp.act))
+
+
+def _shape_from_json(d):
+    from ...spec import GhostSpec, ModuleShape
+    return ModuleShape(d["name"], GhostSpec(**d["spec"]), d["h"], d["w"])
+
+
+def _model_in_child(families, shapes, dtypes, layouts, batch, workers, imports, strict, verbose):
+    """Run the model in ``python -m ghost_kernels.bench.offline`` without TRITON_INTERPRET."""
+    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    req = dict(families=None if families is None else list(families), shapes=[_shape_to_json(s) for s in shapes],
+               dtypes=list(dtypes), layouts=list(layouts), batch=batch, workers=workers,
+               imports=[os.path.abspath(i) if i.endswith(".py") else i for i in imports], strict=strict,
+               verbose=verbose)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in sys.path if p and os.path.isdir(p)]
+                                        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    with tempfile.TemporaryDirectory() as tmp:
+        rq, rs = os.path.join(tmp, "request.json"), os.path.join(tmp, "result.json")
+        with open(rq, "w") as f:
+            json.dump(req, f)
+        proc = subprocess.run([sys.executable, "-m", "ghost_kernels.bench.offline", "--request", rq, "--result", rs],
+                              env=env, cwd=pkg_root, capture_output=not verbose, text=True)
+        if not os.path.exists(rs):
+            raise OfflineError(f"the offline model's child process failed (rc {proc.returncode}):\n"
+                               f"{(proc.stderr or '')[-4000:]}")
+        with open(rs) as f:
+            res = json.load(f)
+    if "exception" in res:
+        cls = {"LoopMismatch": LoopMismatch, "TritonApiMismatch": TritonApiMismatch}.get(res["exception"][0],
+                                                                                          OfflineError)
+        raise cls(res["exception"][1])
+    return res["rows"], res["meta"]
+
+
+def serve_request(rq: str, rs: str) -> int:
+    with open(rq) as f:
+        req = json.load(f)
+    try:
+        rows, meta = model(req["families"], [_shape_from_json(d) for d in req["shapes"]], req["dtypes"],
+                           req["layouts"], req["batch"], req["workers"], req["imports"], req["strict"],
+                           req.get("verbose", False))
+        out = dict(rows=rows, meta=meta)
+    except OfflineError as exc:
+        out = dict(exception=[type(exc).__name__, str(exc)])
+    with open(rs, "w") as f:
+        json.dump(out, f, default=str)
+    return 0
+

@@ -1,0 +1,416 @@
+"""``triton_two_pass``: the eval-mode Ghost module in two launches -- a pixel-major GEMM that writes
+y1 into ``out[:, :m]``, then a depthwise stencil that reads it back and writes ``out[:, m:oup]``.
+
+Design note
+===========
+Both BatchNorms are folded inside the kernels from the module's own tensors
+(``triton_common.folded_bn``: ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``, fp32)::
+
+    pass 1:  y1 = act(x[P, Cin] @ w1^T[Cin, m] * scale1 + shift1)   -> out[:, :m]       (P = N*H'*W')
+    pass 2:  y2 = act(dwconv(y1, wd) * scale2 + shift2)               -> out[:, m:oup]
+             ghost channel j reads y1 channel j // (r-1); ghosts past oup are never computed
+
+``scale2`` multiplies the fp32 accumulator instead of each weight: the same function as
+``dwconv(y1, wd * scale2)`` (and eager's order: conv, then BN), one FMA per output instead of
+d*d*(r-1) multiplies per channel and program. ``act`` is ``max.NaN(y, 0)``: one instruction, NaN
+propagates as in eager. x, w1 and wd are cast to the compute dtype (or fp32) as they are loaded
+(autocast: fp32 x and weights, half compute).
+
+Pass 1 (``_pw_kernel``): a flash-style tile GEMM. M = pixels, so the tile is wgmma-shaped
+(``BLOCK_P`` = 128 pixels, 64 for fp32 whose "ieee" dot is FMAs, 64 when the grid would leave SMs
+idle); N = m rounded up to a power of two >= 16 and <= 128, so x is read once per pixel tile
+whenever m <= 128 (all GhostNet modules but m = 240, 336 and 480, which read their x tile 2-4 times
+from L1/L2: a program walks the channel blocks of one pixel tile in turn); K = Cin in ``BLOCK_K`` steps.
+C_IN is a constexpr, so the K loop has a static trip count and Triton pipelines its loads (16-byte
+cp.async, ``num_stages``); when Cin fits one step, the loop over the program's tiles is the innermost
+one and is pipelined instead, and w1 and BN1 stay in registers for the whole program. Tiles are
+consecutive pixels of the flattened batch when x and out are both dense channels_last (offset
+p * C, no division at stride 1) and consecutive pixels of one image otherwise (NCHW planes stay
+contiguous along the tile; their size enters as HWV * VP with VP a constexpr power of two dividing
+it, so the compiler can prove the vectors' alignment). The epilogue stores y1 straight into
+``out[:, :m]``: any output strides, no cat.
+
+Pass 2, channels_last (``_dw_kernel``): lanes are [pixel groups, channels]. A group is PIXR (4 or 2)
+horizontally adjacent pixels of one row held by one thread, with a 16-byte vector of channels (8
+half or 4 fp32). Per tap row the thread loads PIXR + d - 1 y1 columns -- one predicated LDG.128
+each -- and feeds every column to up to d taps: d * (PIXR + d - 1) / PIXR loads and conversions
+per output instead of d * d. bf16 with ratio 2 reads y1 as uint32 channel pairs, so bf16 -> fp32 is
+one shift (even channel) or one AND (odd channel); the two halves are interleaved back (tl.join)
+for a packed conversion and a 16-byte store. Channel blocks that do not fill their vectors read
+past M_NEED into the same pixel's ghost channels (OVERREAD) instead of masking per channel.
+Pass 2, dense NCHW (``_dw_nchw_kernel``): vectors of VW pixels along W (VW a power of two dividing
+W', so a vector never leaves its row); per tap row a thread loads its vector and ceil(PAD / VW)
+vectors on each side -- all in one register layout, so no shuffles or shared memory -- splits them
+into columns (tl.split: register renames) and reuses each column for up to d taps. Other output
+strides take ``_dw_kernel`` with one pixel per group (correct, not fast).
+Both: zero padding is the load mask (y1 is padded after BN1 + act, as in eager; one unsigned
+compare per tap row and per column, shared by the channels of a vector); y1 is read back as
+stored, i.e. rounded to the output dtype exactly like eager's y1; the tap weights live in fp32
+registers for the whole program when d*d*(r-1) <= 9, otherwise a runtime loop over the tap rows
+loads each row's weights (bounded code size and live registers); a program walks a contiguous run
+of >= 8 steps where the grid still has >= 2 programs per SM, so weights and BN2 are amortized and
+consecutive steps read neighbouring rows (the d tap rows mostly hit L1).
+
+Coordinates: flattened indices (< 2^30 per launch; the launcher splits larger batches) are split
+into (n, h, w) by multiply-high + shift with host-computed magic numbers (``_udiv``: 3 instructions
+instead of ~8 for a runtime division). Offsets are 64-bit, in-tile indices 32-bit.
+
+Bytes (b per element; floor = x read once + out written once = (Cin + oup) * b per pixel at stride
+1): pass 1 reads x and writes m channels, pass 2 reads y1 (m channels) and writes oup - m, so the
+total is floor + m * b per pixel: x 1.5 for 16->16 (the 112x112 modules), x 1.07-1.15 for the
+high-Cin projections; channels_last pass 2 reads whole 32-byte sectors, so where m * b < 32 (m = 8
+at 112x112) the ghost half of the sector comes along.
+
+Instruction budget (memory-bound: <= ~0.2 warp-instructions per floor byte at 70% of an H200's copy
+bandwidth). Offline sm_90 model (``bench/offline.py``: Triton 3.8, batch 256, SASS loops weighted
+by their trip counts), warp-instructions per floor byte, bf16 channels_last: 16->16@112 0.14,
+48->24@56 0.13, 240->80@14 0.12, 160->960@7 0.22, 960->160@7 0.07; all 22 shapes <= 0.24
+(112->672@14), 0.157 over the 22 together; no spills; pass 1 LDGSTS.128 + wgmma + STG.128 (STG.64
+where m % 8 != 0), pass 2 LDG.128/STG.128. Pass 1 costs 0.03-0.08, pass 2 about 19
+thread-instructions per ghost output at PIXR = 4 (9 FFMA, 4.5 conversions, 1.5 vector loads, zero
+fill and masks, epilogue). fp16 is the same (0.155 overall). fp32 pass 1 is an FMA GEMM (up to 1.0
+at Cin = 960). NCHW: 0.11-0.37, 0.22 overall; 7x7 planes have no aligned vectors at all (160->960:
+0.98, scalar stores and loads).
+
+Compiled variants: C_IN, M, OUP, DW, RATIO, STRIDE, layout modes and tile shapes are constexprs;
+strides are specialized by Triton (== 1, % 16), sizes and counts are not. GhostNet 1.0x's 22
+distinct shapes at one batch size, dtype and layout compile 38 variants (22 pass 1 + 16 pass 2,
+shared by modules with equal (m, oup, act, tiles)); every batch size from 1 to 256 together: 58 (pass 1 switches
+to 64-pixel tiles for small grids).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import triton_common as tc
+from .backend import Support
+from .params import GhostParams
+from .spec import GhostSpec
+from .triton_family import TritonFamily, prepare_output
+
+triton, tl = tc.triton, tc.tl
+
+HALF = (torch.float16, torch.bfloat16)
+MAX_PIXELS = 1 << 30          # flattened pixels per launch (the magic-number division's range)
+INTERPRETER_SMS = 2           # "SMs" for the grid size under the interpreter: few programs, several steps each
+CAPTURE_SMS = 132             # H100 / H200 SXM, for launches recorded offline (no GPU)
+MIN_STEPS = 8                 # pass 2: pixel steps per program that amortize its weight and BN loads
+
+# Layout modes of x (pass 1) and out (both passes), constexprs of the kernels: any strides; the
+# (h, w) plane dense (stride-1 x only); dense channels_last; dense NCHW (stride-1 x only).
+GENERIC, FLAT, DENSE_CL, DENSE_NCHW = 0, 1, 2, 3
+
+
+class TwoPassConfig(NamedTuple):
+    """Tile shapes of the two passes."""
+
+    BLOCK_P: int         # pass 1: pixels per tile (GEMM M)
+    BLOCK_N: int         # pass 1: intrinsic channels per tile (GEMM N), power of two >= 16
+    BLOCK_K: int         # pass 1: input channels per K step, power of two >= 16
+    WARPS1: int
+    STAGES1: int
+    PROGS1: int          # pass 1: programs per SM (each walks a contiguous run of tiles)
+    BLOCK_G: int         # pass 2: pixel groups per step
+    PIXR: int            # pass 2: pixels per group (horizontally adjacent, held by one thread)
+    BLOCK_C: int         # pass 2: intrinsic channels per program (power of two)
+    WARPS2: int
+    PROGS2: int          # pass 2: programs per SM
+
+
+if triton is not None:
+    from .triton_two_pass_gemm import _pw_kernel
+    from .triton_two_pass_nchw import _dw_nchw_kernel
+    from .triton_two_pass_stencil import _dw_kernel
+
+# --------------------------------------------------------------------------------------------------
+# Host side
+
+def _magic(d: int) -> Tuple[int, int]:
+    """(magic, shift) with ``p // d == umulhi(4 * p, magic) >> shift`` for ``0 <= p < 2**30``
+    (Granlund-Montgomery: magic = ceil(2^(30 + s) / d), s = ceil(log2 d); magic < 2^31)."""
+    s = (d - 1).bit_length()
+    return ((1 << (30 + s)) + d - 1) // d, s
+
+
+def _dense(t: Tensor, order) -> bool:
+    """``t`` is dense with its dims nested in ``order`` (innermost first); size-1 dims may have any stride."""
+    expect = 1
+    for d in order:
+        if t.shape[d] != 1 and t.stride(d) != expect:
+            return False
+        expect *= t.shape[d]
+    return True
+
+
+def _mode(t: Tensor, stride: int) -> int:
+    """The layout mode of x (``stride``: the conv's) or of out (stride 1)."""
+    if _dense(t, (1, 3, 2, 0)):
+        return DENSE_CL
+    if stride == 1 and _dense(t, (3, 2, 1, 0)):
+        return DENSE_NCHW
+    if stride == 1 and (t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3)):
+        return FLAT
+    return GENERIC
+
+
+def _pow2_divisor(v: int, cap: int) -> int:
+    """The largest power of two <= cap dividing v."""
+    d = 1
+    while d < cap and v % (2 * d) == 0:
+        d *= 2
+    return d
+
+
+def _block_c(m_need: int, vec: int, channels_last: bool) -> int:
+    """Pass 2's channel block. channels_last: up to 4 thread vectors (16 bytes each) of channels, the
+    largest with the least padding (whole 32-byte sectors per pixel; padded lanes over-read, see
+    OVERREAD). NCHW (vectors along W): a few channels."""
+    if not channels_last:
+        return min(tc.next_pow2(m_need), 4)
+    if m_need <= vec:
+        return tc.next_pow2(m_need)
+    best = None
+    for b in (4 * vec, 2 * vec, vec):
+        waste = -(-m_need // b) * b - m_need
+        if best is None or waste < best[0]:
+            best = (waste, b)
+    return best[1]
+
+
+def _pixels_per_group(spec: GhostSpec, wo: int) -> int:
+    """PIXR for channels_last: the group width with the fewest instructions per output pixel, from
+    (pixel lanes incl. padding of the last group) x (y1 columns loaded per pixel + taps + overhead)."""
+    d, p = spec.dw_size, spec.dw_size // 2
+    cost = {r: -(-wo // r) * r * (d * (r + 2 * p) / r + d * d + 4) for r in (4, 2, 1)}
+    return min(cost, key=lambda r: (cost[r], -r))
+
+
+def _block_k(cin: int, cap: int) -> int:
+    """Pass 1's K step: the cap (64 for half types, 16 for fp32) from Cin = 128 up; below, the least
+    zero padding of Cin (ties: the larger step) with at most 4 steps where a larger step allows it
+    (offline sm_90 instruction counts: 16 for Cin 40 and 48, 32 for 24, 72 and 80, 64 for 112, 120)."""
+    if cin >= 128:
+        return cap
+    best = None
+    for bk in (16, 32, 64):
+        if bk > cap:
+            break
+        steps = -(-cin // bk)
+        key = (steps > 4, steps * bk - cin, -bk)
+        if best is None or key < best[0]:
+            best = (key, bk)
+    return best[1]
+
+
+def default_config(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype = torch.bfloat16,
+                   channels_last: bool = True) -> TwoPassConfig:
+    half = dtype in HALF
+    m = spec.m
+    m_need = -(-(spec.oup - m) // (spec.ratio - 1)) if spec.oup > m else 1
+    block_p = 128 if half else 64
+    block_n = min(max(tc.next_pow2(m), 16), 128 if half else 64)
+    block_k = _block_k(spec.inp, 64 if half else 16)   # fp32 (FMA dot): 16, else 128 regs and spills
+    stages = 3 if half else 2
+    vec = 16 // (2 if half else 4)
+    block_c = _block_c(m_need, vec, channels_last)
+    warps2 = 4
+    if channels_last:
+        tpc = max(1, block_c // vec)                    # threads sharing a pixel (16 bytes each)
+        block_g = (32 // tpc) * warps2                  # one group of PIXR pixels per thread and step
+        pixr = _pixels_per_group(spec, wo)
+    else:
+        block_g, pixr = 256, 1                          # vectors along W
+        if half:   # pass-1 tiles within one image: no wider than it (64 lanes for 7x7, not 128)
+            block_p = max(64, min(block_p, tc.next_pow2(ho * wo)))
+        if (ho * wo) % 8:
+            # planes without 16-byte alignment: narrow pixel-major stores, one address each. With a
+            # 128 x 128 tile ptxas spills (80->200 @14, 160->960 @7): 64 pixels, and 64 channels
+            # where there are several channel blocks anyway
+            block_p = 64 if block_n >= 128 else block_p
+            block_n = min(block_n, 64) if m > block_n else block_n
+    return TwoPassConfig(block_p, block_n, block_k, 4, stages, 8, block_g, pixr, block_c, warps2, 8)
+
+
+def lab_configs(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype = torch.bfloat16,
+                channels_last: bool = True) -> List[TwoPassConfig]:
+    """A small grid around the default for the GPU lab: pass 1's pixel tile and pipeline depth; pass 2's
+    groups per thread (registers vs loads in flight), group width, thread vector and programs per SM."""
+    base = default_config(spec, ho, wo, dtype, channels_last)
+    half = dtype in HALF
+    out = [base]
+    out.append(base._replace(BLOCK_P=64 if base.BLOCK_P == 128 else 128, STAGES1=4 if half else 3))
+    out.append(base._replace(BLOCK_G=base.BLOCK_G * 2, PROGS2=4))                # 2 groups per thread
+    if channels_last:
+        out.append(base._replace(PIXR=2 if base.PIXR != 2 else 4))             # other group width
+        if half and base.BLOCK_C >= 8:                                         # 8-byte vectors: half the registers
+            out.append(base._replace(BLOCK_C=base.BLOCK_C // 2, BLOCK_G=base.BLOCK_G * (2 if base.BLOCK_C > 8 else 1)))
+    else:
+        out.append(base._replace(BLOCK_C=min(base.BLOCK_C * 2, 16), BLOCK_G=128))
+    out.append(base._replace(PROGS1=4, PROGS2=16, WARPS2=8, BLOCK_G=base.BLOCK_G * 2))
+    seen, uniq = set(), []
+    for cfg in out:
+        if cfg not in seen:
+            seen.add(cfg)
+            uniq.append(cfg)
+    return uniq[:6]
+
+
+def _check_config(cfg: TwoPassConfig) -> None:
+    pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731
+    if not (pow2(cfg.BLOCK_P) and cfg.BLOCK_P >= 16 and pow2(cfg.BLOCK_N) and cfg.BLOCK_N >= 16
+            and pow2(cfg.BLOCK_K) and cfg.BLOCK_K >= 16 and pow2(cfg.BLOCK_G) and pow2(cfg.BLOCK_C) and cfg.PIXR >= 1
+            and pow2(cfg.WARPS1) and pow2(cfg.WARPS2) and cfg.PROGS1 >= 1 and cfg.PROGS2 >= 1):
+        raise ValueError(f"triton_two_pass: invalid config {cfg} (blocks: powers of two; dot blocks >= 16)")
+
+
+def _sms(x: Tensor) -> int:
+    if tc.capturing() or not x.is_cuda:
+        return CAPTURE_SMS if tc.capturing() else INTERPRETER_SMS
+    return torch.cuda.get_device_properties(x.device).multi_processor_count
+
+
+def forward(x: Tensor, params: GhostParams, dtype: torch.dtype, out: Optional[Tensor] = None,
+            config: Optional[TwoPassConfig] = None) -> Tensor:
+    """Eval-mode Ghost module forward in ``dtype`` (the compute and output dtype; x, w1 and wd may be
+    wider, as under autocast: they are cast as they are loaded). ``x``: N x inp x H x W, any strides.
+    ``out``, if given, receives the result (N x oup x H' x W', ``dtype``, x's device, any strides)."""
+    spec = params.spec
+    if spec.kernel_size != 1:
+        raise ValueError(f"triton_two_pass: kernel_size must be 1, got {spec.kernel_size}")
+    n, _, h, w = x.shape
+    ho, wo = spec.out_hw(h, w)
+    out = prepare_output(x, spec, dtype, out)
+    if out.numel() == 0:
+        return out
+    cl = out.stride(1) == 1 and spec.oup > 1
+    cfg = config or default_config(spec, ho, wo, dtype, cl)
+    _check_config(cfg)
+    if config is None and cfg.BLOCK_P > 64 and n * ho * wo // cfg.BLOCK_P * -(-spec.m // cfg.BLOCK_N) < 2 * _sms(x):
+        cfg = cfg._replace(BLOCK_P=64)   # small problems: 64-pixel tiles keep every SM busy (a given config is literal)
+    w1 = params.w1 if params.w1.is_contiguous() else params.w1.contiguous()
+    wd = params.wd if params.wd.is_contiguous() else params.wd.contiguous()
+    per_launch = max(1, MAX_PIXELS // (ho * -(-wo // cfg.PIXR) * cfg.PIXR))
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        for n0 in range(0, n, per_launch):   # one launch pair unless N * H' * W' >= 2^30
+            n1 = min(n, n0 + per_launch)
+            xs, os_ = (x, out) if (n0, n1) == (0, n) else (x[n0:n1], out[n0:n1])
+            _launch_pair(xs, os_, w1, wd, params, spec, dtype, cfg)
+    return out
+
+
+def _launch_pair(x: Tensor, out: Tensor, w1: Tensor, wd: Tensor, params: GhostParams, spec: GhostSpec,
+                 dtype: torch.dtype, cfg: TwoPassConfig) -> None:
+    n, _, h, w = x.shape
+    _, _, ho, wo = out.shape
+    p_total = n * ho * wo
+    mg_hw, sh_hw = _magic(ho * wo)
+    mg_w, sh_w = _magic(wo)
+    sms = _sms(x)
+    x_mode, o_mode = _mode(x, spec.stride), _mode(out, 1)
+    vec = 16 // out.element_size()
+
+    # pass 1
+    n_cb = -(-spec.m // cfg.BLOCK_N)
+    per_image = not (x_mode == DENSE_CL and o_mode == DENSE_CL)
+    qb = -(-(ho * wo) // cfg.BLOCK_P)
+    n_tiles = (n * qb if per_image else -(-p_total // cfg.BLOCK_P)) * n_cb
+    programs = min(n_tiles, sms * cfg.PROGS1)
+    tiles_per_prog = -(-n_tiles // programs)
+    programs = -(-n_tiles // tiles_per_prog)
+    vpx = _pow2_divisor(h * w, 16 // x.element_size())
+    vpo = _pow2_divisor(ho * wo, vec)
+    (g1, b1, m1, v1, eps1), (hw1, hb1) = tc.bn_args(params.bn1)
+    tc.launch(
+        _pw_kernel, (programs,),
+        x, w1, out, g1, b1, m1, v1, eps1,
+        p_total, h * w, w, ho * wo, wo, qb, h * w // vpx, ho * wo // vpo, mg_hw, sh_hw, mg_w, sh_w,
+        *x.stride(), *out.stride(),
+        n_tiles, tiles_per_prog,
+        loops=(n_tiles / programs, -(-spec.inp // cfg.BLOCK_K)),
+        C_IN=spec.inp, M=spec.m, OUP=spec.oup, STRIDE=spec.stride, RELU=spec.act == "relu",
+        HAS_W=hw1, HAS_B=hb1, X_MODE=x_mode, O_MODE=o_mode, VPX=vpx, VPO=vpo,
+        BLOCK_P=cfg.BLOCK_P, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        IEEE=dtype == torch.float32, DOT_F32=tc.interpreting() and dtype == torch.bfloat16,
+        num_warps=cfg.WARPS1, num_stages=cfg.STAGES1,
+    )
+    if spec.oup == spec.m:   # oup = 1: no ghost channel survives the slice
+        return
+
+    # pass 2
+    r1, d = spec.ratio - 1, spec.dw_size
+    m_need = -(-(spec.oup - spec.m) // r1)
+    (g2, b2, m2, v2, eps2), (hw2, hb2) = tc.bn_args(params.bn2)
+    hoist = r1 * d * d <= 9
+    if o_mode == DENSE_NCHW:
+        vw = _pow2_divisor(wo, vec)                      # vectors along W never cross a row
+        wv = wo // vw
+        block_c = min(cfg.BLOCK_C, tc.next_pow2(m_need))
+        n_cb2 = -(-m_need // block_c)
+        g_total = n * ho * wv
+        mg_g, sh_g = _magic(ho * wv)
+        mg_v, sh_v = _magic(wv)
+        block_r = max(1, cfg.BLOCK_G // vw)
+        n_blocks = -(-g_total // block_r)
+        groups, blocks_per_prog = _pass2_grid(n_blocks, n_cb2, sms, cfg.PROGS2)
+        tc.launch(
+            _dw_nchw_kernel, (groups * n_cb2,),
+            out, wd, g2, b2, m2, v2, eps2,
+            g_total, ho, wv, ho * wv, mg_g, sh_g, mg_v, sh_v,
+            n_blocks, blocks_per_prog,
+            loops=(n_blocks / groups,),
+            M=spec.m, OUP=spec.oup, RATIO=spec.ratio, DW=d, RELU=spec.act == "relu", HAS_W=hw2, HAS_B=hb2,
+            BLOCK_C=block_c, BLOCK_R=block_r, VW=vw, W_HOIST=hoist, num_warps=cfg.WARPS2,
+        )
+        return
+    pixr = cfg.PIXR if o_mode == DENSE_CL else 1
+    n_cb2 = -(-m_need // cfg.BLOCK_C)
+    wg = -(-wo // pixr)                              # pixel groups per row
+    g_total = n * ho * wg
+    mg_g, sh_g = _magic(ho * wg)
+    mg_wg, sh_wg = _magic(wg)
+    n_blocks = -(-g_total // cfg.BLOCK_G)
+    groups, blocks_per_prog = _pass2_grid(n_blocks, n_cb2, sms, cfg.PROGS2)
+    pairs = (dtype == torch.bfloat16 and spec.ratio == 2 and o_mode == DENSE_CL and spec.oup % 2 == 0
+             and cfg.BLOCK_C >= 2 and out.data_ptr() % 4 == 0)
+    overread = o_mode == DENSE_CL and n_cb2 * cfg.BLOCK_C <= spec.oup
+    tc.launch(
+        _dw_kernel, (groups * n_cb2,),
+        out, wd, g2, b2, m2, v2, eps2,
+        g_total, ho, wo, ho * wg, wg, mg_g, sh_g, mg_wg, sh_wg,
+        *out.stride(),
+        n_blocks, blocks_per_prog,
+        loops=(n_blocks / groups,),
+        M=spec.m, OUP=spec.oup, RATIO=spec.ratio, DW=d, RELU=spec.act == "relu",
+        HAS_W=hw2, HAS_B=hb2, O_MODE=o_mode,
+        BLOCK_G=cfg.BLOCK_G, BLOCK_C=cfg.BLOCK_C, PIXR=pixr, W_HOIST=hoist,
+        PAIRS=pairs, OVERREAD=overread, num_warps=cfg.WARPS2,
+    )
+
+
+def _pass2_grid(n_blocks: int, n_cb: int, sms: int, progs_per_sm: int):
+    """(pixel-range programs per channel block, steps per program): at most ``progs_per_sm`` programs
+    per SM; at least MIN_STEPS steps per program (weights and BN amortized) while that keeps >= 2
+    programs per SM."""
+    groups = min(n_blocks, max(1, sms * progs_per_sm // n_cb))
+    groups = min(groups, max(n_blocks // MIN_STEPS, -(-2 * sms // n_cb), 1))
+    blocks_per_prog = -(-n_blocks // groups)
+    return -(-n_blocks // blocks_per_prog), blocks_per_prog
+
+
+def extra_hbm_bytes(spec: GhostSpec, n: int, h: int, w: int, elem: int, channels_last: bool) -> int:
+    """Pass 2 reads y1 back: m channels per output pixel, in whole 32-byte sectors for channels_last."""
+    ho, wo = spec.out_hw(h, w)
+    per_pixel = spec.m * elem
+    if channels_last:
+        per_pixel = -(-per_pixel // 32) * 32
+    return n * ho * wo * per_pixel
+
+
+BACKEND = TritonFamily(
+    "triton_two_pass", "two passes: a pixel-major GEMM (BN1 + act) writing out[:, :m], then a depthwise "
+    "stencil reading it back into out[:, m:oup]; BN folded in the kernels", support=Support(), launcher=forward,
+    default_config=default_config, lab_configs=lab_configs, extra_hbm_bytes=extra_hbm_bytes)

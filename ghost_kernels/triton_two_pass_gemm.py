@@ -1,0 +1,168 @@
+"""``triton_two_pass``'s pass 1 (the pixel-major GEMM with the BN1 + act epilogue into ``out[:, :m]``)
+and the jit helpers both passes share. Design note: the top of ``triton_two_pass.py``."""
+from __future__ import annotations
+
+from . import triton_common as tc
+from .triton_common import tl, triton
+
+if triton is not None:
+
+    @triton.jit
+    def _udiv(p, magic, shift):
+        """``p // d`` for int32 ``0 <= p < 2**30`` and ``(magic, shift) = _magic(d)``."""
+        q = tl.umulhi((p << 2).to(tl.uint32, bitcast=True), magic.to(tl.uint32)) >> shift
+        return q.to(tl.int32, bitcast=True)
+
+    @triton.jit
+    def _tap_weights(wd_ptr, j, j_ok, DD: tl.constexpr):
+        """The DD tap weights of ghost channels ``j`` in fp32, as a tuple of [BLOCK_C] vectors."""
+        ws = ()
+        for t in tl.static_range(DD):
+            ws = ws + (tl.load(wd_ptr + j * DD + t, mask=j_ok, other=0.0).to(tl.float32),)
+        return ws
+
+    @triton.jit
+    def _act(y, RELU: tl.constexpr):
+        """ReLU that propagates NaN as eager does (one max.NaN instruction), or the identity."""
+        if RELU:
+            y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        return y
+
+    # Sizes and counts are not specialized on (== 1, % 16): a new batch or resolution would otherwise
+    # compile a new variant; the alignment the vectors need comes from constexprs (C_IN, OUP, VPX/VPO,
+    # VW) instead. Strides are specialized (== 1 and % 16 are what make 16-byte vectors provable).
+    @triton.jit(do_not_specialize=["P_TOTAL", "HW_IN", "W_IN", "HWO", "WO", "QB", "HWV_X", "HWV_O",
+                                   "mg_hw", "sh_hw", "mg_w", "sh_w", "n_tiles", "tiles_per_prog"])
+    def _pw_kernel(
+        x_ptr, w1_ptr, out_ptr, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1,
+        P_TOTAL, HW_IN, W_IN, HWO, WO, QB, HWV_X, HWV_O, mg_hw, sh_hw, mg_w, sh_w,
+        sxn, sxc, sxh, sxw, son, soc, soh, sow,
+        n_tiles, tiles_per_prog,
+        C_IN: tl.constexpr, M: tl.constexpr, OUP: tl.constexpr, STRIDE: tl.constexpr, RELU: tl.constexpr,
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr, X_MODE: tl.constexpr, O_MODE: tl.constexpr,
+        VPX: tl.constexpr, VPO: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        IEEE: tl.constexpr, DOT_F32: tl.constexpr,
+    ):
+        """Pass 1: ``out[pixel, c] = act((x[pixel, :] @ w1[c, :]) * scale1[c] + shift1[c])`` for c < M.
+
+        Tiles: both tensors dense channels_last -> BLOCK_P consecutive pixels of the flattened batch
+        (offsets p * C, no division at stride 1); otherwise BLOCK_P consecutive pixels of one image
+        (QB tiles per image), so that NCHW planes stay contiguous along the tile. Dense NCHW (mode 3)
+        takes its plane size as HWV * VP with VP a constexpr power of two dividing it: the compiler
+        then knows every vector's alignment."""
+        N_CB: tl.constexpr = (M + BLOCK_N - 1) // BLOCK_N
+        ONE_K: tl.constexpr = C_IN <= BLOCK_K
+        K_MASK: tl.constexpr = C_IN % BLOCK_K != 0
+        PER_IMAGE: tl.constexpr = (X_MODE != 2) or (O_MODE != 2)
+        NEED_HW: tl.constexpr = (X_MODE == 0) or (O_MODE == 0) or (STRIDE != 1)
+        dt = out_ptr.dtype.element_ty
+        pid = tl.program_id(0)
+        t_begin = pid * tiles_per_prog
+        t_end = tl.minimum(t_begin + tiles_per_prog, n_tiles)
+        rp = tl.arange(0, BLOCK_P)
+        rn = tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        # x's channel stride (a constexpr 1 for dense channels_last: 16-byte vectors along K)
+        if X_MODE == 2:
+            xk = rk
+            x_kstep: tl.constexpr = BLOCK_K
+        elif X_MODE == 3:
+            x_plane = tl.cast(HWV_X, tl.int64) * VPX
+            xk = rk.to(tl.int64) * x_plane
+            x_kstep = BLOCK_K * x_plane
+        else:
+            xk = rk.to(tl.int64) * sxc
+            x_kstep = BLOCK_K * tl.cast(sxc, tl.int64)
+        if O_MODE == 3:
+            o_plane = tl.cast(HWV_O, tl.int64) * VPO
+        if N_CB == 1:  # one channel block: BN1 (and w1, if one K step) once per program
+            c = rn
+            c_ok = c < M
+            scale, shift = tc.folded_bn(c, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, HAS_W, HAS_B)
+            if ONE_K:
+                wt = tl.load(w1_ptr + c[None, :] * C_IN + rk[:, None],
+                             mask=c_ok[None, :] & (rk[:, None] < C_IN), other=0.0).to(dt)
+        for tile in range(t_begin, t_end):
+            if N_CB == 1:
+                pb = tile
+            else:  # channel block fastest: a program reuses its x tile from L1/L2
+                cb = tile % N_CB
+                pb = tile // N_CB
+                c = cb * BLOCK_N + rn
+                c_ok = c < M
+                scale, shift = tc.folded_bn(c, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, HAS_W, HAS_B)
+            # pixel coordinates: image n (scalar per tile, or per pixel), q = oh * W' + ow, (oh, ow)
+            if PER_IMAGE:
+                n = pb // QB
+                q = (pb - n * QB) * BLOCK_P + rp
+                if O_MODE == 3:      # H'W' as HWV * VP: the mask is constant over VP pixels (vectors)
+                    p_ok = q < HWV_O * VPO
+                elif X_MODE == 3:
+                    p_ok = q < HWV_X * VPX
+                else:
+                    p_ok = q < HWO
+            else:
+                p = pb * BLOCK_P + rp
+                p_ok = p < P_TOTAL
+                if STRIDE != 1:
+                    n = _udiv(p, mg_hw, sh_hw)
+                    q = p - n * HWO
+            if NEED_HW:
+                oh = _udiv(q, mg_w, sh_w)
+                ow = q - oh * WO
+            if PER_IMAGE or (STRIDE != 1):
+                n64 = tl.cast(n, tl.int64)
+
+            if X_MODE == 2:        # dense channels_last
+                if STRIDE == 1:
+                    if PER_IMAGE:
+                        x_pix = (n64 * HW_IN + q) * C_IN
+                    else:
+                        x_pix = p.to(tl.int64) * C_IN
+                else:
+                    x_pix = (n64 * HW_IN + (oh * STRIDE * W_IN + ow * STRIDE)) * C_IN
+            elif X_MODE == 3:      # dense NCHW, stride 1
+                x_pix = n64 * C_IN * x_plane + q
+            elif X_MODE == 1:      # plane of x dense (sxh == W * sxw), stride 1
+                x_pix = n64 * sxn + q.to(tl.int64) * sxw
+            else:
+                x_pix = n64 * sxn + (oh * STRIDE).to(tl.int64) * sxh + (ow * STRIDE).to(tl.int64) * sxw
+
+            acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+            x_ptrs = x_ptr + x_pix[:, None] + xk[None, :]
+            for k0 in range(0, C_IN, BLOCK_K):
+                if K_MASK:
+                    xt = tl.load(x_ptrs, mask=p_ok[:, None] & (k0 + rk[None, :] < C_IN), other=0.0)
+                else:
+                    xt = tl.load(x_ptrs, mask=p_ok[:, None], other=0.0)
+                xt = xt.to(dt)  # autocast: fp32 x, half compute (a no-op otherwise)
+                if (N_CB != 1) or (not ONE_K):
+                    wt = tl.load(w1_ptr + c[None, :] * C_IN + (k0 + rk[:, None]),
+                                 mask=c_ok[None, :] & (k0 + rk[:, None] < C_IN), other=0.0).to(dt)
+                if DOT_F32:  # interpreter only: its bf16 tl.dot multiplies raw bits (triton#11584)
+                    acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+                elif IEEE:
+                    acc = tl.dot(xt, wt, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xt, wt, acc)
+                x_ptrs += x_kstep
+
+            y = _act(acc * scale[None, :] + shift[None, :], RELU)
+            if O_MODE == 2:
+                if PER_IMAGE:
+                    o_ptrs = out_ptr + ((n64 * HWO + q) * OUP)[:, None] + c[None, :]
+                else:
+                    o_ptrs = out_ptr + (p.to(tl.int64) * OUP)[:, None] + c[None, :]
+            elif O_MODE == 3:
+                o_ptrs = out_ptr + ((n64 * OUP + c) * o_plane)[None, :] + q[:, None]
+            elif O_MODE == 1:
+                o_ptrs = out_ptr + (n64 * son + q.to(tl.int64) * sow)[:, None] + c.to(tl.int64)[None, :] * soc
+            else:
+                o_ptrs = (out_ptr + (n64 * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow)[:, None]
+                          + c.to(tl.int64)[None, :] * soc)
+            if M % BLOCK_N == 0:
+                tl.store(o_ptrs, y.to(dt), mask=p_ok[:, None])
+            else:
+                tl.store(o_ptrs, y.to(dt), mask=p_ok[:, None] & c_ok[None, :])
+
