@@ -3,6 +3,9 @@
 * A GPU suite run (``gpu_suite.sh``: OUTDIR/bench.json): copies bench.json and bench.md to
   benchmarks/results/<date>-<gpu>.{json,md} (plots as <date>-<gpu>-*.png) and rewrites
   benchmarks/RESULTS.md with the newest run's tables.
+* An offline model run (``python -m ghost_kernels.bench --offline --out OUTDIR``: OUTDIR/offline.json):
+  copies it to benchmarks/results/<date>-offline-sm90.{json,md} and writes the table's ``offline``
+  section (the predicted times behind ``backend="triton"``'s choice on unmeasured shapes).
 * A GPU lab run (``gpu_lab.sh``: OUTDIR/timing.json and the other phases' files): copies them to
   benchmarks/results/<date>-<gpu>-lab-<phase>.json, and writes the GPU's entry of the measured choice
   table (ghost_kernels/choice_table.json, or ``--table PATH``) from the timing rows, so that ``auto``
@@ -59,16 +62,42 @@ def publish_lab(out_dir: str, table_path: str, results: str) -> str:
         src = os.path.join(out_dir, f"{phase}.json")
         if os.path.exists(src):
             shutil.copy(src, os.path.join(results, f"{stem}-{phase}.json"))
-    table = {"gpus": {}}
-    if os.path.exists(table_path):
-        with open(table_path) as f:
-            table = json.load(f)
+    table = _load_table(table_path)
     table.setdefault("gpus", {})[timing["device"]] = choice.entry_from_rows(
         timing["rows"], timing["device"], timing.get("capability"), f"benchmarks/results/{stem}-timing.json",
         timing["date"])
+    _write_table(table_path, table)
+    return stem
+
+
+def _load_table(table_path: str) -> dict:
+    if os.path.exists(table_path):
+        with open(table_path) as f:
+            return json.load(f)
+    return {"gpus": {}}
+
+
+def _write_table(table_path: str, table: dict) -> None:
     table["note"] = "written by benchmarks/publish.py from GPU lab runs; do not edit by hand (ghost_kernels/choice.py)"
     with open(table_path, "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
+
+
+def publish_offline(out_dir: str, table_path: str, results: str) -> str:
+    sys.path.insert(0, ROOT)
+    from ghost_kernels import choice
+
+    with open(os.path.join(out_dir, "offline.json")) as f:
+        data = json.load(f)
+    date = (data.get("meta") or {}).get("date") or __import__("datetime").date.today().isoformat()
+    stem = f"{date}-offline-sm90"
+    os.makedirs(results, exist_ok=True)
+    shutil.copy(os.path.join(out_dir, "offline.json"), os.path.join(results, stem + ".json"))
+    if os.path.exists(os.path.join(out_dir, "offline.md")):
+        shutil.copy(os.path.join(out_dir, "offline.md"), os.path.join(results, stem + ".md"))
+    table = _load_table(table_path)
+    table["offline"] = choice.offline_from_rows(data["rows"], f"benchmarks/results/{stem}.json")
+    _write_table(table_path, table)
     return stem
 
 
@@ -80,6 +109,8 @@ def main(argv=None) -> str:
     args = p.parse_args(argv)
     if os.path.exists(os.path.join(args.out_dir, "timing.json")):
         return publish_lab(args.out_dir, args.table, args.results)
+    if os.path.exists(os.path.join(args.out_dir, "offline.json")):
+        return publish_offline(args.out_dir, args.table, args.results)
     return publish_suite(args.out_dir)
 
 

@@ -16,7 +16,11 @@ The rules:
 * **Unmeasured shape or GPU**: ``auto`` runs ``torch_folded``: the only GPU run so far (H200,
   2026-11-28) measured the fused v1 kernels slower than BN-folded cuDNN at every shape, and no
   fused family is assumed faster before it is measured. ``backend="triton"`` (the user asked for
-  Triton) takes the family the offline model predicts fastest: :data:`TRITON_HEURISTIC`.
+  Triton) takes the family the offline model predicts fastest (:func:`heuristic_triton_order`).
+
+The offline model's predictions (``python -m ghost_kernels.bench --offline``: modelled
+warp-instructions and HBM bytes per call on sm_90, turned into a predicted time) are in the same
+file, section ``offline``, written by ``benchmarks/publish.py OFFLINE_DIR``.
 """
 from __future__ import annotations
 
@@ -54,12 +58,33 @@ def row_key(row: dict) -> Tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def load_table(path: str = TABLE_PATH) -> Dict[str, dict]:
-    """{gpu name: {"capability": [major, minor], "source": ..., "rows": {key: {impl: ms}}}}."""
+def _raw(path: str = TABLE_PATH) -> dict:
     if not os.path.exists(path):
         return {}
     with open(path) as f:
-        raw = json.load(f)
+        return json.load(f)
+
+
+@functools.lru_cache(maxsize=None)
+def offline_predictions(path: str = TABLE_PATH) -> Dict[Tuple, Dict[str, float]]:
+    """{key: {family: predicted microseconds}} from the offline model (sm_90), for the heuristic."""
+    rows = _raw(path).get("offline", {}).get("rows", [])
+    return {row_key(r): dict(r["predicted_us"]) for r in rows}
+
+
+INSTRUCTION_BUDGET = 0.25   # modelled warp-instructions per HBM byte of the floor (tests/test_offline_budget.py)
+
+
+@functools.lru_cache(maxsize=None)
+def offline_within_budget(path: str = TABLE_PATH) -> Dict[Tuple, Dict[str, bool]]:
+    rows = _raw(path).get("offline", {}).get("rows", [])
+    return {row_key(r): {f: v <= INSTRUCTION_BUDGET for f, v in r.get("instr_per_byte", {}).items()} for r in rows}
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(path: str = TABLE_PATH) -> Dict[str, dict]:
+    """{gpu name: {"capability": [major, minor], "source": ..., "rows": {key: {impl: ms}}}}."""
+    raw = _raw(path)
     table = {}
     for gpu, entry in raw.get("gpus", {}).items():
         rows = {row_key(r): dict(r["ms"]) for r in entry.get("rows", [])}
@@ -91,6 +116,23 @@ def _device_info(device_type: str, index: int) -> Tuple[str, Optional[Tuple[int,
 # Implementations whose measured times enter the table: the backends "auto" can choose, and
 # eager_folded, which stands in for torch_folded in runs that did not time it.
 TABLE_IMPLS = ("torch_folded", "eager_folded", "cuda") + TRITON_FAMILIES
+
+
+def offline_from_rows(rows: Sequence[dict], source: str) -> dict:
+    """The table's ``offline`` section from the offline model's rows (``offline.json``)."""
+    from .spec import ghostnet_100_modules
+    specs = {m.name: m.spec for m in ghostnet_100_modules()}
+    by_key: Dict[Tuple, dict] = {}
+    for r in rows:
+        if r.get("error") or r.get("predicted_us") is None or r.get("name") not in specs:
+            continue
+        spec = specs[r["name"]]
+        row = dict(inp=spec.inp, oup=spec.oup, ratio=spec.ratio, dw_size=spec.dw_size, stride=spec.stride,
+                   act=spec.act, h=r["h"], w=r["w"], dtype=r["dtype"], layout=r["layout"])
+        entry = by_key.setdefault(row_key(row), dict(row, predicted_us={}, instr_per_byte={}))
+        entry["predicted_us"][r["family"]] = r["predicted_us"]
+        entry["instr_per_byte"][r["family"]] = r["instr_per_byte"]
+    return {"target": "sm_90", "source": source, "rows": list(by_key.values())}
 
 
 def entry_from_rows(rows: Sequence[dict], device: str, capability, source: str, date: str) -> dict:
@@ -156,33 +198,48 @@ def measurements(key: Tuple, device_name: str, capability: Optional[Tuple[int, i
 
 @_constant
 def rank(candidates: Sequence[str], key: Tuple, device_name: str, capability: Optional[Tuple[int, int]] = None,
-         heuristic: Sequence[str] = ()) -> Tuple[List[str], str]:
-    """``candidates`` in the order to try them, and a sentence saying why."""
+         heuristic: Sequence[str] = (), complete_only: bool = False) -> Tuple[List[str], str]:
+    """``candidates`` in the order to try them, and a sentence saying why. ``complete_only``: use the
+    measurements only if every candidate was measured (the Triton families among themselves: a
+    measured slow family must not win over an unmeasured one by being measured)."""
     ms, source = measurements(key, device_name, capability)
-    if ms:
-        measured = sorted((c for c in candidates if ms.get(c) is not None), key=lambda c: ms[c])
+    measured = sorted((c for c in candidates if ms and ms.get(c) is not None), key=lambda c: ms[c])
+    if ms and measured and not (complete_only and len(measured) < len(candidates)):
         rest = [c for c in heuristic if c in candidates and c not in measured]
         rest += [c for c in candidates if c not in measured and c not in rest]
         times = ", ".join(f"{c} {ms[c]:.4f} ms" for c in measured)
         return measured + rest, f"measured on {source}: {times}"
     order = [c for c in heuristic if c in candidates] + [c for c in candidates if c not in heuristic]
-    return order, f"no measurement of this shape on {device_name}: heuristic order {', '.join(order)}"
+    what = "not every candidate measured" if measured else "no measurement"
+    return order, f"{what} for this shape on {device_name}: heuristic order {', '.join(order)}"
 
 
-def heuristic_triton_order(spec: GhostSpec, ho: int, wo: int) -> List[str]:
-    """Triton families for an unmeasured shape, best predicted first. From the offline model
-    (``python -m ghost_kernels.bench --offline``: modelled warp-instructions per HBM byte, sm_90):
-    the band kernel (single pass, shifts in registers) first, the two-pass kernel next, the v1 halo
-    kernel last (it is 3-30x over the instruction budget)."""
-    return list(TRITON_FAMILIES)
+def heuristic_triton_order(key: Tuple) -> List[str]:
+    """Triton families for an unmeasured shape, fastest predicted first: by the offline model's
+    predicted time (``max(warp-instructions / issue rate, HBM bytes / bandwidth)`` on sm_90, section
+    ``offline`` of the table) where it has the shape; elsewhere a rule from the same model's
+    numbers: the band kernel for small planes (a whole image per program: no halo and no extra
+    bytes), the two-pass kernel for larger ones (within the instruction budget everywhere, at the
+    price of reading y1 back), the v1 halo kernel last (3-30x over the budget)."""
+    predicted = offline_predictions().get(key)
+    if predicted:
+        # within the instruction budget first: past it the predicted time rests on a sustained issue
+        # rate that only a GPU run can confirm (ghost_kernels/bench/offline: the model's assumptions)
+        within = offline_within_budget().get(key, {})
+        ranked = sorted((f for f in TRITON_FAMILIES if f in predicted),
+                        key=lambda f: (not within.get(f, False), predicted[f]))
+        return ranked + [f for f in TRITON_FAMILIES if f not in ranked]
+    h, w = key[6], key[7]
+    small = (h // key[4]) * (w // key[4]) <= 256
+    return ["triton_band", "triton_two_pass", "triton_halo"] if small else \
+        ["triton_two_pass", "triton_band", "triton_halo"]
 
 
 def triton_family(spec: GhostSpec, h: int, w: int, dtype: torch.dtype, channels_last: bool,
                   device_name: str = "NVIDIA H200", capability: Optional[Tuple[int, int]] = (9, 0),
                   admissible: Optional[Sequence[str]] = None) -> str:
     """The family ``backend="triton"`` runs for this shape (used by the offline model's ``chosen``)."""
-    ho, wo = spec.out_hw(h, w)
+    key = shape_key(spec, h, w, dtype, channels_last)
     candidates = [f for f in TRITON_FAMILIES if admissible is None or f in admissible]
-    order, _ = rank(candidates, shape_key(spec, h, w, dtype, channels_last), device_name, capability,
-                    heuristic_triton_order(spec, ho, wo))
+    order, _ = rank(candidates, key, device_name, capability, heuristic_triton_order(key), complete_only=True)
     return order[0]

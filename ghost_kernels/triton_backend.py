@@ -31,11 +31,11 @@ class TritonBackend(Backend):
 
     def family_order(self, req: Request) -> Tuple[List[TritonFamily], str]:
         """The families in the order to try them for ``req``, and why."""
-        ho, wo = req.out_hw
         by_name = {f.name: f for f in self.families}
         name, capability = choice.device_of(req.x)
         key = choice.shape_key(req.spec, req.x.shape[2], req.x.shape[3], req.compute_dtype, req.channels_last)
-        order, why = choice.rank(list(by_name), key, name, capability, choice.heuristic_triton_order(req.spec, ho, wo))
+        order, why = choice.rank(list(by_name), key, name, capability, choice.heuristic_triton_order(key),
+                                 complete_only=True)
         return [by_name[n] for n in order], why
 
     def pick(self, req: Request) -> Tuple[Optional[TritonFamily], str, List[str]]:

@@ -85,12 +85,7 @@ if triton is not None:
                              other=0.0).to(dt)
             wt = tl.load(w1_ptr + k[:, None] * sw1k + c[None, :] * sw1m, mask=k_ok[:, None] & c_ok[None, :],
                          other=0.0).to(dt)
-            if DOT_F32:  # interpreter only: its bf16 tl.dot multiplies raw bits (triton#11584)
-                acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-            elif IEEE:
-                acc = tl.dot(xt, wt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xt, wt, acc)
+            acc = tc.dot_acc(xt, wt, acc, IEEE, DOT_F32)
 
         # 2. BN1 + act in fp32; zero outside the image (the depthwise conv zero-pads y1, not x)
         scale1, shift1 = tc.folded_bn(c, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, HAS_W1, HAS_B1)

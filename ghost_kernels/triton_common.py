@@ -215,6 +215,17 @@ if triton is not None:
         return mb, tw, th, (t // n_tiles_h).to(tl.int64)
 
     @triton.jit
+    def dot_acc(a, b, acc, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+        """``acc + a @ b`` on tensor cores; exact fp32 (``IEEE``: fp32 FMAs); ``DOT_F32``: the operands in
+        fp32, for the interpreter only, whose bf16 tl.dot multiplies raw bits (triton#11584)."""
+        if DOT_F32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
     def pointwise_conv_tile(x_ptr, w1_ptr, x_pix, pix_ok, c, c_ok, C_IN, sxc,
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
                             IEEE: tl.constexpr, DOT_F32: tl.constexpr):
@@ -229,12 +240,7 @@ if triton is not None:
                          mask=k_ok[:, None] & pix_ok[None, :], other=0.0)
             xt = xt.to(w1_ptr.dtype.element_ty)  # autocast: fp32 x, half weights (a no-op otherwise)
             wt = tl.load(w1_ptr + c[:, None] * C_IN + k[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-            if DOT_F32:  # interpreter only: its bf16 tl.dot multiplies raw bits (triton#11584)
-                acc = tl.dot(wt.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-            elif IEEE:
-                acc = tl.dot(wt, xt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(wt, xt, acc)
+            acc = dot_acc(wt, xt, acc, IEEE, DOT_F32)
         return acc
 
     @triton.jit

@@ -14,6 +14,15 @@ if triton is not None:
         return q.to(tl.int32, bitcast=True)
 
     @triton.jit
+    def _image_row_col(g, HW, W, mg_hw, sh_hw, mg_w, sh_w):
+        """(image, index in the image, row, column) of flattened index ``g`` over images of HW = H x W
+        entries (magic numbers of HW and W from ``_magic``)."""
+        n = _udiv(g, mg_hw, sh_hw)
+        q = g - n * HW
+        h = _udiv(q, mg_w, sh_w)
+        return n, q, h, q - h * W
+
+    @triton.jit
     def _tap_weights(wd_ptr, j, j_ok, DD: tl.constexpr):
         """The DD tap weights of ghost channels ``j`` in fp32, as a tuple of [BLOCK_C] vectors."""
         ws = ()
@@ -140,12 +149,7 @@ if triton is not None:
                 if (N_CB != 1) or (not ONE_K):
                     wt = tl.load(w1_ptr + c[None, :] * C_IN + (k0 + rk[:, None]),
                                  mask=c_ok[None, :] & (k0 + rk[:, None] < C_IN), other=0.0).to(dt)
-                if DOT_F32:  # interpreter only: its bf16 tl.dot multiplies raw bits (triton#11584)
-                    acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-                elif IEEE:
-                    acc = tl.dot(xt, wt, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(xt, wt, acc)
+                acc = tc.dot_acc(xt, wt, acc, IEEE, DOT_F32)
                 x_ptrs += x_kstep
 
             y = _act(acc * scale[None, :] + shift[None, :], RELU)

@@ -6,7 +6,7 @@ from . import triton_common as tc
 from .triton_common import tl, triton
 
 if triton is not None:
-    from .triton_two_pass_gemm import _act, _tap_weights, _udiv
+    from .triton_two_pass_gemm import _act, _image_row_col, _tap_weights
     from .triton_two_pass_stencil import _hoisted_row, _row_weights
 
     @triton.jit
@@ -137,10 +137,7 @@ if triton is not None:
         for blk in range(blk_begin, blk_end):
             g = blk * BLOCK_R + tl.arange(0, BLOCK_R)
             g_ok = g < G_TOTAL
-            n = _udiv(g, mg_g, sh_g)
-            q = g - n * HWV
-            h = _udiv(q, mg_v, sh_v)
-            wv = q - h * WV
+            n, q, h, wv = _image_row_col(g, HWV, WV, mg_g, sh_g, mg_v, sh_v)
             rv = n.to(tl.int64) * OUP * HWV + q                 # row-vector index within channel 0
             # validity of the neighbour vectors (column side), shared by the tap rows
             side_ok = ()

@@ -6,7 +6,7 @@ from . import triton_common as tc
 from .triton_common import tl, triton
 
 if triton is not None:
-    from .triton_two_pass_gemm import _act, _tap_weights, _udiv
+    from .triton_two_pass_gemm import _act, _image_row_col, _tap_weights
 
     @triton.jit
     def _row_weights(wd_ptr, jj, jok, dy, DW: tl.constexpr, NG: tl.constexpr):
@@ -183,10 +183,8 @@ if triton is not None:
         for blk in range(blk_begin, blk_end):
             g = blk * BLOCK_G + tl.arange(0, BLOCK_G)
             g_ok = g < G_TOTAL
-            n = _udiv(g, mg_hw, sh_hw)
-            q = g - n * HWG
-            h = _udiv(q, mg_w, sh_w)
-            w0 = (q - h * WG) * PIXR                        # first pixel column of the group
+            n, q, h, wg = _image_row_col(g, HWG, WG, mg_hw, sh_hw, mg_w, sh_w)
+            w0 = wg * PIXR                                  # first pixel column of the group
             if O_MODE == 2:
                 if PIXR == 1:
                     p0 = g.to(tl.int64)

@@ -71,6 +71,28 @@ def _offline_dot_kernel(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constex
     tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc.to(c_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _offline_tma_kernel(x_desc, y_ptr, n_rows, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Persistent copy (x2) of row blocks loaded by TMA: each load waits on an mbarrier (a hardware
+    wait/retry loop in the SASS) inside a runtime loop."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    c = tl.arange(0, COLS)
+    for i in range(pid, n_rows // ROWS, nprog):
+        t = x_desc.load([i * ROWS, 0])
+        r = i * ROWS + tl.arange(0, ROWS)
+        tl.store(y_ptr + r[:, None] * COLS + c[None, :], t * 2)
+
+
+@triton.jit
+def _offline_tma_once_kernel(x_desc, y_ptr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """One TMA box per program, no source loop: only the wait loop."""
+    pid = tl.program_id(0)
+    t = x_desc.load([pid * ROWS, 0])
+    r = pid * ROWS + tl.arange(0, ROWS)
+    tl.store(y_ptr + r[:, None] * COLS + tl.arange(0, COLS)[None, :], t)
+
+
 COPY_PROGRAMS = 8
 COPY_BLOCK = 1024
 
@@ -180,6 +202,79 @@ def test_source_loops_match_sass_lines_and_static_range_copies():
     assert w == {0: 5.0, 1: 3.0}
     w, desc = offline.assign_trips(a, src, [5, 1, 4, 3])    # a 1-trip loop the compiler removed
     assert w == {0: 5.0, 1: 3.0} and "removed" in desc[0]["match"]
+
+
+# A TMA load in a loop as ptxas lays it out (sm_90): the in-line TRYWAIT, a branch to an out-of-line
+# retry stub after the EXIT (a loop of its own), whose last BRA jumps back behind the wait -- a backward
+# branch that is no loop (0x0050 does not dominate 0x00b0) -- and an in-line NANOSLEEP poll loop.
+WAIT_SASS = """
+        /*0000*/                   S2R R0, SR_CTAID.X ;
+        /*0010*/               @P0 EXIT ;
+.L_x_1:
+	//## File "/src/t.py", line 12
+        /*0020*/                   @UP2 UTMALDG.2D [UR8], [UR14] ;
+        /*0030*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x1000], RZ ;
+        /*0040*/              @!P0 BRA `(.L_x_0) ;
+.L_x_2:
+        /*0050*/                   FMUL R1, R1, R1 ;
+        /*0060*/                   STG.E.128 desc[UR4][R2.64], R4 ;
+	//## File "/src/t.py", line 10
+        /*0070*/               @P1 BRA `(.L_x_1) ;
+.L_x_4:
+	//## File "/src/t.py", line 20
+        /*0080*/                   NANOSLEEP 0x20 ;
+        /*0090*/                   LDG.E.STRONG.GPU R5, desc[UR4][R6.64] ;
+        /*00a0*/                   ISETP.NE.AND P2, PT, R5, RZ, PT ;
+        /*00b0*/               @P2 BRA `(.L_x_4) ;
+        /*00c0*/                   EXIT ;
+.L_x_0:
+	//## File "/src/t.py", line 13
+        /*00d0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x1000], RZ ;
+        /*00e0*/              @!P0 BRA `(.L_x_0) ;
+        /*00f0*/                   BRA `(.L_x_2) ;
+.L_x_3:
+        /*0100*/                   BRA `(.L_x_3);
+"""
+
+
+def test_hardware_wait_loops_are_not_source_loops():
+    instrs = offline.parse_sass(WAIT_SASS)
+    assert instrs[-2].base == "BRA" and instrs[-2].target == 0x50 < instrs[-2].addr   # the stub's jump back
+    loops, reach = offline.find_loops(instrs)
+    assert [(lp.start(instrs), lp.end(instrs), lp.wait) for lp in loops] == [
+        (0x20, 0xf0, False),     # the source loop, with the out-of-line stub it enters
+        (0x80, 0xb0, True),      # the NANOSLEEP poll
+        (0xd0, 0xe0, True)]      # the TRYWAIT retry, nested in the source loop
+    assert loops[2].parent == loops[0].id and loops[1].parent is None and reach[-1] is False
+    a = offline.analyze_sass(WAIT_SASS)
+    src = [dict(line=["/src/t.py", 10], parent=None, const_trips=None, pipelined=False, stages=1, peeled=False)]
+    w, desc = offline.assign_trips(a, src, [7])             # one trip count: the wait loops take none
+    assert w == {0: 7.0, 1: 1.0, 2: 1.0} and desc[0]["match"] == "source loops"
+    assert [d["wait"] for d in desc] == [False, True, True] and "hardware wait" in desc[2]["trips"]
+    # straight: S2R, EXIT, EXIT; the loop body 6 + the stub 3, 7 times; the poll loop once
+    assert offline.weighted_counts(a, w)["n"] == 3 + 9 * 7 + 4
+    with pytest.raises(offline.LoopMismatch, match=r"hardware wait/retry loop: not matched"):
+        offline.assign_trips(a, src, [7, 2], "t")
+    # without the source loop's back edge: no source loop left, no loops= needed
+    no_loop = WAIT_SASS.replace("@P1 BRA `(.L_x_1)", "@P1 BRA `(.L_x_4)")
+    w, desc = offline.assign_trips(offline.analyze_sass(no_loop), [], None)
+    assert w == {0: 1.0, 1: 1.0} and all(d["wait"] for d in desc)
+    assert not offline.is_wait(offline.Instr(0, "", "SYNCS.ARRIVE.TRANS64", "", ()))
+    assert offline.is_wait(offline.Instr(0, "", "SYNCS.PHASECHK.TRANS64.TRYWAIT", "", ()))
+
+
+def test_hbm_bytes_and_predicted_time():
+    from ghost_kernels import triton_two_pass
+    from ghost_kernels.spec import GhostSpec
+    spec = GhostSpec(16, 24)
+    floor = offline.floor_bytes(spec, 8, 56, 56, 2)
+    extra = triton_two_pass.extra_hbm_bytes(spec, 8, 56, 56, 2, True)
+    assert extra > 0 and offline.hbm_bytes("triton_two_pass", spec, 8, 56, 56, 2, True) == floor + extra
+    assert offline.hbm_bytes("no_such_family", spec, 8, 56, 56, 2, True) == floor
+    assert offline.ISSUE_RATE == pytest.approx(132 * 4 * 0.7 * 1.98e9)
+    assert offline.HBM_RATE == pytest.approx(0.85 * 4.22e12)
+    assert offline.predicted_us(offline.ISSUE_RATE * 2e-6, offline.HBM_RATE * 1e-6) == pytest.approx(2.0)
+    assert offline.predicted_us(0, offline.HBM_RATE * 3e-6) == pytest.approx(3.0)
 
 
 @pytest.mark.parametrize("opcode,bits", [
@@ -311,6 +406,22 @@ def _child_checks() -> dict:
                                  constexprs={str(k): repr(v) for k, v in j.constexprs.items()},
                                  attrs={str(k): repr(specialize._tuplify(v)) for k, v in j.attrs.items()})
                             for j in jobs])
+    # 7. TMA loads (host tensor descriptors): in a runtime loop, and once without a loop
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError as exc:
+        out["tma"] = dict(skip=f"no triton.tools.tensor_descriptor ({exc})")
+    else:
+        xt = torch.empty(4096, 64, dtype=torch.bfloat16)
+        desc = TensorDescriptor(xt, list(xt.shape), list(xt.stride()), [32, 64])
+        with tc.capture_launches() as rec:
+            tc.launch(_offline_tma_kernel, (8,), desc, xt, 4096, loops=[4096 / 32 / 8], ROWS=32, COLS=64,
+                      num_warps=4)
+            tc.launch(_offline_tma_once_kernel, (128,), desc, xt, loops=(), ROWS=32, COLS=64, num_warps=4)
+        out["tma"] = model_one(rec[0], keep_sass=True)
+        out["tma"]["loops"] = list(rec[0].loops)
+        out["tma_once"] = model_one(rec[1], keep_sass=True)
+
     out["triton"] = triton.__version__
     out["regs_match"] = out["copy"]["res"]["regs"] == out["copy"]["res"]["ptxas_regs"] or \
         out["copy"]["res"]["ptxas_regs"] is None
@@ -405,11 +516,62 @@ def test_pipelined_loop(child):
     assert d["ld_bits"] == 128 and d["mma_static"] > 0 and d["smem"] > 0   # cp.async 16 B, tensor cores
 
 
+def _tma_parts(sass):
+    """(instructions, the trap, the last EXIT before it, the out-of-line block between them)."""
+    instrs = offline.parse_sass(sass)
+    trap = next(i for i in instrs if i.base == "BRA" and i.target == i.addr)
+    last_exit = max(i.addr for i in instrs if i.base == "EXIT" and not i.predicated and i.addr < trap.addr)
+    stub = [i for i in instrs if last_exit < i.addr < trap.addr]
+    return instrs, trap, last_exit, stub
+
+
+def test_tma_wait_loop_in_a_runtime_loop(child):
+    """A TMA load in a persistent loop: the mbarrier wait's retry stub (after the EXIT, jumping back
+    into the loop) is a hardware wait loop, not a source loop; loops= has the one source loop, and the
+    count is exact by hand: the loop body and the stub once per trip, the rest once."""
+    if "skip" in child["tma"]:
+        pytest.skip(child["tma"]["skip"])
+    t = child["tma"]
+    assert "mismatch" not in t, t.get("mismatch")
+    instrs, trap, last_exit, stub = _tma_parts(t["sass"])
+    assert any(i.base == "UTMALDG" for i in instrs)
+    assert any(offline.is_wait(i) for i in stub) and stub[-1].base == "BRA" and stub[-1].target < stub[-1].addr
+    back = [i for i in instrs if i.base == "BRA" and i.target is not None and i.target < i.addr <= last_exit]
+    assert len(back) == 1                                       # the source loop's back edge
+    head, latch = back[0].target, back[0].addr
+    into_stub = [i for i in instrs if i.base == "BRA" and i.target == stub[0].addr and i.addr < last_exit]
+    assert into_stub and all(head <= i.addr <= latch for i in into_stub)   # the wait is inside the loop
+    body = sum(1 for i in instrs if head <= i.addr <= latch)
+    straight = sum(1 for i in instrs if i.addr <= last_exit) - body
+    trips = t["loops"][0]
+    m = t["model"]
+    loops = m["sass_loops"]
+    waits = [lp for lp in loops if lp["wait"]]
+    source = [lp for lp in loops if not lp["wait"]]
+    assert len(source) == 1 and source[0]["weight"] == trips and source[0]["match"] == "source loops"
+    assert waits and all(lp["weight"] == 1.0 and "hardware wait" in lp["trips"] for lp in waits)
+    assert m["instr_per_warp"] == pytest.approx(straight + (body + len(stub)) * trips)
+    assert m["ld_hist"].get("128") and m["programs"] == 8
+
+
+def test_tma_wait_loop_without_source_loop(child):
+    """One TMA box per program (as triton_band's x load when K is one step): loops=() fits."""
+    if "skip" in child["tma"]:
+        pytest.skip(child["tma"]["skip"])
+    t = child["tma_once"]
+    assert "mismatch" not in t, t.get("mismatch")
+    instrs, trap, last_exit, stub = _tma_parts(t["sass"])
+    m = t["model"]
+    assert m["sass_loops"] and all(lp["wait"] and lp["weight"] == 1.0 for lp in m["sass_loops"])
+    assert m["instr_per_warp"] == pytest.approx(sum(1 for i in instrs if i.addr < trap.addr))
+
+
 # --------------------------------------------------------------------------------------------------
 # The CLI and model_rows (under TRITON_INTERPRET the model runs in a child process)
 
 REQUIRED = ("family", "name", "inp", "oup", "h", "w", "dtype", "layout", "regs", "spills", "smem", "ld_bits",
-            "st_bits", "barriers", "warp_instr", "floor_bytes", "instr_per_byte", "chosen", "variants", "launches")
+            "st_bits", "barriers", "warp_instr", "floor_bytes", "instr_per_byte", "chosen", "variants", "launches",
+            "hbm_bytes", "predicted_us")
 
 
 def test_cli_writes_offline_json(tmp_path, capsys):
@@ -424,6 +586,9 @@ def test_cli_writes_offline_json(tmp_path, capsys):
         assert set(REQUIRED) <= set(r), set(REQUIRED) - set(r)
         assert r["chosen"] is False and r["variants"] == 1 and r["warp_instr"] > 0
         assert r["instr_per_byte"] == pytest.approx(r["warp_instr"] / r["floor_bytes"])
+        assert r["hbm_bytes"] == r["floor_bytes"]                # the family declares no extra_hbm_bytes
+        assert r["predicted_us"] == pytest.approx(1e6 * max(r["warp_instr"] / offline.ISSUE_RATE,
+                                                            r["hbm_bytes"] / offline.HBM_RATE))
         assert r["launches"][0]["kernel"] == "_offline_copy_kernel"
     r0 = rows[0]
     assert (r0["inp"], r0["oup"], r0["h"], r0["dtype"], r0["layout"]) == (16, 16, 112, "bfloat16", "channels_last")

@@ -1,8 +1,9 @@
 """The lab's Nsight Compute phase, and the offline model's prediction for the same launches.
 
-``run_ncu`` starts ``ncu --clock-control none`` on this module's child mode (``--ncu-child
-FAMILY:SHAPE:DTYPE``), which launches one family once untimed (loads the kernels) and once between
-``cudaProfilerStart``/``Stop``: only that call's kernels are profiled. The metrics are read from
+``run_ncu`` starts ``ncu --clock-control none`` once per family on this module's child mode
+(``--ncu-child FAMILY:I,J,...:DTYPE``), which for each shape launches the family once untimed (loads
+the kernels) and once between ``cudaProfilerStart``/``Stop``: only those calls' kernels are profiled
+(one process per family: Python and torch start once). The metrics are read from
 ncu's CSV; the offline model (``bench.offline``) is run on the same shapes, so the JSON holds both
 instruction counts side by side.
 """
@@ -36,16 +37,19 @@ def ncu_child(args) -> int:
     from ..dispatch import BY_NAME
     from ..spec import distinct_ghostnet_100_specs
     from .lab_timing import ShapeBench
-    family, idx, dtype = args.ncu_child.split(":")
-    shape = distinct_ghostnet_100_specs()[int(idx)]
-    bench = ShapeBench(shape, args.batch, dtype, "channels_last", torch.device("cuda"), l2_bytes=0)
+    family, indices, dtype = args.ncu_child.split(":")
     fam = BY_NAME[family]
-    fam.launcher(bench.inputs[0], bench.params, bench.dtype)
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
-    fam.launcher(bench.inputs[0], bench.params, bench.dtype)
-    torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
+    for idx in indices.split(","):
+        shape = distinct_ghostnet_100_specs()[int(idx)]
+        bench = ShapeBench(shape, args.batch, dtype, "channels_last", torch.device("cuda"), l2_bytes=0)
+        fam.launcher(bench.inputs[0], bench.params, bench.dtype)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        fam.launcher(bench.inputs[0], bench.params, bench.dtype)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        print(f"NCU_SHAPE {family} {idx} {shape.name}", flush=True)
+        del bench
     return 0
 
 
@@ -65,49 +69,75 @@ def _number(v: str):
         return v
 
 
-def run_ncu(args, meta: dict, deadline: float) -> dict:
+def start_offline_model(args):
+    """The offline model for the shapes ncu profiles, started in the background (a CPU process
+    compiling with this machine's Triton: the prediction to set beside ncu's counts)."""
+    from ..dispatch import TRITON_FAMILIES
+    out = os.path.join(args.out, "offline")
+    cmd = [sys.executable, "-m", "ghost_kernels.bench.offline", "--out", out, "--quiet",
+           "--families", ",".join(f.name for f in TRITON_FAMILIES), "--shapes", ",".join(map(str, NCU_SHAPES)),
+           "--dtypes", "bfloat16", "--layouts", "channels_last", "--batch", str(args.batch)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    log = open(os.path.join(args.out, "offline.log"), "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def run_ncu(args, meta: dict, deadline: float, offline=None) -> dict:
     ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
     if not os.path.exists(ncu):
         return {"status": "ncu not found", "kernels": []}
     from ..dispatch import TRITON_FAMILIES
-    kernels, failures = [], []
+    kernels, failures, raw = [], [], {}
     for fam in TRITON_FAMILIES:
-        for idx in NCU_SHAPES:
-            if time.perf_counter() > deadline:
-                failures.append(f"{fam.name}:{idx}: lab budget")
-                continue
-            cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--csv", "--page", "raw",
-                   "--metrics", ",".join(METRICS), sys.executable, "-m", "ghost_kernels.bench.lab",
-                   "--out", args.out, "--batch", str(args.batch), "--ncu-child", f"{fam.name}:{idx}:bfloat16"]
-            try:
-                res = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10, deadline - time.perf_counter()))
-            except subprocess.TimeoutExpired:
-                failures.append(f"{fam.name}:{idx}: timeout")
-                continue
-            rows = _parse(res.stdout)
-            if res.returncode != 0 or not rows:
-                failures.append(f"{fam.name}:{idx}: rc {res.returncode}: {res.stderr[-400:]}")
-            for r in rows:
-                kernels.append(dict(family=fam.name, shape_index=idx, kernel=r.get("Kernel Name"),
-                                    **{m: _number(r.get(m)) for m in METRICS if m in r}))
-    predicted = _offline_predictions(args.batch)
+        left = deadline - time.perf_counter()
+        if left < 20:
+            failures.append(f"{fam.name}: lab budget")
+            continue
+        cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--csv", "--page", "raw",
+               "--metrics", ",".join(METRICS), sys.executable, "-m", "ghost_kernels.bench.lab",
+               "--out", args.out, "--batch", str(args.batch),
+               "--ncu-child", f"{fam.name}:{','.join(map(str, NCU_SHAPES))}:bfloat16"]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+        except subprocess.TimeoutExpired:
+            failures.append(f"{fam.name}: timeout")
+            continue
+        raw[fam.name] = res.stdout[-20000:]
+        rows = _parse(res.stdout)
+        if res.returncode != 0 or not rows:
+            failures.append(f"{fam.name}: rc {res.returncode}: {res.stderr[-400:]}")
+        # the kernels come in launch order: the family's launches per call, shape after shape
+        per_call = max(1, len(rows) // len(NCU_SHAPES)) if len(rows) % len(NCU_SHAPES) == 0 else None
+        for i, r in enumerate(rows):
+            idx = NCU_SHAPES[i // per_call] if per_call else None
+            kernels.append(dict(family=fam.name, shape_index=idx, kernel=r.get("Kernel Name"),
+                                **{m: _number(r.get(m)) for m in METRICS if m in r}))
+    predicted = _offline_predictions(args, offline, deadline)
     for k in kernels:
         pred = predicted.get((k["family"], k["shape_index"]))
-        if pred:
+        if pred:   # per call (all of the call's kernels): compare with the call's summed inst_executed
             k["offline_warp_instr_call"] = pred
     return {"status": "ok" if kernels else "no kernels profiled", "kernels": kernels, "failures": failures,
-            "metrics": METRICS}
+            "metrics": METRICS, "raw_csv_tail": raw}
 
 
-def _offline_predictions(batch: int) -> Dict[tuple, float]:
-    """(family, shape index) -> the offline model's warp-instructions per call (all launches)."""
+def _offline_predictions(args, offline, deadline: float) -> Dict[tuple, float]:
+    """(family, shape index) -> the offline model's warp-instructions per call (all launches), from
+    the background run started by :func:`start_offline_model` (waited for until ``deadline``)."""
+    if offline is None:
+        return {}
     try:
-        from ..spec import distinct_ghostnet_100_specs
-        from .offline import model_rows
-        from ..dispatch import TRITON_FAMILIES
-        shapes = [distinct_ghostnet_100_specs()[i] for i in NCU_SHAPES]
-        rows = model_rows([f.name for f in TRITON_FAMILIES], shapes, ["bfloat16"], ["channels_last"], batch)
-    except Exception as exc:  # the comparison is a bonus: never lose the ncu numbers to it
-        return {("error", str(exc)[:200]): 0.0}
+        offline.wait(timeout=max(1.0, deadline - time.perf_counter()))
+    except subprocess.TimeoutExpired:
+        offline.kill()
+        return {}
+    try:
+        import json
+        with open(os.path.join(args.out, "offline", "offline.json")) as f:
+            rows = json.load(f)["rows"]
+    except (OSError, KeyError, ValueError):
+        return {}
+    from ..spec import distinct_ghostnet_100_specs
     names = [s.name for s in distinct_ghostnet_100_specs()]
-    return {(r["family"], names.index(r["name"])): r["warp_instr"] for r in rows if r["name"] in names}
+    return {(r["family"], names.index(r["name"])): r["warp_instr"] for r in rows
+            if r.get("name") in names and r.get("warp_instr")}

@@ -38,10 +38,25 @@ The instruction model
 
 * The SASS is split into basic blocks; blocks not reachable from the entry (the ``BRA self`` trap
   and NOP padding after the last ``EXIT``) count nothing. A **loop** is the natural loop of each
-  backward branch (a branch whose target address is not above it; back edges to one header are one
-  loop); loops nest by containment. Every reachable instruction is weighted by the product of the
+  back edge: a branch whose target address is not above it *and* whose target dominates it (back
+  edges to one header are one loop); loops nest by containment. A backward branch whose target does
+  not dominate it is the jump back of an out-of-line block (ptxas puts the retry path of an mbarrier
+  wait after the last ``EXIT`` and jumps back behind the wait): no loop, its block counts as code of
+  the loops around the wait. Every reachable instruction is weighted by the product of the
   trip counts of the loops that contain it, and the per-program sum is multiplied by ``num_warps``
   and by the number of programs (product of the grid).
+* **Hardware wait/retry loops** are no source loops. A TMA load (tensor descriptor) or any
+  ``ttng.wait_barrier`` waits on an mbarrier: ``SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [bar]`` then
+  ``@!P0 BRA`` to an out-of-line stub that retries the same ``TRYWAIT`` in a loop of its own until the
+  phase flips. A SASS loop with no loop inside, of at most ``sass.WAIT_LOOP_MAX`` instructions,
+  containing a wait instruction (``SYNCS`` with ``PHASECHK``/``TRYWAIT``/``TEST_WAIT``, or ``NANOSLEEP``)
+  and otherwise only branches, integer/predicate arithmetic or memory polls (``sass.WAIT_LOOP_ALLOWED``)
+  is such a **wait loop**: it takes no ``loops=`` entry and is not matched to a source loop. *Assumed:*
+  it executes once per entry (weight 1: the wait succeeds on the first retry; ``TRYWAIT`` suspends the
+  warp for a while before it fails, so the retries a long wait issues are few, and they are issue slots
+  of an idle warp), and the out-of-line stub around it is counted once per entry of its enclosing
+  loop even when the in-line wait succeeded (a few instructions per wait, an overestimate). In
+  ``sass_loops`` they have ``wait: true`` and ``trips`` "hardware wait/retry loop: once per entry".
 * **Matching trip counts to SASS loops.** The source loops are the ``scf.for`` ops of the TTGIR
   (what Triton hands to LLVM; ``tl.static_range`` copies are separate loops), in source order, each
   with its source line. Each SASS loop carries the (innermost, inlined) source line of its back-edge
@@ -82,8 +97,12 @@ estimate of ``smsp__inst_executed.sum``):
   falling through;
 * the ptxas-unrolled loops' remainder split above, and spill bytes from ``STL`` when ptxas's log
   is not available (a Triton cache hit);
+* hardware wait loops count once per entry (above): the time a warp spends waiting for a TMA
+  load or a barrier is not issue time and is not modelled;
 * ``instr_per_byte`` divides by the *floor* (x read once, output written once), not by the bytes
-  the kernel really moves.
+  the kernel really moves (``hbm_bytes`` adds the family's declared extra traffic);
+* ``predicted_us`` is a roofline of two *assumed* rates (``rows.ISSUE_RATE``, ``rows.HBM_RATE``):
+  no latency, occupancy, tail or launch overhead; to be checked against the GPU lab.
 
 Checking it on a GPU: run the same shape with Nsight Compute, e.g.
 ``ncu --metrics smsp__inst_executed.sum,launch__registers_per_thread,launch__grid_size
@@ -104,15 +123,25 @@ layout, batch``; over the call's launches: ``regs`` (max), ``spills`` (max spill
 narrowest of those over the launches; ``LDGSTS`` cp.async counts as a load, TMA as 128),
 ``ld_bits_main``/``st_bits_main`` (the width that moves the most bytes in the modelled count: a
 kernel whose x loads are 2-byte but whose weight loads are 16-byte has ``ld_bits`` 128 and
-``ld_bits_main`` 16), ``barriers`` (``BAR`` instructions in the static code, summed),
-``barriers_per_tile`` (modelled ``BAR`` per tile, max over launches; a tile is one iteration of a
+``ld_bits_main`` 16; a TMA load counts as one 128-bit access per thread, far less than the box it
+moves, so a kernel that loads x by TMA shows the width of its other loads, e.g. weights; ``tma_loads``
+counts the ``UTMALDG`` instructions in the static code, to say so),
+``barriers`` (``BAR`` instructions in the static code, summed), ``barriers_per_tile`` (modelled
+``BAR`` per tile, max over launches; a tile is one iteration of a
 persistent kernel's outermost loop when that loop issues most of the instructions, else one
 program), ``mma`` (static tensor-core instructions), ``warp_instr`` (modelled, summed),
 ``floor_bytes``, ``instr_per_byte``, ``floor_us`` (the floor at 4223 GB/s, an H200's copy
 bandwidth), ``issue_us`` (``warp_instr`` at 2 warp-instructions per clock per SM, 132 SMs, 1.98
 GHz: the issue time the forward-performance note compares with the floor; budget
-``instr_per_byte`` about 0.15-0.2), ``chosen`` (the family ``choice.triton_family`` picks on an
-H200), ``variants`` (distinct compiled kernels of the call), ``error`` (why a row has no numbers),
+``instr_per_byte`` about 0.15-0.2), ``hbm_bytes`` (``floor_bytes`` plus the family's
+``TritonFamily.extra_hbm_bytes(spec, n, h, w, elem_bytes, channels_last)``, 0 when the family
+defines none; e.g. ``triton_two_pass`` reads y1 back), ``predicted_us`` (``max(warp_instr /
+ISSUE_RATE, hbm_bytes / HBM_RATE)``: ``ISSUE_RATE`` = 132 SMs x 4 issue slots x 0.7 sustained x
+1.98 GHz = 732 G warp-instructions/s, ``HBM_RATE`` = 0.85 x 4.22 TB/s, the copy bandwidth measured
+on an H200 on 2026-11-28 (``benchmarks/results/2026-11-28-nvidia-h200-quick.json``); both are
+assumptions, kept in ``rows.py``, to be checked against the GPU lab), ``chosen`` (the family
+``choice.triton_family`` picks on an H200), ``variants`` (distinct compiled kernels of the call),
+``error`` (why a row has no numbers),
 and ``launches``: per launch the same facts plus grid, ``num_warps``, ``num_stages``, ``loops``,
 the specialization, width histograms (static and modelled), modelled loads/stores/tensor-core
 instructions, compile time, and ``sass_loops`` (which trip count weighted which SASS loop).
@@ -140,21 +169,25 @@ from .compiler import MAX_WORKERS, compile_job, compile_jobs, parse_ptxas_log, p
 from .errors import LoopMismatch, OfflineError, TritonApiMismatch
 from .mlir import mlir_loops, source_loops
 from .report import markdown
-from .rows import DEVICE_NAME, H200_COPY_BYTES_PER_S, H200_ISSUE_PER_S, floor_bytes, model_launch
+from .rows import (DEVICE_NAME, H200_COPY_BYTES_PER_S, H200_ISSUE_PER_S, HBM_RATE, ISSUE_RATE, floor_bytes,
+                   hbm_bytes, model_launch, predicted_us)
 from .runner import model, model_rows
-from .sass import (BARRIERS, GLOBAL_LOADS, GLOBAL_STORES, TENSOR_CORE, Instr, SassLoop, access_bits,
-                   analyze_sass, find_loops, parse_sass, split_functions)
+from .sass import (BARRIERS, GLOBAL_LOADS, GLOBAL_STORES, TENSOR_CORE, WAIT_TOKENS, Instr, SassLoop, access_bits,
+                   analyze_sass, find_loops, is_wait, parse_sass, split_functions)
 from .specialize import (IMPORTED_PREFIX, TARGET_ARCH, CompileJob, kernel_ref, load_module_file, resolve_kernel,
                          specialize_launch, target)
 from .trips import assign_trips, weighted_counts
 
 __all__ = [
     "BARRIERS", "DEVICE_NAME", "DTYPES", "FAMILY_MODULES", "GLOBAL_LOADS", "GLOBAL_STORES", "H200_COPY_BYTES_PER_S",
-    "H200_ISSUE_PER_S", "IMPORTED_PREFIX", "IMPORT_ERRORS", "LAYOUTS", "MAX_WORKERS", "TARGET_ARCH", "TENSOR_CORE",
+    "H200_ISSUE_PER_S", "HBM_RATE", "IMPORTED_PREFIX", "IMPORT_ERRORS", "ISSUE_RATE", "LAYOUTS", "MAX_WORKERS",
+    "TARGET_ARCH", "TENSOR_CORE", "WAIT_TOKENS",
     "CompileJob", "Instr", "LoopMismatch", "OfflineError", "SassLoop", "TritonApiMismatch", "access_bits",
     "add_arguments", "analyze_sass", "assign_trips", "capture", "compile_job", "compile_jobs", "find_loops",
-    "floor_bytes", "kernel_ref", "load_families", "load_module_file", "main", "make_inputs", "markdown",
+    "floor_bytes", "hbm_bytes", "is_wait", "kernel_ref", "load_families", "load_module_file", "main", "make_inputs",
+    "markdown",
     "mlir_loops", "model", "model_launch", "model_rows", "parse_ptxas_log", "parse_res_usage", "parse_sass",
+    "predicted_us",
     "resolve_kernel", "run", "select_shapes", "source_loops", "specialize_launch", "split_functions", "target",
     "weighted_counts",
 ]

@@ -1,5 +1,6 @@
 """Rows of the model: one launch's modelled counts (:func:`model_launch`), and one case's row (its
-launches summed or maxed, the floor bytes, the issue and floor times on an H200, ``chosen``)."""
+launches summed or maxed, the floor and HBM bytes, the issue, floor and predicted times on an H200,
+``chosen``)."""
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -13,6 +14,19 @@ H200_COPY_BYTES_PER_S = 4223e9       # measured copy bandwidth (benchmarks/resul
 H200_ISSUE_PER_S = 132 * 2 * 1.98e9  # 132 SMs x 2 warp-instructions per clock (realistic IPC) x 1.98 GHz
 DEVICE_NAME = "NVIDIA H200"
 
+# predicted_us = max(warp_instr / ISSUE_RATE, hbm_bytes / HBM_RATE). ASSUMPTIONS, not measurements of
+# these kernels: to be checked against the GPU lab (ncu's smsp__inst_executed.sum and the measured times
+# of benchmarks/) and corrected here, the one place they live.
+H200_SMS = 132                       # SMs of an H200 SXM
+H200_CLOCK_HZ = 1.98e9               # boost clock
+ISSUE_SLOTS_PER_SM = 4               # 4 SM sub-partitions, one warp-instruction per clock each
+ISSUE_SUSTAINED = 0.7                # sustained fraction of the issue slots (assumed)
+ISSUE_RATE = H200_SMS * ISSUE_SLOTS_PER_SM * ISSUE_SUSTAINED * H200_CLOCK_HZ   # warp-instructions / s
+HBM_COPY_BYTES_PER_S = 4.22e12       # copy bandwidth measured on an H200, 2026-11-28
+                                     # (benchmarks/results/2026-11-28-nvidia-h200-quick.json: copy_GBps 4222.5)
+HBM_SUSTAINED = 0.85                 # fraction of the copy bandwidth a kernel sustains (assumed)
+HBM_RATE = HBM_SUSTAINED * HBM_COPY_BYTES_PER_S                                # bytes / s
+
 
 def model_launch(result: dict, launch, job: CompileJob) -> dict:
     """One launch: the variant's static facts and its modelled warp-instructions."""
@@ -24,11 +38,11 @@ def model_launch(result: dict, launch, job: CompileJob) -> dict:
     weights, desc = assign_trips(analysis, result["src_loops"], launch.loops, result["name"])
     per_warp = weighted_counts(analysis, weights)
     instr_per_program = per_warp.get("n", 0.0) * warps
-    sass = analysis["sass_loops"]
+    sass = [lp for lp in analysis["sass_loops"] if not lp.get("wait") and lp["parent"] is None]
     tile_unit, per_tile = "program", 1.0
     if sass and weights.get(sass[0]["id"], 0) > 0:
-        # a persistent kernel: a tile is one iteration of the first top-level loop, when that loop
-        # issues most of the program's instructions
+        # a persistent kernel: a tile is one iteration of the first top-level loop (not a hardware
+        # wait loop), when that loop issues most of the program's instructions
         top = sass[0]["id"]
         inside = weighted_counts(dict(buckets=[b for b in analysis["buckets"] if b["loops"] and b["loops"][0] == top]),
                                  weights).get("n", 0.0)
@@ -49,6 +63,7 @@ def model_launch(result: dict, launch, job: CompileJob) -> dict:
         barriers_static=analysis["static"].get("bar", 0),
         barriers_per_program=bar_prog, barriers_per_tile=bar_prog / per_tile if per_tile else bar_prog,
         tile_unit=tile_unit, mma_static=analysis["static"].get("mma", 0),
+        tma_loads_static=analysis["static"].get("tma_loads", 0),
         mma_warp_instr=per_warp.get("mma", 0.0) * warps * programs,
         static_instrs=analysis["static"]["instrs"], instr_per_warp=per_warp.get("n", 0.0),
         instr_per_program=instr_per_program, warp_instr=instr_per_program * programs,
@@ -82,6 +97,21 @@ def floor_bytes(spec, n: int, h: int, w: int, elem: int) -> int:
     return n * spec.inp * h * w * elem + n * spec.oup * ho * wo * elem
 
 
+def hbm_bytes(family: str, spec, n: int, h: int, w: int, elem: int, channels_last: bool) -> int:
+    """The HBM bytes a call of ``family`` moves: the floor plus the family's ``extra_hbm_bytes`` (none
+    defined: 0)."""
+    from ... import triton_family
+    fam = triton_family.FAMILIES.get(family)
+    extra = getattr(fam, "extra_hbm_bytes", None)
+    more = int(extra(spec, n, h, w, elem, channels_last)) if extra is not None else 0
+    return floor_bytes(spec, n, h, w, elem) + more
+
+
+def predicted_us(warp_instr: float, hbm: float) -> float:
+    """The call's time if it is bound by instruction issue or by HBM, whichever is slower (µs)."""
+    return max(warp_instr / ISSUE_RATE, hbm / HBM_RATE) * 1e6
+
+
 def make_row(case, results, batch, chooser, strict) -> dict:
     """The row of one case (its captured launches and their compile results by key)."""
     shape, dn, lay = case["shape"], case["dtype"], case["layout"]
@@ -96,7 +126,14 @@ def make_row(case, results, batch, chooser, strict) -> dict:
                ld_bits_main=None, st_bits_main=None,
                barriers=None, barriers_per_tile=None, mma=None, warp_instr=None, floor_bytes=fb,
                instr_per_byte=None, floor_us=fb / H200_COPY_BYTES_PER_S * 1e6, issue_us=None, chosen=False,
-               variants=len({job.key for _, job in case["launches"]}), launches=[], error=case["error"])
+               variants=len({job.key for _, job in case["launches"]}), launches=[], error=case["error"],
+               hbm_bytes=None, predicted_us=None)
+    try:
+        row["hbm_bytes"] = hbm_bytes(case["family"], spec, batch, shape.h, shape.w, elem, lay == "channels_last")
+    except Exception as exc:
+        if strict:
+            raise
+        row["hbm_bytes_error"] = f"{type(exc).__name__}: {exc}"
     if chooser is not None:
         try:
             row["chosen"] = chooser(spec, shape.h, shape.w, dt, lay == "channels_last",
@@ -127,8 +164,11 @@ def make_row(case, results, batch, chooser, strict) -> dict:
         barriers=sum(l["barriers_static"] for l in launches),
         barriers_per_tile=max(l["barriers_per_tile"] for l in launches),
         mma=sum(l["mma_static"] for l in launches),
+        tma_loads=sum(l.get("tma_loads_static", 0) for l in launches),
         warp_instr=sum(l["warp_instr"] for l in launches),
     )
     row["instr_per_byte"] = row["warp_instr"] / fb if fb else None
     row["issue_us"] = row["warp_instr"] / H200_ISSUE_PER_S * 1e6
+    if row["hbm_bytes"] is not None:
+        row["predicted_us"] = predicted_us(row["warp_instr"], row["hbm_bytes"])
     return row

@@ -16,7 +16,8 @@ from .cases import (IMPORT_ERRORS, LAYOUTS, _dtype_name, _interpreting, _torch_d
                       make_inputs, select_shapes)
 from .compiler import MAX_WORKERS, compile_jobs
 from .errors import LoopMismatch, OfflineError, TritonApiMismatch
-from .rows import DEVICE_NAME, H200_COPY_BYTES_PER_S, H200_ISSUE_PER_S, family_chooser, make_row
+from .rows import (DEVICE_NAME, H200_COPY_BYTES_PER_S, H200_ISSUE_PER_S, HBM_RATE, ISSUE_RATE, family_chooser,
+                   make_row)
 from .specialize import TARGET_ARCH, CompileJob, _triton, specialize_launch
 
 
@@ -96,6 +97,10 @@ def model(families: Optional[Sequence[str]] = None, shapes="all", dtypes: Sequen
                "output written once; see ghost_kernels/bench/offline/__init__.py"),
         issue_us=f"warp_instr / ({H200_ISSUE_PER_S / 1e9:.0f} G warp-instr/s: 132 SMs x IPC 2 x 1.98 GHz)",
         floor_us=f"floor_bytes / {H200_COPY_BYTES_PER_S / 1e9:.0f} GB/s",
+        hbm_bytes="floor_bytes + the family's extra_hbm_bytes(spec, n, h, w, elem, channels_last) (none: 0)",
+        predicted_us=(f"max(warp_instr / {ISSUE_RATE / 1e9:.0f} G warp-instr/s (132 SMs x 4 issue slots x 0.7 x "
+                      f"1.98 GHz), hbm_bytes / {HBM_RATE / 1e9:.0f} GB/s (0.85 x 4220 GB/s copy)): assumed rates, "
+                      "to be checked against the GPU lab (rows.py)"),
     )
     return rows, meta
 

@@ -15,6 +15,21 @@ GLOBAL_LOADS = {"LDG", "LDGSTS", "UTMALDG", "UBLKCP", "LD"}
 GLOBAL_STORES = {"STG", "UTMASTG", "ST"}
 TENSOR_CORE = {"HGMMA", "HMMA", "IMMA", "IGMMA", "QGMMA", "BGMMA", "DMMA", "OMMA", "UTCHMMA", "UTCQMMA"}
 BARRIERS = {"BAR"}
+# Hardware wait/retry ("spin") loops: a loop of at most WAIT_LOOP_MAX instructions, with no loop inside,
+# around a wait instruction -- an mbarrier phase check (``SYNCS.PHASECHK.TRANS64.TRYWAIT``, the wait of a
+# TMA load or of ``ttng.wait_barrier``) or ``NANOSLEEP`` -- whose other instructions only branch, compute
+# integers/predicates or poll memory. ptxas emits them for the waits, not for source loops: they are not
+# matched against ``loops=`` and count once per entry (see the package docstring).
+WAIT_TOKENS = {"PHASECHK", "TRYWAIT", "TRY_WAIT", "TEST_WAIT", "TESTWAIT"}   # tokens of SYNCS.* waits
+WAIT_OPS = {"NANOSLEEP"}
+WAIT_LOOP_ALLOWED = {
+    "BRA", "NOP", "BSSY", "BSYNC", "WARPSYNC", "YIELD", "BMOV", "BREAK", "DEPBAR",                     # control
+    "IADD3", "IADD", "IMAD", "ISETP", "MOV", "SEL", "LOP3", "LOP", "PLOP3", "SHF", "SHL", "SHR", "LEA",   # integer
+    "IMNMX", "P2R", "R2P", "S2R", "S2UR", "CS2R", "VOTE", "VOTEU", "ELECT", "FLO", "POPC", "R2UR", "UIADD3",
+    "UISETP", "UMOV", "ULOP3", "USEL", "UPLOP3", "USHF", "ULEA", "UIMAD", "ULDC", "LDC",
+    "LDG", "LD", "LDS", "ATOM", "ATOMG", "ATOMS", "CCTL", "CCTLL", "MEMBAR", "FENCE", "ERRBAR",          # polling
+}
+WAIT_LOOP_MAX = 32
 _WIDTH_TOKENS = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "32": 32, "64": 64, "128": 128}
 
 
@@ -124,6 +139,7 @@ class SassLoop:
     body: frozenset             # instruction indices in the loop
     parent: Optional[int] = None
     depth: int = 0
+    wait: bool = False          # a hardware wait/retry loop (see WAIT_TOKENS), not a source loop
 
     def start(self, instrs) -> int:
         return instrs[min(self.body)].addr
@@ -150,9 +166,32 @@ def _successors(instrs: List[Instr]) -> List[List[int]]:
     return succ
 
 
+def is_wait(ins: Instr) -> bool:
+    """An instruction that waits in hardware: an mbarrier phase check (try/test wait) or NANOSLEEP."""
+    return ins.base in WAIT_OPS or (ins.base == "SYNCS" and bool(WAIT_TOKENS & set(ins.opcode.split(".")[1:])))
+
+
+def _dominated_by(succ: List[List[int]], n: int, head: int) -> List[bool]:
+    """Which instructions every path from the entry to them passes ``head`` on (``head`` included)."""
+    seen = [False] * n
+    if head != 0 and n:
+        stack = [0]
+        while stack:
+            i = stack.pop()
+            if seen[i] or i == head:
+                continue
+            seen[i] = True
+            stack.extend(j for j in succ[i] if not seen[j])
+    return [not v for v in seen]
+
+
 def find_loops(instrs: List[Instr]) -> Tuple[List[SassLoop], List[bool]]:
-    """Natural loops of the backward branches (target address <= the branch's), merged per header,
-    with nesting; and which instructions are reachable from the entry."""
+    """Natural loops of the back edges -- backward branches (target address <= the branch's) whose
+    target dominates them --, merged per header, with nesting, and which of them are hardware wait
+    loops (``wait``); and which instructions are reachable from the entry. A backward branch whose
+    target does not dominate it is no loop: it is the jump back of an out-of-line block (ptxas puts
+    the retry path of an mbarrier wait after the last EXIT and jumps back to the instruction after
+    the wait)."""
     succ = _successors(instrs)
     n = len(instrs)
     reach = [False] * n
@@ -169,11 +208,15 @@ def find_loops(instrs: List[Instr]) -> Tuple[List[SassLoop], List[bool]]:
             for j in succ[i]:
                 pred[j].append(i)
     by_header: Dict[int, List[int]] = defaultdict(list)
+    dominated: Dict[int, List[bool]] = {}
     for i, ins in enumerate(instrs):
         if reach[i] and ins.base in _JUMPS and ins.target is not None and ins.target <= ins.addr:
             for j in succ[i]:
                 if instrs[j].addr == ins.target:
-                    by_header[j].append(i)
+                    if j not in dominated:
+                        dominated[j] = _dominated_by(succ, n, j)
+                    if dominated[j][i]:
+                        by_header[j].append(i)
     loops: List[SassLoop] = []
     for h in sorted(by_header):
         body = {h}
@@ -198,6 +241,13 @@ def find_loops(instrs: List[Instr]) -> Tuple[List[SassLoop], List[bool]]:
         while p is not None:
             d, p = d + 1, loops[p].parent
         lp.depth = d
+    has_child = {lp.parent for lp in loops if lp.parent is not None}
+    for lp in loops:
+        if lp.id in has_child or len(lp.body) > WAIT_LOOP_MAX:
+            continue
+        body = [instrs[i] for i in lp.body]
+        lp.wait = any(is_wait(ins) for ins in body) and all(is_wait(ins) or ins.base in WAIT_LOOP_ALLOWED
+                                                            for ins in body)
     return loops, reach
 
 
@@ -261,6 +311,8 @@ def analyze_sass(text: str, function: Optional[str] = None) -> dict:
         if ins.base in TENSOR_CORE:
             b["mma"] += 1
             static["mma"] += 1
+        if ins.base.startswith("UTMALDG"):   # TMA: a bulk copy engine moves the box, not this thread
+            static["tma_loads"] += 1
         if ins.base == "STL":
             local_store_bytes += access_bits(ins) // 8
         elif ins.base == "LDL":
@@ -276,7 +328,7 @@ def analyze_sass(text: str, function: Optional[str] = None) -> dict:
             id=lp.id, parent=lp.parent, depth=lp.depth, start=lp.start(instrs), end=lp.end(instrs),
             line=list(latch_line) if latch_line else None,
             chain=[list(x) for x in latch.loc], own=own, payload=payload if latch_line else own,
-            bar=sum(1 for i in lp.body if instrs[i].base in BARRIERS)))
+            bar=sum(1 for i in lp.body if instrs[i].base in BARRIERS), wait=lp.wait))
     return dict(
         static=dict(static), sass_loops=sass_loops,
         buckets=[dict(loops=list(k), **v) for k, v in buckets.items()],

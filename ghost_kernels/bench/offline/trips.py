@@ -1,6 +1,6 @@
 """Trip counts -> weights: which SASS loop each ``loops=`` entry of a launch weights (by source line,
-through pipelining and ptxas unrolling; :class:`LoopMismatch` when they cannot describe the kernel),
-and the per-program counts those weights give."""
+through pipelining and ptxas unrolling; :class:`LoopMismatch` when they cannot describe the kernel;
+hardware wait loops take no entry and weigh 1), and the per-program counts those weights give."""
 from __future__ import annotations
 
 import itertools
@@ -26,7 +26,8 @@ def _loop_table(src: List[dict], sass: List[dict], loops: Optional[Sequence[floa
     rows.append("SASS loops (backward branches, by start address):")
     for lp in sass:
         rows.append(f"  [{lp['id']}] 0x{lp['start']:04x}-0x{lp['end']:04x} depth {lp['depth']} parent={lp['parent']} "
-                    f"back-edge at {_fmt_line(lp['line'])}, {lp['own']} instructions")
+                    f"back-edge at {_fmt_line(lp['line'])}, {lp['own']} instructions"
+                    + (" (hardware wait/retry loop: not matched, once per entry)" if lp.get("wait") else ""))
     rows.append(f"loops= passed by the launcher: {None if loops is None else list(loops)}")
     return "\n".join(rows)
 
@@ -35,18 +36,24 @@ def assign_trips(analysis: dict, src: List[dict], loops: Optional[Sequence[float
                  kernel_name: str = "kernel") -> Tuple[Dict[int, float], List[dict]]:
     """The weight (executions per entry of its parent) of every SASS loop, from the launcher's
     ``loops``, and a description of the matching (one dict per SASS loop)."""
-    sass = analysis["sass_loops"]
+    all_sass = analysis["sass_loops"]
+    # hardware wait/retry loops (sass.WAIT_TOKENS) are no source loops: once per entry, never matched
+    waits = {lp["id"]: 1.0 for lp in all_sass if lp.get("wait")}
+    wait_how = {i: "hardware wait/retry loop: once per entry" for i in waits}
+    sass = [lp for lp in all_sass if not lp.get("wait")]
     loops = None if loops is None else [float(t) for t in loops]
     if not sass:
         # no loop survived: trip counts do not matter, as long as they can describe this kernel
         if loops and len(loops) != len(src) and not all(t <= 1 for t in loops):
             raise LoopMismatch(f"{kernel_name}: loops= has {len(loops)} trip counts, but the kernel has "
-                               f"{len(src)} source loop(s) and no SASS loop\n" + _loop_table(src, sass, loops))
-        return {}, []
+                               f"{len(src)} source loop(s) and no SASS loop"
+                               + (" but hardware wait loops" if waits else "") + "\n"
+                               + _loop_table(src, all_sass, loops))
+        return dict(waits), _describe(all_sass, waits, wait_how, "hardware wait/retry loops only")
     if loops is None:
         raise LoopMismatch(f"{kernel_name}: the launch passes no loops= but the SASS has {len(sass)} loop(s); "
                            f"pass the average trip count of each runtime loop (source order) to "
-                           f"triton_common.launch(..., loops=[...])\n" + _loop_table(src, sass, loops))
+                           f"triton_common.launch(..., loops=[...])\n" + _loop_table(src, all_sass, loops))
 
     # 1. source loop -> SASS loops, by the back-edge's source line (address order within a line)
     groups: Optional[List[List[int]]] = None  # per source loop: its SASS loop ids
@@ -73,7 +80,7 @@ def assign_trips(analysis: dict, src: List[dict], loops: Optional[Sequence[float
                 k = len(ids) // len(owners)
                 for j, o in enumerate(owners):
                     chunk = ids[j * k:(j + 1) * k]
-                    if len({sass[c]["parent"] for c in chunk}) != 1:
+                    if len({all_sass[c]["parent"] for c in chunk}) != 1:
                         ok = False
                     groups[o].extend(chunk)
             elif len(ids) < len(owners):
@@ -103,26 +110,30 @@ def assign_trips(analysis: dict, src: List[dict], loops: Optional[Sequence[float
             dropped = [k for k in range(len(loops)) if k not in kept]
             match = mode + (f" (loops{dropped} <= 1 trip: loops the compiler removed)" if dropped else "")
             for si, k in zip(idxs, kept):  # a source loop without SASS loop was unrolled away
-                _weigh_group(sass, src[si], groups[si], loops[k], weights, how, f"loops[{k}]")
+                _weigh_group(all_sass, src[si], groups[si], loops[k], weights, how, f"loops[{k}]")
             break
     if match is None and len(loops) == len(sass):
         match = "SASS loops by start address"
-        for lp, trips in zip(sass, loops):
+        for k, (lp, trips) in enumerate(zip(sass, loops)):
             weights[lp["id"]] = max(trips, 0.0)
-            how[lp["id"]] = f"loops[{lp['id']}] = {trips:g}"
+            how[lp["id"]] = f"loops[{k}] = {trips:g}"
     if match is None:
         surviving_n = sum(1 for g in groups if g) if groups is not None else None
         raise LoopMismatch(
             f"{kernel_name}: loops= has {len(loops)} trip counts, but the kernel has {len(src)} source loop(s)"
             + (f" of which {surviving_n} survive as SASS loops" if surviving_n is not None else "")
             + f" and {len(sass)} SASS loop(s); pass one average trip count per runtime loop in source order "
-            "(tl.static_range copies count separately)\n" + _loop_table(src, sass, loops))
-    desc = []
-    for lp in sass:
-        desc.append(dict(id=lp["id"], start=f"0x{lp['start']:04x}", end=f"0x{lp['end']:04x}", depth=lp["depth"],
-                         line=_fmt_line(lp["line"]), instrs=lp["own"], weight=weights.get(lp["id"], 0.0),
-                         trips=how.get(lp["id"], "?"), match=match))
-    return weights, desc
+            "(tl.static_range copies count separately)\n" + _loop_table(src, all_sass, loops))
+    weights.update(waits)
+    how.update(wait_how)
+    return weights, _describe(all_sass, weights, how, match)
+
+
+def _describe(sass: List[dict], weights: Dict[int, float], how: Dict[int, str], match: str) -> List[dict]:
+    return [dict(id=lp["id"], start=f"0x{lp['start']:04x}", end=f"0x{lp['end']:04x}", depth=lp["depth"],
+                 line=_fmt_line(lp["line"]), instrs=lp["own"], weight=weights.get(lp["id"], 0.0),
+                 trips=how.get(lp["id"], "?"), match=match, wait=bool(lp.get("wait")))
+            for lp in sass]
 
 
 def _align(loops: List[float], consts: List[Optional[int]]) -> Optional[List[int]]:
