@@ -214,6 +214,7 @@ def rank(candidates: Sequence[str], key: Tuple, device_name: str, capability: Op
     return order, f"{what} for this shape on {device_name}: heuristic order {', '.join(order)}"
 
 
+@_constant
 def heuristic_triton_order(key: Tuple) -> List[str]:
     """Triton families for an unmeasured shape, fastest predicted first: by the offline model's
     predicted time (``max(warp-instructions / issue rate, HBM bytes / bandwidth)`` on sm_90, section

@@ -14,6 +14,12 @@ if triton is not None:
         return q.to(tl.int32, bitcast=True)
 
     @triton.jit
+    def _run_of_blocks(grp, blocks_per_prog, n_blocks):
+        """[begin, end) of the contiguous run of pixel blocks program ``grp`` walks (pass 2)."""
+        begin = grp * blocks_per_prog
+        return begin, tl.minimum(begin + blocks_per_prog, n_blocks)
+
+    @triton.jit
     def _image_row_col(g, HW, W, mg_hw, sh_hw, mg_w, sh_w):
         """(image, index in the image, row, column) of flattened index ``g`` over images of HW = H x W
         entries (magic numbers of HW and W from ``_magic``)."""

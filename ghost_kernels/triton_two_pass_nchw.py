@@ -6,7 +6,7 @@ from . import triton_common as tc
 from .triton_common import tl, triton
 
 if triton is not None:
-    from .triton_two_pass_gemm import _act, _image_row_col, _tap_weights
+    from .triton_two_pass_gemm import _act, _image_row_col, _run_of_blocks, _tap_weights
     from .triton_two_pass_stencil import _hoisted_row, _row_weights
 
     @triton.jit
@@ -132,8 +132,7 @@ if triton is not None:
         cy = c.to(tl.int64) * HWV                              # intrinsic planes, in row vectors
         e = tl.arange(0, VW)
 
-        blk_begin = grp * blocks_per_prog
-        blk_end = tl.minimum(blk_begin + blocks_per_prog, n_blocks)
+        blk_begin, blk_end = _run_of_blocks(grp, blocks_per_prog, n_blocks)
         for blk in range(blk_begin, blk_end):
             g = blk * BLOCK_R + tl.arange(0, BLOCK_R)
             g_ok = g < G_TOTAL

@@ -6,7 +6,7 @@ from . import triton_common as tc
 from .triton_common import tl, triton
 
 if triton is not None:
-    from .triton_two_pass_gemm import _act, _image_row_col, _tap_weights
+    from .triton_two_pass_gemm import _act, _image_row_col, _run_of_blocks, _tap_weights
 
     @triton.jit
     def _row_weights(wd_ptr, jj, jok, dy, DW: tl.constexpr, NG: tl.constexpr):
@@ -178,8 +178,7 @@ if triton is not None:
         HO_U = tl.cast(HO, tl.uint32)
         WO_U = tl.cast(WO, tl.uint32)
 
-        blk_begin = grp * blocks_per_prog
-        blk_end = tl.minimum(blk_begin + blocks_per_prog, n_blocks)
+        blk_begin, blk_end = _run_of_blocks(grp, blocks_per_prog, n_blocks)
         for blk in range(blk_begin, blk_end):
             g = blk * BLOCK_G + tl.arange(0, BLOCK_G)
             g_ok = g < G_TOTAL

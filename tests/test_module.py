@@ -377,3 +377,13 @@ def test_torchscript_script_and_trace_run_the_pytorch_path(mode):
         ref[0].backend = ref[1].backend = "torch"
         with torch.no_grad():
             torch.testing.assert_close(ts(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_readme_shows_every_backend():
+    """The README's available_backends() example lists every key the function returns, in order."""
+    import os
+    import re
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    block = readme[readme.index("gk.available_backends()"):]
+    block = block[:block.index("print(m.explain(x))")]
+    assert re.findall(r"'(\w+)': None", block) == list(gk.available_backends())

@@ -144,7 +144,8 @@ def test_no_stale_weights_after_in_place_edits(fam):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU with > 10 GB free")
 @family
-def test_more_than_2_31_output_elements(fam):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_more_than_2_31_output_elements(fam, layout):
     """64-bit offsets: an output of 2^31 + elements (fp16: > 4 GiB)."""
     free, _ = torch.cuda.mem_get_info()
     spec = gk.GhostSpec(16, 16)
@@ -152,12 +153,14 @@ def test_more_than_2_31_output_elements(fam):
     if free < 12 * 2**30:
         pytest.skip(f"only {free / 2**30:.1f} GiB free on the GPU")
     params = RandomGhost(spec, DEVICE)
-    x = torch.randn(n, 16, h, w, device=DEVICE, dtype=torch.float16)
+    x = make_x(n, 16, h, w, torch.float16, layout)
     out = launcher(fam)(x, params.params, torch.float16)
     assert out.numel() > 2**31
     for i in (0, n // 2, n - 1):  # check whole images at the start, middle and end
         eager, ref = eager_and_ref(params, x[i:i + 1])
         assert_close_to_reference(out[i:i + 1], eager, ref, torch.float16, f"image {i}")
+    del x, out
+    torch.cuda.empty_cache()
 
 
 hypothesis = pytest.importorskip("hypothesis")
