@@ -92,12 +92,23 @@ def publish_offline(out_dir: str, table_path: str, results: str) -> str:
     date = (data.get("meta") or {}).get("date") or __import__("datetime").date.today().isoformat()
     stem = f"{date}-offline-sm90"
     os.makedirs(results, exist_ok=True)
-    shutil.copy(os.path.join(out_dir, "offline.json"), os.path.join(results, stem + ".json"))
-    if os.path.exists(os.path.join(out_dir, "offline.md")):
-        shutil.copy(os.path.join(out_dir, "offline.md"), os.path.join(results, stem + ".md"))
     table = _load_table(table_path)
     table["offline"] = choice.offline_from_rows(data["rows"], f"benchmarks/results/{stem}.json")
     _write_table(table_path, table)
+    # "chosen" as the table just written decides it (the run itself saw the table before)
+    import torch
+    from ghost_kernels.bench.offline import report
+    from ghost_kernels.spec import GhostSpec
+    for cache in (choice._raw, choice.offline_predictions, choice.offline_within_budget, choice.load_table):
+        cache.cache_clear()
+    for r in data["rows"]:
+        spec = GhostSpec(r["inp"], r["oup"], 1, r["ratio"], r["dw_size"], r["stride"], r["act"])
+        dtype = getattr(torch, r["dtype"])
+        r["chosen"] = choice.triton_family(spec, r["h"], r["w"], dtype, r["layout"] == "channels_last") == r["family"]
+    with open(os.path.join(results, stem + ".json"), "w") as f:
+        json.dump(data, f, indent=1)
+    with open(os.path.join(results, stem + ".md"), "w") as f:
+        f.write(report.markdown(data["rows"], data.get("meta")))
     return stem
 
 

@@ -93,9 +93,11 @@ def not_supported_reasons(backend: str, req: Request) -> List[str]:
     return BY_NAME[check_backend_name(backend)].not_supported_reasons(req)
 
 
-def choose(requested: str, req: Request) -> Choice:
+def choose(requested: str, req: Request, detail: bool = False) -> Choice:
     """The backend to run ``req`` (see the module docstring); raises :class:`BackendNotSupported` for an
-    explicit backend that cannot run it."""
+    explicit backend that cannot run it. ``detail``: also collect the reasons of the backends that
+    ``auto`` passes over without asking them (CPU tensors, training): for :func:`explain`, not the
+    hot path."""
     check_backend_name(requested)
     if requested != "auto":
         backend = BY_NAME[requested]
@@ -104,13 +106,10 @@ def choose(requested: str, req: Request) -> Choice:
             raise BackendNotSupported(f"backend={requested!r} cannot run this input: " + "; ".join(reasons))
         return Choice(backend, backend.explain_choice(req) or "requested by name")
     candidates = [b for b in BACKENDS if b.fused or b is torch_folded.BACKEND]
-    if not req.x.is_cuda:
-        why = "auto uses fused kernels for CUDA tensors only"
-        return Choice(reference.BACKEND, why, {b.name: b.not_supported_reasons(req) + [why]
-                                               for b in [TRITON] + candidates})
-    if not req.inference:
-        passed = {b.name: b.not_supported_reasons(req) + [AUTO_TRAINING_REASON] for b in [TRITON] + candidates}
-        return Choice(reference.BACKEND, "train-mode BN / autograd: " + AUTO_TRAINING_REASON, passed)
+    if not req.x.is_cuda or not req.inference:
+        why = "auto uses fused kernels for CUDA tensors only" if not req.x.is_cuda else AUTO_TRAINING_REASON
+        passed = {b.name: b.not_supported_reasons(req) + [why] for b in [TRITON] + candidates} if detail else {}
+        return Choice(reference.BACKEND, why if not req.x.is_cuda else "train-mode BN / autograd: " + why, passed)
     gpu, capability = choice.device_of(req.x)
     key = choice.shape_key(req.spec, req.x.shape[2], req.x.shape[3], req.compute_dtype, req.channels_last)
     order, why = choice.rank([b.name for b in candidates], key, gpu, capability, ["torch_folded"])
@@ -128,7 +127,7 @@ def explain(requested: str, req: Request) -> str:
     """A readable account of which backend runs ``req``, the measurement behind it, and why the
     others do not."""
     try:
-        c = choose(requested, req)
+        c = choose(requested, req, detail=True)
     except BackendNotSupported as exc:
         return str(exc)
     lines = [f"backend={requested!r} runs {c.backend.name!r}: {c.why}"]

@@ -95,7 +95,7 @@ class GhostModule(nn.Module):
     Constructed like the official module, ``GhostModule(inp, oup, kernel_size=1, ratio=2, dw_size=3,
     stride=1, relu=True)``, or like timm's, ``GhostModule(in_chs, out_chs, kernel_size=1, ratio=2,
     dw_size=3, stride=1, act_layer=nn.ReLU, device=None, dtype=None)``. Extra keyword: ``backend``,
-    one of ``"auto"`` (default), ``"torch"``, ``"triton"``.
+    ``"auto"`` (default) or any name of :func:`ghost_kernels.available_backends`.
 
     Equivalent PyTorch (this is exactly what ``backend="torch"`` runs, so SyncBatchNorm from
     ``nn.SyncBatchNorm.convert_sync_batchnorm``, forward hooks and custom activations behave as in
@@ -105,8 +105,9 @@ class GhostModule(nn.Module):
         x2 = self.cheap_operation(x1)       # Conv2d(m, m*(ratio-1), d, 1, d//2, groups=m) -> BN -> act
         return torch.cat([x1, x2], 1)[:, :oup]
 
-    In eval mode under ``torch.no_grad()``/``torch.inference_mode()`` the fused kernel runs with BN
-    folded (the folding is cached and refreshed when parameters or buffers change). In train mode, or
+    In eval mode under ``torch.no_grad()``/``torch.inference_mode()`` the chosen inference backend
+    runs with BN folded from the current parameters and buffers on every call (nothing is cached, so
+    no in-place edit can leave a stale fold behind). In train mode, or
     whenever gradients are needed, the triton backend runs the training ops (``train_ops.py``):
     batch statistics and running-statistics updates exactly as ``nn.BatchNorm2d``, a fused backward,
     and, after ``nn.SyncBatchNorm.convert_sync_batchnorm``, batch statistics synchronized over the
