@@ -104,7 +104,7 @@ def choose(requested: str, req: Request, detail: bool = False) -> Choice:
         reasons = backend.not_supported_reasons(req)
         if reasons:
             raise BackendNotSupported(f"backend={requested!r} cannot run this input: " + "; ".join(reasons))
-        return Choice(backend, backend.explain_choice(req) or "requested by name")
+        return Choice(backend, (backend.explain_choice(req) if detail else "") or "requested by name")
     candidates = [b for b in BACKENDS if b.fused or b is torch_folded.BACKEND]
     if not req.x.is_cuda or not req.inference:
         why = "auto uses fused kernels for CUDA tensors only" if not req.x.is_cuda else AUTO_TRAINING_REASON

@@ -62,7 +62,7 @@ high-Cin projections; channels_last pass 2 reads whole 32-byte sectors, so where
 at 112x112) the ghost half of the sector comes along.
 
 Instruction budget (memory-bound: <= ~0.2 warp-instructions per floor byte at 70% of an H200's copy
-bandwidth). Offline sm_90 model (``bench/offline.py``: Triton 3.8, batch 256, SASS loops weighted
+bandwidth). Offline sm_90 model (``bench/offline/``: Triton 3.8, batch 256, SASS loops weighted
 by their trip counts), warp-instructions per floor byte, bf16 channels_last: 16->16@112 0.14,
 48->24@56 0.13, 240->80@14 0.12, 160->960@7 0.22, 960->160@7 0.07; all 22 shapes <= 0.24
 (112->672@14), 0.157 over the 22 together; no spills; pass 1 LDGSTS.128 + wgmma + STG.128 (STG.64
