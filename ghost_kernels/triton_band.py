@@ -48,10 +48,11 @@ byte for 70% of copy bandwidth). Per (y1, ghost) element pair the floor is ~25 t
 per-channel work (the BN folds, 9 tap weights) amortized over the pixels a thread holds -- hence ~64
 tile elements per thread (32 pixels x 2 channels), which costs 170-255 registers. Measured offline
 (sm_90 SASS of the real launches, bf16 channels_last, batch 256, default configs, each instruction
-weighted by its loop's trip count; x read once + out written once as the floor): 0.12-0.22 warp-
-instructions per floor byte for the projections (Cin > oup), 0.17-0.26 at 112x112, 0.32-0.45 for the
-expansions at 14-56 (ghost work per byte is highest there), 0.265 for the 32 modules of GhostNet 1.0x
-together (the v1 halo kernel: 0.6-7.5 per module).
+weighted by its loop's trip count; x read once + out written once as the floor): 0.11-0.27 warp-
+instructions per floor byte for the projections (Cin > oup; 0.11-0.15 at the 14x14 ones), 0.17-0.26 at
+112x112, 0.32-0.45 for the expansions at 14-56 (ghost work per byte is highest there), 0.259 for the
+32 modules of GhostNet 1.0x together (the v1 halo kernel: 0.6-7.5 per module). Triton 3.6 agrees
+within 7.5%; no spills under either.
 
 Why shifts, and how ``tl.gather`` lowers (Triton 3.8, sm_90): the gather gets Triton's "efficient"
 warp-local layout (a warp spans the whole pixel axis, BLOCK_P/32 consecutive pixels per thread, channels
@@ -145,7 +146,14 @@ def _policy(spec: GhostSpec, dtype: torch.dtype, channels_last: bool = True):
     m = spec.m
     pad = lambda bm: -(-m // bm) * bm / m      # noqa: E731  (channel padding of the last block)
     if spec.inp >= 1.5 * spec.oup:      # projection: x is most of the bytes -> wider channel blocks
-        bm, nw, elems = (16 if m <= 48 else 32), 4, 8192    # (fewer re-reads of x through L2)
+        # (fewer re-reads of x through L2). 4 warps x 8192 elements sits at 255 registers and spilled
+        # 168-304 bytes under Triton 3.6 for the 14x14 projections (not under 3.8): m in (48, 64] gets
+        # one 64-channel block on 8 warps (x read once, 178 registers under both), and m <= 48 the
+        # smaller block of two that pad alike (m = 40: 8, 155 registers, fewer instructions).
+        if 48 < m <= 64:
+            bm, nw, elems = 64, 8, 16384
+        else:
+            bm, nw, elems = (8 if m <= 48 and pad(8) + 0.05 < pad(16) else 16 if m <= 48 else 32), 4, 8192
     elif m <= 8 or pad(8) + 0.05 < pad(16):
         bm, nw, elems = 8, 4, 8192      # 2 channels x 32 pixels per thread
     else:                                # expansion: the stencil dominates -> 2 channels per thread

@@ -64,8 +64,8 @@ at 112x112) the ghost half of the sector comes along.
 Instruction budget (memory-bound: <= ~0.2 warp-instructions per floor byte at 70% of an H200's copy
 bandwidth). Offline sm_90 model (``bench/offline/``: Triton 3.8, batch 256, SASS loops weighted
 by their trip counts), warp-instructions per floor byte, bf16 channels_last: 16->16@112 0.14,
-48->24@56 0.13, 240->80@14 0.12, 160->960@7 0.22, 960->160@7 0.07; all 22 shapes <= 0.24
-(112->672@14), 0.157 over the 22 together; no spills; pass 1 LDGSTS.128 + wgmma + STG.128 (STG.64
+48->24@56 0.13, 240->80@14 0.12, 160->960@7 0.22, 960->160@7 0.07; all 22 shapes <= 0.25
+(80->184@14), 0.164 over the 32 modules; no spills (Triton 3.6 too); pass 1 LDGSTS.128 + wgmma + STG.128 (STG.64
 where m % 8 != 0), pass 2 LDG.128/STG.128. Pass 1 costs 0.03-0.08, pass 2 about 19
 thread-instructions per ghost output at PIXR = 4 (9 FFMA, 4.5 conversions, 1.5 vector loads, zero
 fill and masks, epilogue). fp16 is the same (0.155 overall). fp32 pass 1 is an FMA GEMM (up to 1.0
@@ -214,6 +214,10 @@ def default_config(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype = torch
     block_p = 128 if half else 64
     block_n = min(max(tc.next_pow2(m), 16), 128 if half else 64)
     block_k = _block_k(spec.inp, 64 if half else 16)   # fp32 (FMA dot): 16, else 128 regs and spills
+    if half and 64 < m <= 128 and spec.inp <= 128:
+        # a 128 x 128 tile over a short K loop sat at 255 registers (40->240 @28, 80->200 and 80->184
+        # @14) and spilled under Triton 3.6; 64 pixels: 168-176 registers, 2-4% more instructions
+        block_p = 64
     stages = 3 if half else 2
     vec = 16 // (2 if half else 4)
     block_c = _block_c(m_need, vec, channels_last)
