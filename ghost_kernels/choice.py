@@ -108,9 +108,13 @@ def device_of(x: torch.Tensor) -> Tuple[str, Optional[Tuple[int, int]]]:
 @_constant
 def _device_info(device_type: str, index: int) -> Tuple[str, Optional[Tuple[int, int]]]:
     if device_type == "cuda":
-        idx = torch.cuda.current_device() if index < 0 else index
-        return torch.cuda.get_device_name(idx), tuple(torch.cuda.get_device_capability(idx))
+        return _cuda_info(torch.cuda.current_device() if index < 0 else index)
     return "CPU (Triton interpreter)", None
+
+
+@functools.lru_cache(maxsize=None)   # a driver query per module call otherwise
+def _cuda_info(idx: int) -> Tuple[str, Tuple[int, int]]:
+    return torch.cuda.get_device_name(idx), tuple(torch.cuda.get_device_capability(idx))
 
 
 # Implementations whose measured times enter the table: the backends "auto" can choose, and

@@ -77,6 +77,7 @@ with 72 channels still gets 16-byte vectors.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -210,6 +211,7 @@ def make_config(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype, geometry=
     return BandConfig(w_pad, t_rows, top, imgs, block_m, block_k, num_warps, num_stages)
 
 
+@functools.lru_cache(maxsize=4096)   # a pure function of the shape, called on every launch
 def default_config(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype = torch.bfloat16,
                    channels_last: bool = True, n: Optional[int] = None) -> BandConfig:
     """The config ``forward`` uses for a batch of ``n`` (None: 256, the lab's batch). Whole-image tiles

@@ -81,6 +81,7 @@ to 64-pixel tiles for small grids).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -206,6 +207,7 @@ def _block_k(cin: int, cap: int) -> int:
     return best[1]
 
 
+@functools.lru_cache(maxsize=4096)   # a pure function of the shape, called on every launch
 def default_config(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype = torch.bfloat16,
                    channels_last: bool = True) -> TwoPassConfig:
     half = dtype in HALF
