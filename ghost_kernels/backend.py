@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .params import GhostParams
+from .params import GhostParams, has_running_stats
 from .spec import GhostSpec
 
 
@@ -66,7 +66,7 @@ class Request:
     @property
     def inference(self) -> bool:
         """Eval-mode BN with running statistics and no autograd: BN can be folded."""
-        return not self.training and not self.needs_grad and self.params.has_running_stats
+        return not self.training and not self.needs_grad and has_running_stats(self.params)
 
     @property
     def channels_last(self) -> bool:
@@ -158,7 +158,7 @@ class Backend:
             reasons.append(f"train-mode BatchNorm ({self.name} is inference-only; backend='triton' trains)")
         if req.needs_grad:
             reasons.append(f"autograd is needed ({self.name} has no backward; backend='triton' has one)")
-        if not req.params.has_running_stats:
+        if not has_running_stats(req.params):
             reasons.append("BatchNorm without running statistics cannot be folded")
         return reasons
 

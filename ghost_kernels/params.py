@@ -42,7 +42,7 @@ class BatchNormState(NamedTuple):
 
     @property
     def has_running_stats(self) -> bool:
-        return self.running_mean is not None and self.running_var is not None
+        return bn_has_running_stats(self)
 
     def tensors(self):
         """(weight, bias, running_mean, running_var), any of them None."""
@@ -71,7 +71,7 @@ class GhostParams(NamedTuple):
 
     @property
     def has_running_stats(self) -> bool:
-        return self.bn1.has_running_stats and self.bn2.has_running_stats
+        return has_running_stats(self)
 
     def trainable(self):
         """The tensors autograd may differentiate: both conv weights and both BNs' weight and bias."""
@@ -118,3 +118,14 @@ def _check_tensor(name: str, t, shape) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)} for this GhostSpec, got {tuple(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+# Functions, not only the properties above: torch 2.6's dynamo cannot evaluate a property of a
+# NamedTuple (it becomes "dynamic control flow" under torch.compile / export); the package calls these.
+def bn_has_running_stats(bn: BatchNormState) -> bool:
+    return bn.running_mean is not None and bn.running_var is not None
+
+
+def has_running_stats(params: GhostParams) -> bool:
+    """Both BatchNorms have running statistics (eval mode can fold them)."""
+    return bn_has_running_stats(params.bn1) and bn_has_running_stats(params.bn2)

@@ -7,8 +7,9 @@ Optional BN affine parameters (affine=False) are None in the ops; running statis
 "eval-mode BN", None means batch statistics; ``sync_group`` is a ``batch_stats.register_group``
 index (-1: no synchronization).
 """
-from __future__ import annotations
 
+# No ``from __future__ import annotations`` here: torch 2.6's custom_op evaluates string annotations
+# in its own namespace, which has no ``Tuple`` (the op's schema is inferred from them).
 from typing import Optional, Tuple
 
 import torch
@@ -19,7 +20,7 @@ from . import triton_halo
 from .batch_stats import Moments, update_running_stats
 from .fold import FoldedGhost
 from .layout import empty_output, output_memory_format
-from .params import GhostParams
+from .params import GhostParams, bn_has_running_stats
 from .spec import GhostSpec
 from .train_backward import bn_affine, train_backward
 from .triton_common import triton
@@ -170,7 +171,7 @@ def ghost_train(x: Tensor, params: GhostParams, training: bool, compute_dtype: t
     w1, bn1, wd, bn2, spec = params
 
     def mode(bn):
-        batch = training or not bn.has_running_stats
+        batch = training or not bn_has_running_stats(bn)
         return batch, (training and bn.track_running_stats and bn.running_mean is not None)
 
     batch1, update1 = mode(bn1)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import choice
 from .backend import Backend, Request, Support
+from .params import has_running_stats
 from .reference import ghost_reference
 from .train_ops import ghost_train
 from .triton_family import TritonFamily, triton_environment_reason
@@ -57,7 +58,7 @@ class TritonBackend(Backend):
             fam, _, passed = self.pick(req)
             return [] if fam is not None else passed
         reasons = Support().reasons(req)
-        batch_stats = req.training or not req.params.has_running_stats
+        batch_stats = req.training or not has_running_stats(req.params)
         if batch_stats and req.batch_values == 1:
             reasons.append("batch statistics need more than 1 value per channel, got 1")
         if req.sync_error:

@@ -37,6 +37,14 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
+def triton_version() -> tuple:
+    """(major, minor) of the installed Triton, (0, 0) without one."""
+    if triton is None:
+        return (0, 0)
+    parts = (triton.__version__.split(".") + ["0"])[:2]
+    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
+
+
 def next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 

@@ -15,10 +15,11 @@ on this GPU (``choice.py``) replaces the default. Under torch.compile every fami
 ``torch.ops.ghost_kernels.triton_forward``, with the family's name as an argument: one op and one
 fake implementation for all of them.
 """
-from __future__ import annotations
 
+# No ``from __future__ import annotations`` here: torch 2.6's custom_op evaluates string annotations
+# in its own namespace, which has no ``Tuple`` (the op's schema is inferred from them).
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -65,13 +66,19 @@ class TritonFamily(Backend):
     # HBM bytes a call moves (spec, n, h, w, element bytes, channels_last) when more than the floor
     # (x read once, out written once): for the offline model's predicted time and the heuristic.
     extra_hbm_bytes: Optional[Callable] = field(default=None, repr=False)
+    # ((major, minor), what needs it): the oldest Triton whose language the kernels use
+    min_triton: Optional[Tuple[Tuple[int, int], str]] = None
 
     def __post_init__(self):
         if self.launcher is not None:
             FAMILIES[self.name] = self
 
     def environment_reason(self, device: Optional[torch.device] = None) -> Optional[str]:
-        return triton_environment_reason(device)
+        reason = triton_environment_reason(device)
+        if reason is None and self.min_triton is not None and tc.triton_version() < self.min_triton[0]:
+            (major, minor), what = self.min_triton
+            reason = f"needs Triton >= {major}.{minor} ({what}); this is Triton {tc.triton.__version__}"
+        return reason
 
     def forward(self, x: Tensor, req: Request) -> Tensor:
         return run_family(self.name, x, req.params, req.compute_dtype)

@@ -34,7 +34,8 @@ def test_synchronized_training_matches_single_process_on_the_whole_batch(mode, t
     """ddp: DistributedDataParallel + ghost_kernels.sync_batch_stats; syncbn: SyncBatchNorm modules;
     nosync: DDP with per-rank statistics, which must *not* match (the comparison can fail)."""
     world, port = 2, free_port()
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": HERE}
+    path = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)   # keep the caller's entries
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path}
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "ddp_worker.py"), mode, str(r), str(world), str(port),
                                str(tmp_path / f"rank{r}.pt")], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(world)]

@@ -193,6 +193,27 @@ def test_backend_object():
     assert tb.BACKEND.not_supported_reasons(req) == []
 
 
+def test_older_triton_is_declared_and_triton_runs_another_family(monkeypatch):
+    """Triton 3.2 has no tl.gather and no 8-channel tl.dot: the band family says so, and
+    backend="triton" runs another family instead of failing in the compiler."""
+    monkeypatch.setattr(tc, "triton_version", lambda: (3, 2))
+    reason = tb.BACKEND.environment_reason()
+    assert reason is not None and "needs Triton >= 3.3" in reason and "tl.gather" in reason
+    assert gk.available_backends()["triton_band"] == reason
+    m = gk.GhostModule(8, 12, backend="triton").to(DEVICE).eval()
+    x = torch.randn(2, 8, 7, 7, device=DEVICE)
+    with torch.no_grad():
+        assert "family triton_band" not in m.explain(x) and "family triton_" in m.explain(x)
+        m.backend = "torch"
+        expected = m(x)
+        m.backend = "triton"
+        torch.testing.assert_close(m(x), expected, rtol=1e-4, atol=1e-4)
+        m.backend = "triton_band"
+        with pytest.raises(gk.BackendNotSupported, match="needs Triton >= 3.3"):
+            m(x)
+    monkeypatch.setattr(tc, "triton_version", lambda: (3, 3))
+    assert tb.BACKEND.environment_reason() is None
+
 def test_launch_record_and_compiled_variants():
     """Every launch goes through triton_common.launch with the K loop's trip count; the GhostNet 1.0x
     shapes compile a bounded number of variants (constexprs + Triton's own specialization)."""
