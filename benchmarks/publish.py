@@ -52,7 +52,8 @@ def publish_suite(out_dir: str) -> str:
 
 def publish_lab(out_dir: str, table_path: str, results: str) -> str:
     sys.path.insert(0, ROOT)
-    from ghost_kernels import choice
+    from ghost_kernels import dispatch
+    from ghost_kernels.core import choice
 
     with open(os.path.join(out_dir, "timing.json")) as f:
         timing = json.load(f)
@@ -65,7 +66,7 @@ def publish_lab(out_dir: str, table_path: str, results: str) -> str:
     table = _load_table(table_path)
     table.setdefault("gpus", {})[timing["device"]] = choice.entry_from_rows(
         timing["rows"], timing["device"], timing.get("capability"), f"benchmarks/results/{stem}-timing.json",
-        timing["date"])
+        timing["date"], families=[f.name for f in dispatch.TRITON_FAMILIES])
     _write_table(table_path, table)
     return stem
 
@@ -85,7 +86,7 @@ def _write_table(table_path: str, table: dict) -> None:
 
 def publish_offline(out_dir: str, table_path: str, results: str) -> str:
     sys.path.insert(0, ROOT)
-    from ghost_kernels import choice
+    from ghost_kernels.core import choice
 
     with open(os.path.join(out_dir, "offline.json")) as f:
         data = json.load(f)
@@ -97,8 +98,9 @@ def publish_offline(out_dir: str, table_path: str, results: str) -> str:
     _write_table(table_path, table)
     # "chosen" as the table just written decides it (the run itself saw the table before)
     import torch
+
     from ghost_kernels.bench.offline import report
-    from ghost_kernels.spec import GhostSpec
+    from ghost_kernels.core.spec import GhostSpec
     for cache in (choice._raw, choice.offline_predictions, choice.offline_within_budget, choice.load_table):
         cache.cache_clear()
     for r in data["rows"]:

@@ -7,7 +7,7 @@ import torch
 
 import ghost_kernels as gk
 from ghost_kernels.bench.harness import randomize_
-from ghost_kernels.spec import distinct_ghostnet_100_specs
+from ghost_kernels.core.spec import distinct_ghostnet_100_specs
 
 SHAPES = {s.h: s for s in reversed(distinct_ghostnet_100_specs())}  # one module per resolution
 

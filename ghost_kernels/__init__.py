@@ -9,17 +9,23 @@ Entry points:
   ``backend="auto"`` or any name of :func:`available_backends`.
 * :func:`available_backends` -- every backend, and why it cannot run here (also ``python -m ghost_kernels.info``).
 """
-from .backend import Request
+from ._version import __version__
 from .convert import ConversionReport, convert, is_ghost_module, sync_batch_stats
-from .dispatch import (BACKEND_CHOICES, BackendNotSupported, available_backends, choose, explain, ghost_forward,
-                       not_supported_reasons)
-from .fold import FoldedGhost, fold_ghost
+from .core.backend import Request
+from .core.fold import FoldedGhost, fold_ghost
+from .core.params import BatchNormState, GhostParams
+from .core.reference import ghost_reference
+from .core.spec import GhostSpec, ghostnet_100_modules
+from .dispatch import (
+    BACKEND_CHOICES,
+    BackendNotSupported,
+    available_backends,
+    choose,
+    explain,
+    ghost_forward,
+    not_supported_reasons,
+)
 from .module import GhostModule
-from .params import BatchNormState, GhostParams
-from .reference import ghost_reference
-from .spec import GhostSpec, ghostnet_100_modules
-
-__version__ = "0.2.0"
 
 
 def ghost_module(*args, **kwargs):

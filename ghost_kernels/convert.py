@@ -20,7 +20,8 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 from torch import nn
 
 from . import dispatch
-from .module import GhostModule, structure_problems
+from .core.structure import structure_problems
+from .module import GhostModule
 
 FilterFn = Callable[[str, nn.Module], bool]
 logger = logging.getLogger("ghost_kernels")

@@ -21,11 +21,15 @@ from typing import Dict, List, Optional
 
 from torch import Tensor
 
-from . import choice, cuda_backend, reference, torch_folded, triton_band, triton_halo, triton_two_pass
-from .backend import Backend, Request, autocast_enabled
-from .params import GhostParams
-from .reference import legacy_params
-from .triton_backend import TritonBackend
+from .core import choice, reference, torch_folded
+from .core.backend import Backend, Request, autocast_enabled
+from .core.params import GhostParams
+from .core.reference import legacy_params
+from .cuda import backend as cuda_backend
+from .triton import band as triton_band
+from .triton import halo as triton_halo
+from .triton import two_pass as triton_two_pass
+from .triton.backend import TritonBackend
 
 logger = logging.getLogger("ghost_kernels")
 
@@ -143,7 +147,7 @@ def available_backends() -> Dict[str, Optional[str]]:
 def ghost_forward(x: Tensor, params: GhostParams, *legacy, training: bool = False, backend: str = "auto") -> Tensor:
     """The Ghost module's forward as a function: validate, choose, run (see the module docstring).
 
-    ``params``: a :class:`~ghost_kernels.params.GhostParams` (``GhostParams.from_module(m)`` for a
+    ``params``: a :class:`~ghost_kernels.core.params.GhostParams` (``GhostParams.from_module(m)`` for a
     module's); ``training``: train-mode BatchNorm (running statistics are updated in place, as
     nn.BatchNorm2d does). Equivalent PyTorch: ``ghost_reference(x, params, training=training)``.
     """

@@ -8,8 +8,10 @@ import sys
 def collect() -> dict:
     import torch
 
-    from . import __version__, cuda_backend, triton_common
+    from . import __version__
+    from .cuda import backend as cuda_backend
     from .dispatch import available_backends
+    from .triton import common as triton_common
 
     info = {
         "ghost_kernels": __version__,

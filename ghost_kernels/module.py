@@ -8,17 +8,18 @@ call reads the current parameters and buffers, whatever edited them.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from . import batch_stats, dispatch, reference
-from .backend import Request
-from .params import GhostParams
-from .spec import GhostSpec
+from . import dispatch
+from .core import batch_stats, reference
+from .core.backend import Request
+from .core.params import GhostParams
+from .core.spec import GhostSpec
+from .core.structure import spec_of, structure_problems
 
 _UNSET = object()
 
@@ -33,60 +34,6 @@ def _make_act(act_layer, relu: bool) -> nn.Module:
         return act_layer(inplace=True)
     except TypeError:  # activations without an inplace argument (nn.GELU, ...)
         return act_layer()
-
-
-def act_kind(module: nn.Module) -> str:
-    """``"relu"``, ``"none"`` or ``"other"`` for an activation submodule."""
-    if type(module) is nn.ReLU:
-        return "relu"
-    if type(module) is nn.Identity or (type(module) is nn.Sequential and len(module) == 0):
-        return "none"
-    return "other"
-
-
-def structure_problems(module: nn.Module) -> list:
-    """Why ``module`` is not a Ghost module with the official/timm structure (empty list: it is)."""
-    problems = []
-    for name in ("primary_conv", "cheap_operation"):
-        seq = getattr(module, name, None)
-        if not isinstance(seq, nn.Sequential) or len(seq) != 3:
-            return [f"{name} is not Sequential(Conv2d, BatchNorm2d, act)"]
-        if type(seq[0]) is not nn.Conv2d or type(seq[1]) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
-            return [f"{name} is not Sequential(Conv2d, BatchNorm2d, act)"]
-    oup = getattr(module, "oup", getattr(module, "out_chs", None))
-    if not isinstance(oup, int):
-        return ["no integer oup/out_chs attribute"]
-    pconv, cconv = module.primary_conv[0], module.cheap_operation[0]
-    m = pconv.out_channels
-    k = pconv.kernel_size[0]
-    if pconv.bias is not None or cconv.bias is not None:
-        problems.append("a conv has a bias")
-    if pconv.groups != 1 or pconv.kernel_size != (k, k) or pconv.padding != (k // 2, k // 2) \
-            or pconv.dilation != (1, 1) or pconv.stride[0] != pconv.stride[1] or pconv.padding_mode != "zeros":
-        problems.append("primary conv is not a square, dense, 'same'-padded conv")
-    d = cconv.kernel_size[0]
-    if cconv.in_channels != m or cconv.groups != m or cconv.out_channels % m != 0 \
-            or cconv.kernel_size != (d, d) or cconv.padding != (d // 2, d // 2) or cconv.stride != (1, 1) \
-            or cconv.dilation != (1, 1) or cconv.padding_mode != "zeros":
-        problems.append("cheap operation is not a 'same'-padded depthwise conv over the intrinsic channels")
-    elif m != math.ceil(oup / (cconv.out_channels // m + 1)):
-        problems.append("channel counts do not match oup")
-    return problems
-
-
-def spec_of(module: nn.Module) -> GhostSpec:
-    """The :class:`GhostSpec` of a Ghost module with the official/timm structure."""
-    pconv, cconv = module.primary_conv[0], module.cheap_operation[0]
-    a1, a2 = act_kind(module.primary_conv[2]), act_kind(module.cheap_operation[2])
-    return GhostSpec(
-        inp=pconv.in_channels,
-        oup=getattr(module, "oup", getattr(module, "out_chs", None)),
-        kernel_size=pconv.kernel_size[0],
-        ratio=cconv.out_channels // pconv.out_channels + 1,
-        dw_size=cconv.kernel_size[0],
-        stride=pconv.stride[0],
-        act=a1 if a1 == a2 else "other",
-    )
 
 
 class GhostModule(nn.Module):

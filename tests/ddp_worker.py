@@ -17,10 +17,10 @@ os.environ["TRITON_INTERPRET"] = "1"  # CPU processes: the Triton kernels run in
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from helpers import OfficialGhost as GhostModule  # noqa: E402
 from torch import nn  # noqa: E402
 
 import ghost_kernels as gk  # noqa: E402
-from helpers import OfficialGhost as GhostModule  # noqa: E402
 
 STEPS, BATCH, HW = 2, 6, 10
 

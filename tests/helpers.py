@@ -10,8 +10,8 @@ from torch import nn
 
 import ghost_kernels as gk
 from ghost_kernels import dispatch
-from ghost_kernels.layout import output_memory_format
-from ghost_kernels.params import BatchNormState
+from ghost_kernels.core.layout import output_memory_format
+from ghost_kernels.core.params import BatchNormState
 from ghost_kernels.testing import rel_err  # noqa: F401  (the package's one comparison rule)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -183,7 +183,7 @@ def run_poisoned(x, params, spec, backend="triton_halo"):
         return out
     # The CUDA op allocates its own output: PyTorch's deterministic mode fills every fresh allocation
     # with NaN (torch.utils.deterministic.fill_uninitialized_memory), that output included.
-    from ghost_kernels import cuda_backend
+    from ghost_kernels.cuda import backend as cuda_backend
     folded = params.fold(x.dtype)
     with nan_filled_allocations():
         assert torch.isnan(torch.empty(4, device=x.device, dtype=x.dtype)).all(), "allocations are not NaN-filled"

@@ -12,7 +12,7 @@ import torch
 from helpers import DEVICE, FAMILIES, LAYOUTS, RandomGhost, make_x, randomize, rel_err, small_ghost_net
 
 import ghost_kernels as gk
-from ghost_kernels import triton_family
+from ghost_kernels.triton import family as triton_family
 
 timm = pytest.importorskip("timm")
 COMPILER = "inductor" if DEVICE == "cuda" else "aot_eager"

@@ -9,12 +9,24 @@ import os
 
 import pytest
 import torch
-from helpers import (DEVICE, DTYPES, LAYOUTS, SWEEP, RandomGhost, assert_close_to_reference, check, eager_and_ref,
-                     make_x, randomize, rel_err, run_poisoned)
+from helpers import (
+    DEVICE,
+    DTYPES,
+    LAYOUTS,
+    SWEEP,
+    RandomGhost,
+    assert_close_to_reference,
+    check,
+    eager_and_ref,
+    make_x,
+    randomize,
+    rel_err,
+    run_poisoned,
+)
 
 import ghost_kernels as gk
-from ghost_kernels import cuda_backend
-from ghost_kernels.spec import distinct_ghostnet_100_specs
+from ghost_kernels.core.spec import distinct_ghostnet_100_specs
+from ghost_kernels.cuda import backend as cuda_backend
 
 BUILT = cuda_backend._C is not None
 # CI sets this: there, a silently skipped build is a failure, not a skip.
@@ -191,7 +203,7 @@ def test_mismatched_extension_warns_once_and_reports():
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    import ghost_kernels as gk\n"
-        "    import ghost_kernels.cuda_backend\n"
+        "    import ghost_kernels.cuda.backend\n"
         "print('WARNINGS', sum('rebuild it' in str(x.message) for x in w))\n"
         "print('REASON', gk.available_backends()['cuda'])\n")
     assert "WARNINGS 1" in out and "REASON ghost_kernels._C was built against torch 1.0.0" in out

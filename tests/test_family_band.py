@@ -8,15 +8,24 @@ with a recomputed halo (forced through ``config``).
 """
 import pytest
 import torch
-from helpers import (DEVICE, DTYPES, LAYOUTS, REDUCED, RandomGhost, assert_close_to_reference, eager_and_ref, make_x,
-                     poisoned_output)
+from helpers import (
+    DEVICE,
+    DTYPES,
+    LAYOUTS,
+    REDUCED,
+    RandomGhost,
+    assert_close_to_reference,
+    eager_and_ref,
+    make_x,
+    poisoned_output,
+)
 
 import ghost_kernels as gk
-from ghost_kernels import triton_common as tc
-from ghost_kernels import triton_family
-from ghost_kernels import triton_band as tb
-from ghost_kernels.backend import Request
-from ghost_kernels.spec import distinct_ghostnet_100_specs
+from ghost_kernels.core.backend import Request
+from ghost_kernels.core.spec import distinct_ghostnet_100_specs
+from ghost_kernels.triton import band as tb
+from ghost_kernels.triton import common as tc
+from ghost_kernels.triton import family as triton_family
 
 # The shared sweeps of every family (GhostNet shapes, options, sizes, NaN/Inf, autocast, out
 # validation, opcheck) are in test_triton_forward.py, test_errors.py and test_compile.py; this file

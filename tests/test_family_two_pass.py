@@ -12,13 +12,12 @@ import sys
 
 import pytest
 import torch
-from helpers import (DEVICE, LAYOUTS, RandomGhost, assert_close_to_reference, eager_and_ref, make_x,
-                     poisoned_output)
+from helpers import DEVICE, LAYOUTS, RandomGhost, assert_close_to_reference, eager_and_ref, make_x, poisoned_output
 
 import ghost_kernels as gk
-from ghost_kernels import triton_common as tc
-from ghost_kernels import triton_family
-from ghost_kernels import triton_two_pass as tp
+from ghost_kernels.triton import common as tc
+from ghost_kernels.triton import family as triton_family
+from ghost_kernels.triton import two_pass as tp
 
 # The shared sweeps of every family (GhostNet shapes, options, sizes, NaN/Inf, autocast, opcheck) are
 # in test_triton_forward.py, test_errors.py and test_compile.py; this file holds what is particular

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ghost_kernels as gk
-from ghost_kernels import choice
+from ghost_kernels.core import choice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

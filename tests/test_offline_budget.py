@@ -8,8 +8,8 @@ from collections import defaultdict
 import pytest
 import torch
 
-from ghost_kernels import choice
-from ghost_kernels.spec import distinct_ghostnet_100_specs
+from ghost_kernels.core import choice
+from ghost_kernels.core.spec import distinct_ghostnet_100_specs
 
 pytest.importorskip("triton")
 from ghost_kernels.bench import offline  # noqa: E402

@@ -18,10 +18,10 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from ghost_kernels import triton_common as tc  # noqa: E402
 from ghost_kernels.bench import offline  # noqa: E402
 from ghost_kernels.bench.offline import compiler, specialize  # noqa: E402
-from ghost_kernels.layout import empty_output  # noqa: E402
+from ghost_kernels.core.layout import empty_output  # noqa: E402
+from ghost_kernels.triton import common as tc  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -108,7 +108,7 @@ def copy_forward(x, params, dtype, out=None, config=None):
 
 
 if __name__ == "__main__" or __name__.startswith(offline.IMPORTED_PREFIX):
-    from ghost_kernels.triton_family import TritonFamily
+    from ghost_kernels.triton.family import TritonFamily
     BACKEND = TritonFamily("offline_test_copy", "offline model test: a persistent copy", launcher=copy_forward)
 
 
@@ -264,8 +264,8 @@ def test_hardware_wait_loops_are_not_source_loops():
 
 
 def test_hbm_bytes_and_predicted_time():
-    from ghost_kernels import triton_two_pass
-    from ghost_kernels.spec import GhostSpec
+    from ghost_kernels.core.spec import GhostSpec
+    from ghost_kernels.triton import two_pass as triton_two_pass
     spec = GhostSpec(16, 24)
     floor = offline.floor_bytes(spec, 8, 56, 56, 2)
     extra = triton_two_pass.extra_hbm_bytes(spec, 8, 56, 56, 2, True)
@@ -338,7 +338,7 @@ def test_mlir_loops():
 
 def _child_checks() -> dict:
     """Everything that compiles, in one process (runs as ``python tests/test_offline_model.py checks``)."""
-    from ghost_kernels.spec import GhostSpec, ModuleShape
+    from ghost_kernels.core.spec import GhostSpec, ModuleShape
     out = {}
 
     def model_one(launch, keep_sass=False):
@@ -600,7 +600,7 @@ def test_cli_writes_offline_json(tmp_path, capsys):
 
 def test_model_rows_with_module_shapes():
     """The lead's entry point: model_rows with ModuleShape objects, from the interpreter's process."""
-    from ghost_kernels.spec import GhostSpec, ModuleShape
+    from ghost_kernels.core.spec import GhostSpec, ModuleShape
     shape = ModuleShape("custom", GhostSpec(24, 37, ratio=3, dw_size=5), 9, 9)
     rows = offline.model_rows(["offline_test_copy"], [shape], ["float16"], ["nchw"], batch=2, imports=[HERE])
     assert len(rows) == 1 and rows[0]["name"] == "custom" and rows[0]["oup"] == 37 and not rows[0]["error"]

@@ -7,9 +7,9 @@ from helpers import DEVICE, OfficialGhost, RandomGhost, randomize, rel_err
 from torch import nn
 
 import ghost_kernels as gk
-from ghost_kernels.fold import fold_batch_norm
-from ghost_kernels.params import BatchNormState
-from ghost_kernels.reference import batch_norm
+from ghost_kernels.core.fold import fold_batch_norm
+from ghost_kernels.core.params import BatchNormState
+from ghost_kernels.core.reference import batch_norm
 
 
 def functional(module, x, training):

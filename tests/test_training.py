@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from helpers import DEVICE, DTYPES, ERR_FLOOR, LAYOUTS, SWEEP, nan_filled_allocations, rel_err, small_ghost_net
 
 import ghost_kernels as gk
-from ghost_kernels.layout import output_memory_format
-from ghost_kernels.params import BatchNormState
+from ghost_kernels.core.layout import output_memory_format
+from ghost_kernels.core.params import BatchNormState
+from ghost_kernels.core.spec import distinct_ghostnet_100_specs
 
 # Gradients sum over the batch: the floor is looser than for outputs.
 GRAD_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-10}
@@ -138,7 +139,7 @@ def test_gradients_option_sweep(i, ratio, dw, stride, act):
                                                       f"affine={affine} running={running}")
 
 
-@pytest.mark.parametrize("shape", gk.spec.distinct_ghostnet_100_specs()[::3], ids=lambda s: s.name)
+@pytest.mark.parametrize("shape", distinct_ghostnet_100_specs()[::3], ids=lambda s: s.name)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gradients_ghostnet_100_configurations(shape, layout):
     """GhostNet 1.0x channel counts (every third distinct module); reduced spatial size on the CPU."""

@@ -19,8 +19,10 @@ triton = pytest.importorskip("triton")
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import ghost_kernels as gk  # noqa: E402
-from ghost_kernels import triton_common, triton_halo, triton_train  # noqa: E402
-from ghost_kernels.train_backward import backward_config  # noqa: E402
+from ghost_kernels.triton import common as triton_common  # noqa: E402
+from ghost_kernels.triton import halo as triton_halo
+from ghost_kernels.triton import train_kernels as triton_train
+from ghost_kernels.triton.train_backward import backward_config  # noqa: E402
 
 try:
     from triton.backends.compiler import GPUTarget

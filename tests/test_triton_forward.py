@@ -5,12 +5,25 @@ Every kernel output is NaN-poisoned before the launch, so an element the kernel 
 """
 import pytest
 import torch
-from helpers import (DEVICE, DTYPES, FAMILIES, LAYOUTS, REDUCED, SWEEP, RandomGhost, assert_close_to_reference,
-                     check, eager_and_ref, make_x, rel_err, run_poisoned)
+from helpers import (
+    DEVICE,
+    DTYPES,
+    FAMILIES,
+    LAYOUTS,
+    REDUCED,
+    SWEEP,
+    RandomGhost,
+    assert_close_to_reference,
+    check,
+    eager_and_ref,
+    make_x,
+    rel_err,
+    run_poisoned,
+)
 
 import ghost_kernels as gk
 from ghost_kernels import dispatch
-from ghost_kernels.spec import distinct_ghostnet_100_specs
+from ghost_kernels.core.spec import distinct_ghostnet_100_specs
 
 family = pytest.mark.parametrize("fam", FAMILIES)
 

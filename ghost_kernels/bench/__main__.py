@@ -63,7 +63,7 @@ def _driver() -> str:
 def select_shapes(which: str, quick: bool):
     from collections import Counter
 
-    from ..spec import distinct_ghostnet_100_specs, ghostnet_100_modules
+    from ..core.spec import distinct_ghostnet_100_specs, ghostnet_100_modules
 
     modules = ghostnet_100_modules()
     counts = Counter((m.spec, m.h, m.w) for m in modules)
@@ -103,10 +103,9 @@ def main(argv=None) -> int:
         return subprocess.call([sys.executable, "-m", "ghost_kernels.bench"] + (sys.argv[1:] if argv is None else argv))
 
     from .. import available_backends
-    from ..triton_common import triton
+    from ..triton.common import triton
     from . import report
-    from .harness import (BACKEND_IMPLS, DTYPES, IMPLS, LAYOUTS, OPS, Calibration, bench_shape,
-                          copy_bandwidth)
+    from .harness import BACKEND_IMPLS, DTYPES, IMPLS, LAYOUTS, OPS, Calibration, bench_shape, copy_bandwidth
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
@@ -229,10 +228,10 @@ def interpreter_check() -> str:
     """Run every Triton kernel family once under the interpreter against the float64 reference."""
     import torch
 
+    from ..core.params import BatchNormState, GhostParams
+    from ..core.reference import ghost_reference
+    from ..core.spec import GhostSpec
     from ..dispatch import TRITON_FAMILIES
-    from ..params import BatchNormState, GhostParams
-    from ..reference import ghost_reference
-    from ..spec import GhostSpec
     from ..testing import rel_err
 
     spec = GhostSpec(16, 24, dw_size=3)

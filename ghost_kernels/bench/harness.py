@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.fold import folded_conv_weights
+from ..core.params import GhostParams
+from ..core.spec import GhostSpec, ModuleShape
 from ..dispatch import BACKEND_CHOICES, BY_NAME
-from ..fold import folded_conv_weights
 from ..module import GhostModule
-from ..params import GhostParams
-from ..spec import GhostSpec, ModuleShape
 from ..testing import rel_err
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -107,7 +107,7 @@ class Lab:
         self.say(f"precompile: {res['variants']} launches, {res['failures']} failures, {res['wall_s']:.0f} s")
 
     def references(self):
-        from ..spec import distinct_ghostnet_100_specs
+        from ..core.spec import distinct_ghostnet_100_specs
         from .harness import module_bytes
         from .lab_timing import references
         sizes = [module_bytes(s.spec, self.args.batch, s.h, s.w, 2) for s in distinct_ghostnet_100_specs()]

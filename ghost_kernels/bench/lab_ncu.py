@@ -34,8 +34,8 @@ def ncu_child(args) -> int:
     """Under ncu: one warm-up call of the family, then the profiled call."""
     import torch
 
+    from ..core.spec import distinct_ghostnet_100_specs
     from ..dispatch import BY_NAME
-    from ..spec import distinct_ghostnet_100_specs
     from .lab_timing import ShapeBench
     family, indices, dtype = args.ncu_child.split(":")
     fam = BY_NAME[family]
@@ -137,7 +137,7 @@ def _offline_predictions(args, offline, deadline: float) -> Dict[tuple, float]:
             rows = json.load(f)["rows"]
     except (OSError, KeyError, ValueError):
         return {}
-    from ..spec import distinct_ghostnet_100_specs
+    from ..core.spec import distinct_ghostnet_100_specs
     names = [s.name for s in distinct_ghostnet_100_specs()]
     return {(r["family"], names.index(r["name"])): r["warp_instr"] for r in rows
             if r.get("name") in names and r.get("warp_instr")}

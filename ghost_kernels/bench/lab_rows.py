@@ -7,7 +7,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..spec import ModuleShape
+from ..core.spec import ModuleShape
 from .lab_timing import ShapeBench, config_dict, time_impl
 
 

@@ -16,10 +16,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..core.params import GhostParams
+from ..core.spec import ModuleShape
 from ..dispatch import BY_NAME, TRITON_FAMILIES
 from ..module import GhostModule
-from ..params import GhostParams
-from ..spec import ModuleShape
 from ..testing import rel_err
 from .harness import DTYPES, ERR_GATE, LAYOUTS, FoldedEager, eager_module, module_bytes, randomize_
 

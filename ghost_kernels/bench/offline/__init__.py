@@ -10,7 +10,7 @@ How a row is made
 
 1. **Capture.** The family's real launcher runs on CPU tensors of the real shapes (``torch.empty`` of
    batch 256 costs no memory until touched; strides, views and 16-byte alignment are as on the GPU)
-   inside :func:`ghost_kernels.triton_common.capture_launches`, which records every launch (kernel,
+   inside :func:`ghost_kernels.triton.common.capture_launches`, which records every launch (kernel,
    grid, arguments, constexprs, ``num_warps``/``num_stages``, and ``loops``: the average trip count
    of each runtime loop, in source order) instead of running it.
 2. **Specialize.** Each launch goes through Triton's own binder -- the function its JIT builds with
@@ -162,20 +162,49 @@ counts), ``mlir`` (the TTIR/TTGIR source loops), ``trips`` (``loops=`` -> weight
 process under the interpreter), ``report`` (``offline.json``, ``offline.md``), ``cli`` (the command
 line), ``errors``. Their public functions are importable from ``ghost_kernels.bench.offline`` itself.
 """
-from .cases import (DTYPES, FAMILY_MODULES, IMPORT_ERRORS, LAYOUTS, capture, load_families, make_inputs,
-                    select_shapes)
+from .cases import DTYPES, FAMILY_MODULES, IMPORT_ERRORS, LAYOUTS, capture, load_families, make_inputs, select_shapes
 from .cli import add_arguments, main, run
 from .compiler import MAX_WORKERS, compile_job, compile_jobs, parse_ptxas_log, parse_res_usage
 from .errors import LoopMismatch, OfflineError, TritonApiMismatch
 from .mlir import mlir_loops, source_loops
 from .report import markdown
-from .rows import (DEVICE_NAME, H200_COPY_BYTES_PER_S, H200_ISSUE_PER_S, HBM_RATE, ISSUE_RATE, floor_bytes,
-                   hbm_bytes, model_launch, predicted_us)
+from .rows import (
+    DEVICE_NAME,
+    H200_COPY_BYTES_PER_S,
+    H200_ISSUE_PER_S,
+    HBM_RATE,
+    ISSUE_RATE,
+    floor_bytes,
+    hbm_bytes,
+    model_launch,
+    predicted_us,
+)
 from .runner import model, model_rows
-from .sass import (BARRIERS, GLOBAL_LOADS, GLOBAL_STORES, TENSOR_CORE, WAIT_TOKENS, Instr, SassLoop, access_bits,
-                   analyze_sass, find_loops, is_wait, parse_sass, split_functions)
-from .specialize import (IMPORTED_PREFIX, TARGET_ARCH, CompileJob, kernel_ref, load_module_file, resolve_kernel,
-                         specialize_launch, target)
+from .sass import (
+    BARRIERS,
+    GLOBAL_LOADS,
+    GLOBAL_STORES,
+    TENSOR_CORE,
+    WAIT_TOKENS,
+    Instr,
+    SassLoop,
+    access_bits,
+    analyze_sass,
+    find_loops,
+    is_wait,
+    parse_sass,
+    split_functions,
+)
+from .specialize import (
+    IMPORTED_PREFIX,
+    TARGET_ARCH,
+    CompileJob,
+    kernel_ref,
+    load_module_file,
+    resolve_kernel,
+    specialize_launch,
+    target,
+)
 from .trips import assign_trips, weighted_counts
 
 __all__ = [

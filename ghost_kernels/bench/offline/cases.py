@@ -1,6 +1,6 @@
 """The cases and their launches: shapes, dtypes, layouts and the registered kernel families, CPU
 inputs of the real shapes, and the launches one call of a family's launcher makes, recorded by
-:func:`ghost_kernels.triton_common.capture_launches` instead of run."""
+:func:`ghost_kernels.triton.common.capture_launches` instead of run."""
 from __future__ import annotations
 
 import importlib
@@ -32,7 +32,7 @@ def _dtype_name(dt) -> str:
 def select_shapes(which="all") -> list:
     """``all`` (the 22 distinct GhostNet-1.0 shapes), ``quick`` (the first per resolution), or a comma
     list of indices into them / module names (``blocks.1.0.ghost1``); a list of ModuleShape passes."""
-    from ...spec import distinct_ghostnet_100_specs, ghostnet_100_modules
+    from ...core.spec import distinct_ghostnet_100_specs, ghostnet_100_modules
     if not isinstance(which, str):
         return list(which)
     distinct = distinct_ghostnet_100_specs()
@@ -61,31 +61,55 @@ def select_shapes(which="all") -> list:
     return out
 
 
-FAMILY_MODULES = ("triton_halo", "triton_two_pass", "triton_band")
+FAMILY_MODULES = ("ghost_kernels.triton.halo", "ghost_kernels.triton.two_pass", "ghost_kernels.triton.band")
+# Trees before the package's layout change (the offline model can be pointed at an older checkout):
+# the families were flat modules ghost_kernels.triton_<family>.
+_FLAT_FAMILY_MODULES = ("triton_halo", "triton_two_pass", "triton_band")
 
 
 IMPORT_ERRORS: Dict[str, str] = {}   # family modules that exist but failed to import (module -> error)
 
 
-def load_families(imports: Sequence[str] = ()) -> Dict[str, Any]:
-    """The launcher of every family in ``triton_family.FAMILIES`` (name -> launcher) after importing
-    every ``ghost_kernels.triton_*`` module that exists (family files register themselves; a module
-    that fails to import is recorded in IMPORT_ERRORS and skipped) and ``imports`` (module names or
-    .py files that register more; errors propagate)."""
+def _family_module_names() -> list:
+    """Every module that may register a family: those of ``ghost_kernels.triton`` (or, in an older
+    tree, every ``ghost_kernels.triton_*`` module)."""
     import pkgutil
 
     import ghost_kernels
+    try:
+        import ghost_kernels.triton as package
+    except ImportError:
+        package = None
+    if package is not None and hasattr(package, "__path__"):
+        names = list(FAMILY_MODULES)
+        names += [f"ghost_kernels.triton.{i.name}" for i in pkgutil.iter_modules(package.__path__)
+                  if f"ghost_kernels.triton.{i.name}" not in names]
+        return names
+    names = [f"ghost_kernels.{n}" for n in _FLAT_FAMILY_MODULES]
+    names += [f"ghost_kernels.{i.name}" for i in pkgutil.iter_modules(ghost_kernels.__path__)
+              if i.name.startswith("triton_") and f"ghost_kernels.{i.name}" not in names]
+    return names
 
-    from ... import triton_family
-    names = list(FAMILY_MODULES)
-    for info in pkgutil.iter_modules(ghost_kernels.__path__):
-        if info.name.startswith("triton_") and info.name not in names:
-            names.append(info.name)
-    for name in names:
+
+def _family_registry():
+    try:
+        from ...triton import family
+    except ImportError:   # an older tree
+        family = importlib.import_module("ghost_kernels.triton_family")
+    return family
+
+
+def load_families(imports: Sequence[str] = ()) -> Dict[str, Any]:
+    """The launcher of every registered family (name -> launcher) after importing every module of
+    ``ghost_kernels.triton`` (family files register themselves; a module that fails to import is
+    recorded in IMPORT_ERRORS and skipped) and ``imports`` (module names or .py files that register
+    more; errors propagate)."""
+    triton_family = _family_registry()
+    for name in _family_module_names():
         try:
-            importlib.import_module(f"ghost_kernels.{name}")
+            importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name != f"ghost_kernels.{name}":
+            if exc.name != name:
                 IMPORT_ERRORS[name] = f"{type(exc).__name__}: {exc}"
         except Exception as exc:
             IMPORT_ERRORS[name] = f"{type(exc).__name__}: {exc}"
@@ -104,7 +128,7 @@ def make_inputs(shape, dtype, layout: str, batch: int, seed: int = 0):
     random, all in ``dtype`` (the bench's ``module.to(dtype)``)."""
     import torch
 
-    from ...params import BatchNormState, GhostParams
+    from ...core.params import BatchNormState, GhostParams
     spec = shape.spec
     g = torch.Generator().manual_seed(seed)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -122,7 +146,7 @@ def make_inputs(shape, dtype, layout: str, batch: int, seed: int = 0):
 
 def capture(launcher, x, params, dtype) -> list:
     """The launches one call of ``launcher`` makes (recorded, not run)."""
-    from ... import triton_common as tc
+    from ...triton import common as tc
     with tc.capture_launches() as rec:
         launcher(x, params, dtype)
     return list(rec)
@@ -131,7 +155,7 @@ def capture(launcher, x, params, dtype) -> list:
 
 def _interpreting() -> bool:
     try:
-        from ... import triton_common as tc
+        from ...triton import common as tc
         if tc.interpreting():
             return True
     except Exception:

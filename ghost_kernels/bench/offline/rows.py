@@ -82,13 +82,13 @@ def _main_width(hist: Dict[int, float]) -> Optional[int]:
 def family_chooser():
     """(``choice.triton_family`` or None, the meta note on how ``chosen`` is decided)."""
     try:
-        from ... import choice
+        from ...core import choice
     except ImportError as exc:
-        return None, f"ghost_kernels.choice is not importable ({exc}): chosen is False on every row"
+        return None, f"ghost_kernels.core.choice is not importable ({exc}): chosen is False on every row"
     fn = getattr(choice, "triton_family", None)
     if fn is None:
-        return None, "ghost_kernels.choice has no triton_family(): chosen is False on every row"
-    return fn, "chosen: ghost_kernels.choice.triton_family(spec, h, w, dtype, channels_last, device_name='NVIDIA H200')"
+        return None, "ghost_kernels.core.choice has no triton_family(): chosen is False on every row"
+    return fn, "chosen: ghost_kernels.core.choice.triton_family(spec, h, w, dtype, channels_last, device_name='NVIDIA H200')"
 
 
 def floor_bytes(spec, n: int, h: int, w: int, elem: int) -> int:
@@ -100,7 +100,7 @@ def floor_bytes(spec, n: int, h: int, w: int, elem: int) -> int:
 def hbm_bytes(family: str, spec, n: int, h: int, w: int, elem: int, channels_last: bool) -> int:
     """The HBM bytes a call of ``family`` moves: the floor plus the family's ``extra_hbm_bytes`` (none
     defined: 0)."""
-    from ... import triton_family
+    from ...triton import family as triton_family
     fam = triton_family.FAMILIES.get(family)
     extra = getattr(fam, "extra_hbm_bytes", None)
     more = int(extra(spec, n, h, w, elem, channels_last)) if extra is not None else 0

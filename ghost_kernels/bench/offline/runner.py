@@ -12,12 +12,20 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .cases import (IMPORT_ERRORS, LAYOUTS, _dtype_name, _interpreting, _torch_dtype, capture, load_families,
-                      make_inputs, select_shapes)
+from .cases import (
+    IMPORT_ERRORS,
+    LAYOUTS,
+    _dtype_name,
+    _interpreting,
+    _torch_dtype,
+    capture,
+    load_families,
+    make_inputs,
+    select_shapes,
+)
 from .compiler import MAX_WORKERS, compile_jobs
 from .errors import LoopMismatch, OfflineError, TritonApiMismatch
-from .rows import (DEVICE_NAME, H200_COPY_BYTES_PER_S, H200_ISSUE_PER_S, HBM_RATE, ISSUE_RATE, family_chooser,
-                   make_row)
+from .rows import DEVICE_NAME, H200_COPY_BYTES_PER_S, H200_ISSUE_PER_S, HBM_RATE, ISSUE_RATE, family_chooser, make_row
 from .specialize import TARGET_ARCH, CompileJob, _triton, specialize_launch
 
 
@@ -126,7 +134,7 @@ def _shape_to_json(s) -> dict:
 
 
 def _shape_from_json(d):
-    from ...spec import GhostSpec, ModuleShape
+    from ...core.spec import GhostSpec, ModuleShape
     return ModuleShape(d["name"], GhostSpec(**d["spec"]), d["h"], d["w"])
 
 

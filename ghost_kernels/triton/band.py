@@ -4,7 +4,7 @@ no scratch memory, no global round trip of y1.
 
 Design note
 ===========
-Math, for BN folded in fp32 inside the kernel (``triton_common.folded_bn``; ``act`` = ReLU or identity)::
+Math, for BN folded in fp32 inside the kernel (``common.folded_bn``; ``act`` = ReLU or identity)::
 
     y1  = act(conv1x1(x, w1, stride) * scale1 + shift1)        # m intrinsic channels
     y2  = act(dwconv(y1, wd * scale2, pad=d//2) + shift2)      # ghost channel j reads y1[j // (r-1)]
@@ -83,11 +83,11 @@ from typing import List, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import triton_common as tc
-from .backend import Request, Support
-from .params import GhostParams
-from .spec import GhostSpec
-from .triton_family import TritonFamily, prepare_output
+from ..core.backend import Request, Support
+from ..core.params import GhostParams
+from ..core.spec import GhostSpec
+from . import common as tc
+from .family import TritonFamily, prepare_output
 
 triton, tl = tc.triton, tc.tl
 try:
@@ -114,7 +114,7 @@ class BandConfig(NamedTuple):
     num_stages: int
 
 if triton is not None:
-    from .triton_band_kernel import _band_kernel
+    from .band_kernel import _band_kernel
 
 
 def _pad(spec: GhostSpec) -> int:

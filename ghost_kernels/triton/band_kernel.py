@@ -3,8 +3,8 @@ intrinsic channels; y1 in registers, the depthwise stencil by shifts (tl.gather)
 and launcher: ``triton_band.py``."""
 from __future__ import annotations
 
-from . import triton_common as tc
-from .triton_common import tl, triton
+from . import common as tc
+from .common import tl, triton
 
 if triton is not None:
 

@@ -24,11 +24,12 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import triton_common as tc
-from .backend import Backend, Request
-from .layout import empty_output
-from .params import BatchNormState, GhostParams
-from .spec import GhostSpec
+from ..core import choice
+from ..core.backend import Backend, Request
+from ..core.layout import empty_output
+from ..core.params import BatchNormState, GhostParams
+from ..core.spec import GhostSpec
+from . import common as tc
 
 Launcher = Callable[..., Tensor]
 FAMILIES: Dict[str, "TritonFamily"] = {}   # name -> family, for the op
@@ -87,7 +88,6 @@ class TritonFamily(Backend):
         """The configuration measured fastest for this shape on this GPU (choice.py), or None."""
         if self.default_config is None or not x.is_cuda:
             return None
-        from . import choice
         found = choice.measured_config(self.name, x, spec, dtype)
         if found is None:
             return None

@@ -3,8 +3,9 @@
 The kernel is ``csrc/ghost_forward.cu`` (design note at its top), registered by ``python/bindings.cpp``
 as ``torch.ops.ghost_kernels.cuda_forward``. Here:
 
-* the extension is imported if it was built; a missing, broken or mismatched build never breaks
-  ``import ghost_kernels``: it warns once and :data:`UNAVAILABLE_REASON` says why;
+* the extension is imported if it was built. An install without it (no nvcc) is normal: no warning,
+  :data:`UNAVAILABLE_REASON` says "built without the CUDA extension". A broken or mismatched build
+  never breaks ``import ghost_kernels`` either: it warns once, and the reason says what failed;
 * ``register_fake`` gives the op its output shape, dtype and memory format without running it, so
   torch.compile and torch.export treat it as one op;
 * a CPU implementation (plain PyTorch, the folded eval-mode math) makes the op usable, and
@@ -14,6 +15,8 @@ as ``torch.ops.ghost_kernels.cuda_forward``. Here:
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import warnings
 from typing import Optional
 
@@ -21,25 +24,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import Backend, Request, Support
-from .fold import FoldedGhost, fold_ghost
-from .layout import empty_output
-from .spec import GhostSpec
+from ..core.backend import Backend, Request, Support
+from ..core.fold import FoldedGhost, fold_ghost
+from ..core.layout import empty_output
+from ..core.spec import GhostSpec
 
-_C = None
+EXTENSION = "ghost_kernels._C"
+NOT_BUILT = ("built without the CUDA extension ghost_kernels._C (the install found no nvcc or no CUDA build of "
+             "torch, or GHOST_KERNELS_SKIP_CUDA_BUILD=1 was set; to build it: pip install --no-build-isolation -e . "
+             "with CUDA_HOME set)")
+
+
+def _load_extension():
+    """(the extension module or None, why it is unavailable or None). Not built is a normal install
+    (no warning); built but failing to load is a problem worth a warning."""
+    try:
+        found = importlib.util.find_spec(EXTENSION) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return None, NOT_BUILT
+    try:
+        return importlib.import_module(EXTENSION), None
+    except Exception as exc:   # an ImportError of a missing symbol or library, or anything the module raises
+        reason = f"the CUDA extension ghost_kernels._C failed to load: {type(exc).__name__}: {exc}"
+        warnings.warn(f"ghost_kernels: {reason}; the 'cuda' backend is unavailable", stacklevel=3)
+        return None, reason
+
+
+_C, UNAVAILABLE_REASON = _load_extension()
 BUILD_INFO: dict = {}
-UNAVAILABLE_REASON: Optional[str] = None
-
-try:
-    from . import _C  # noqa: F811
-except ImportError as exc:
-    msg = str(exc)
-    if "No module named" in msg and "_C" in msg:
-        UNAVAILABLE_REASON = ("the CUDA extension ghost_kernels._C was not built (it needs nvcc and a CUDA build "
-                              "of torch at install time: pip install --no-build-isolation -e .)")
-    else:
-        UNAVAILABLE_REASON = f"the CUDA extension ghost_kernels._C failed to load: {msg}"
-        warnings.warn(f"ghost_kernels: {UNAVAILABLE_REASON}; the 'cuda' backend is unavailable", stacklevel=2)
 
 if _C is not None:
     BUILD_INFO = dict(_C.build_info())

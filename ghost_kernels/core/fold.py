@@ -11,7 +11,7 @@ In eval mode both BNs are affine maps per channel, ``BN(z) = z * scale + shift``
 Folding is done in float32 (float64 for float64 parameters), on every call: no folded copy is kept,
 so a forward never uses weights other than the module's current ones, whatever edited them
 (``p.data.copy_``, an optimizer, ``load_state_dict``). The Triton kernel families fold inside the
-kernel instead (``triton_common.folded_bn``); this module serves the other paths: the v1 halo kernel,
+kernel instead (``triton/common.folded_bn``); this module serves the other paths: the v1 halo kernel,
 the CUDA C++ kernel and ``torch_folded``.
 """
 from __future__ import annotations

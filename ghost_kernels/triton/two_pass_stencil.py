@@ -2,11 +2,11 @@
 y1 from ``out[:, :m]`` and writing ``out[:, m:oup]``). Design note: the top of ``triton_two_pass.py``."""
 from __future__ import annotations
 
-from . import triton_common as tc
-from .triton_common import tl, triton
+from . import common as tc
+from .common import tl, triton
 
 if triton is not None:
-    from .triton_two_pass_gemm import _act, _image_row_col, _run_of_blocks, _tap_weights
+    from .two_pass_gemm import _act, _image_row_col, _run_of_blocks, _tap_weights
 
     @triton.jit
     def _row_weights(wd_ptr, jj, jok, dy, DW: tl.constexpr, NG: tl.constexpr):

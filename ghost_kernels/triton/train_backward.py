@@ -1,4 +1,4 @@
-"""The fused backward's launches (B1-B3 of the design note at the top of ``triton_train.py``)."""
+"""The fused backward's launches (B1-B3 of the design note at the top of ``train_kernels.py``)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,14 +6,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import triton_common as tc
-from .batch_stats import all_reduce
-from .layout import output_memory_format
-from .spec import GhostSpec
-from .triton_common import triton
+from ..core.batch_stats import all_reduce
+from ..core.layout import output_memory_format
+from ..core.spec import GhostSpec
+from . import common as tc
+from .common import triton
 
 if triton is not None:
-    from .triton_train import _bn_input_grad_kernel, _ghost_bwd_kernel
+    from .train_kernels import _bn_input_grad_kernel, _ghost_bwd_kernel
 
 
 def bn_affine(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):

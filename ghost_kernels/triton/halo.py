@@ -51,17 +51,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import triton_common as tc
-from .backend import Support
-from .batch_stats import Moments
-from .fold import FoldedGhost, fold_ghost
-from .params import GhostParams
-from .spec import GhostSpec
-from .triton_common import tl, triton
-from .triton_family import TritonFamily, prepare_output
+from ..core.backend import Support
+from ..core.batch_stats import Moments
+from ..core.fold import FoldedGhost, fold_ghost
+from ..core.params import GhostParams
+from ..core.spec import GhostSpec
+from . import common as tc
+from .common import tl, triton
+from .family import TritonFamily, prepare_output
 
 if triton is not None:
-    from .triton_common import bn_act_tile, pointwise_conv_tile, tile_coords
+    from .common import bn_act_tile, pointwise_conv_tile, tile_coords
 
     @triton.jit(do_not_specialize=["C_IN", "HO", "WO", "M", "OUP", "sxn", "sxh", "son", "soh",
                                    "n_tiles_h", "n_tiles_w", "n_mblocks", "total_tiles"])
@@ -77,7 +77,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
     ):
         # RELU2 is the cheap branch's activation (RELU in eval mode). STATS (train mode, see
-        # triton_train.py): the cheap branch runs with raw weights, no shift and no activation, its
+        # train_kernels.py): the cheap branch runs with raw weights, no shift and no activation, its
         # output z2 is stored as is, and each tile also stores, per ghost channel, the sum and the
         # tile-centred sum of squares of z2 over its interior pixels (plus its pixel count), so that
         # BN2's batch statistics follow without another pass and without E[z^2] - E[z]^2 cancellation.
@@ -146,7 +146,7 @@ if triton is not None:
 
 
 def forward(x: Tensor, params: GhostParams, dtype: torch.dtype, out: Optional[Tensor] = None, config=None) -> Tensor:
-    """The family's launcher (``triton_family`` contract): BN folded here, on every call (this kernel
+    """The family's launcher (``family.py`` contract): BN folded here, on every call (this kernel
     takes folded parameters; the newer families fold inside the kernel)."""
     return forward_folded(x, fold_ghost(params, dtype), params.spec, out=out)
 
@@ -176,7 +176,7 @@ def forward_folded(x: Tensor, folded: FoldedGhost, spec: GhostSpec, out: Optiona
 
 def launch_forward(x: Tensor, out: Tensor, folded: FoldedGhost, spec: GhostSpec, relu2: bool,
                    stats: bool = False) -> Optional[Moments]:
-    """Launch ``_ghost_fwd_kernel`` into ``out``. With ``stats`` (train mode, see triton_train.py) the
+    """Launch ``_ghost_fwd_kernel`` into ``out``. With ``stats`` (train mode, see train_kernels.py) the
     kernel also writes per-tile statistics of the cheap branch (sums, centred sums of squares and
     pixel counts, ``2 * T * (r - 1) * BLOCK_M + T`` floats for T tiles), returned decoded: the
     moments of the m(r-1) ghost channels."""

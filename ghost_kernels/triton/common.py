@@ -15,8 +15,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .params import BatchNormState
-from .spec import GhostSpec
+from ..core.params import BatchNormState
+from ..core.spec import GhostSpec
 
 try:  # triton is optional: without it the Triton backends report why they cannot run.
     import triton
@@ -207,7 +207,7 @@ def device_ctx(x: Tensor):
 
 if triton is not None:
 
-    # Pieces of the halo kernel (triton_halo.py) shared with the training kernels (triton_train.py): the
+    # Pieces of the halo kernel (halo.py) shared with the training kernels (train_kernels.py): the
     # backward recomputes y1 with the very same code as the forward, so its activation masks match the
     # forward's bit for bit.
 

@@ -139,15 +139,17 @@ def offline_from_rows(rows: Sequence[dict], source: str) -> dict:
     return {"target": "sm_90", "source": source, "rows": list(by_key.values())}
 
 
-def entry_from_rows(rows: Sequence[dict], device: str, capability, source: str, date: str) -> dict:
+def entry_from_rows(rows: Sequence[dict], device: str, capability, source: str, date: str,
+                    families: Sequence[str] = TRITON_FAMILIES) -> dict:
     """A GPU's table entry from the lab's timing rows (``timing.json``: the bench's result schema with
-    ``ratio``, ``dw_size``, ``act`` and, for families, the fastest ``config``). Written by
+    ``ratio``, ``dw_size``, ``act`` and, for families, the fastest ``config``; ``families``: every
+    registered Triton family, whose rows enter the table too). Written by
     ``benchmarks/publish.py``; read by :func:`load_table`."""
     by_key: Dict[Tuple, dict] = {}
     for r in rows:
         if r.get("op", "forward") != "forward" or r.get("status") != "ok" or not r.get("median_ms"):
             continue
-        if r["impl"] not in TABLE_IMPLS and r["impl"] not in _extra_families():
+        if r["impl"] not in TABLE_IMPLS and r["impl"] not in families:
             continue
         key = row_key(r)
         entry = by_key.setdefault(key, dict(zip(("inp", "oup", "ratio", "dw_size", "stride", "act", "h", "w",
@@ -157,11 +159,6 @@ def entry_from_rows(rows: Sequence[dict], device: str, capability, source: str, 
             entry["config"][r["impl"]] = r["config"]
     return {"capability": list(capability) if capability else None, "source": source, "date": date,
             "rows": list(by_key.values())}
-
-
-def _extra_families():
-    from .triton_family import FAMILIES
-    return tuple(FAMILIES)
 
 
 def _entries(device_name: str, capability, table: dict):

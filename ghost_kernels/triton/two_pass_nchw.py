@@ -2,12 +2,12 @@
 registers). Design note: the top of ``triton_two_pass.py``."""
 from __future__ import annotations
 
-from . import triton_common as tc
-from .triton_common import tl, triton
+from . import common as tc
+from .common import tl, triton
 
 if triton is not None:
-    from .triton_two_pass_gemm import _act, _image_row_col, _run_of_blocks, _tap_weights
-    from .triton_two_pass_stencil import _hoisted_row, _row_weights
+    from .two_pass_gemm import _act, _image_row_col, _run_of_blocks, _tap_weights
+    from .two_pass_stencil import _hoisted_row, _row_weights
 
     @triton.jit
     def _split_cols(v, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, VW: tl.constexpr):

@@ -2,8 +2,8 @@
 and the jit helpers both passes share. Design note: the top of ``triton_two_pass.py``."""
 from __future__ import annotations
 
-from . import triton_common as tc
-from .triton_common import tl, triton
+from . import common as tc
+from .common import tl, triton
 
 if triton is not None:
 

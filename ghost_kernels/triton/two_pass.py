@@ -4,7 +4,7 @@ y1 into ``out[:, :m]``, then a depthwise stencil that reads it back and writes `
 Design note
 ===========
 Both BatchNorms are folded inside the kernels from the module's own tensors
-(``triton_common.folded_bn``: ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``, fp32)::
+(``common.folded_bn``: ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``, fp32)::
 
     pass 1:  y1 = act(x[P, Cin] @ w1^T[Cin, m] * scale1 + shift1)   -> out[:, :m]       (P = N*H'*W')
     pass 2:  y2 = act(dwconv(y1, wd) * scale2 + shift2)               -> out[:, m:oup]
@@ -87,11 +87,11 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import triton_common as tc
-from .backend import Support
-from .params import GhostParams
-from .spec import GhostSpec
-from .triton_family import TritonFamily, prepare_output
+from ..core.backend import Support
+from ..core.params import GhostParams
+from ..core.spec import GhostSpec
+from . import common as tc
+from .family import TritonFamily, prepare_output
 
 triton, tl = tc.triton, tc.tl
 
@@ -123,9 +123,9 @@ class TwoPassConfig(NamedTuple):
 
 
 if triton is not None:
-    from .triton_two_pass_gemm import _pw_kernel
-    from .triton_two_pass_nchw import _dw_nchw_kernel
-    from .triton_two_pass_stencil import _dw_kernel
+    from .two_pass_gemm import _pw_kernel
+    from .two_pass_nchw import _dw_nchw_kernel
+    from .two_pass_stencil import _dw_kernel
 
 # --------------------------------------------------------------------------------------------------
 # Host side

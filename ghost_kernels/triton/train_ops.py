@@ -1,7 +1,7 @@
-"""Training of the Ghost module with the Triton kernels (``triton_train.py``, ``triton_halo.py``):
+"""Training of the Ghost module with the Triton kernels (``train_kernels.py``, ``halo.py``):
 the train-mode forward's launches, and the torch.library ops ``ghost_kernels::triton_train_forward``
 and ``triton_train_backward`` (register_fake, register_autograd) that torch.compile, torch.export and
-opcheck see. The design (passes, bytes, statistics) is the note at the top of ``triton_train.py``.
+opcheck see. The design (passes, bytes, statistics) is the note at the top of ``train_kernels.py``.
 
 Optional BN affine parameters (affine=False) are None in the ops; running statistics given means
 "eval-mode BN", None means batch statistics; ``sync_group`` is a ``batch_stats.register_group``
@@ -15,18 +15,18 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import triton_common as tc
-from . import triton_halo
-from .batch_stats import Moments, update_running_stats
-from .fold import FoldedGhost
-from .layout import empty_output, output_memory_format
-from .params import GhostParams, bn_has_running_stats
-from .spec import GhostSpec
+from ..core.batch_stats import Moments, update_running_stats
+from ..core.fold import FoldedGhost
+from ..core.layout import empty_output, output_memory_format
+from ..core.params import GhostParams, bn_has_running_stats
+from ..core.spec import GhostSpec
+from . import common as tc
+from . import halo as triton_halo
+from .common import triton
 from .train_backward import bn_affine, train_backward
-from .triton_common import triton
 
 if triton is not None:
-    from .triton_train import _affine_act_kernel, _pw_stats_kernel
+    from .train_kernels import _affine_act_kernel, _pw_stats_kernel
 
 
 def pw_moments(x: Tensor, w1: Tensor, spec: GhostSpec) -> Moments:

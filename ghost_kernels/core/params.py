@@ -5,7 +5,7 @@ BN fold, the backends, the training ops), named the same way everywhere:
 
 * ``w1``: the primary conv's weight, ``[m, inp, k, k]``;   ``bn1``: its BatchNorm;
 * ``wd``: the cheap depthwise conv's weight, ``[m * (ratio - 1), 1, d, d]``;   ``bn2``: its BatchNorm;
-* ``spec``: the :class:`~ghost_kernels.spec.GhostSpec` (shapes and options).
+* ``spec``: the :class:`~ghost_kernels.core.spec.GhostSpec` (shapes and options).
 
 :meth:`GhostParams.check` validates every tensor against the spec (shapes, dtypes, devices), so a
 BatchNorm of the wrong size is an error on every backend, never an out-of-bounds read in a kernel.
@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 from torch import Tensor, nn
 
 from .spec import GhostSpec
+from .structure import spec_of
 
 
 class BatchNormState(NamedTuple):
@@ -63,7 +64,6 @@ class GhostParams(NamedTuple):
         """The parameters of a module with the official/timm structure (``primary_conv`` and
         ``cheap_operation``, each ``Sequential(Conv2d, BatchNorm2d, act)``)."""
         if spec is None:
-            from .module import spec_of
             spec = spec_of(module)
         pconv, pbn = module.primary_conv[0], module.primary_conv[1]
         cconv, cbn = module.cheap_operation[0], module.cheap_operation[1]

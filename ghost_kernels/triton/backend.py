@@ -15,12 +15,12 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import choice
-from .backend import Backend, Request, Support
-from .params import has_running_stats
-from .reference import ghost_reference
+from ..core import choice
+from ..core.backend import Backend, Request, Support
+from ..core.params import has_running_stats
+from ..core.reference import ghost_reference
+from .family import TritonFamily, triton_environment_reason
 from .train_ops import ghost_train
-from .triton_family import TritonFamily, triton_environment_reason
 
 
 @dataclass

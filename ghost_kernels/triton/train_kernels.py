@@ -14,7 +14,7 @@ Forward, train mode: three passes, nothing of size P x m is kept besides the out
                             could also come from x's Cin x Cin Gram matrix, mean(z1) = W mean(x),
                             E[z1^2] = diag(W E[xx^T] W^T); that costs Cin^2 instead of m Cin products
                             per pixel and cancels in E[z^2] - E[z]^2, so we reduce z1 itself.)
-  F2 ``_ghost_fwd_kernel``  (triton_halo.py, STATS=True) reads x again; y1 with BN1 from F1 goes
+  F2 ``_ghost_fwd_kernel``  (halo.py, STATS=True) reads x again; y1 with BN1 from F1 goes
                             to out[:, :m]; z2 (raw depthwise output, no BN) goes to out[:, m:oup]; each
                             tile stores the statistics of z2 for all m(r-1) ghost channels (those
                             sliced off by oup included: nn.BatchNorm2d tracks them too).
@@ -50,10 +50,10 @@ B3: the same communication as ``nn.SyncBatchNorm``, on statistics the kernels co
 """
 from __future__ import annotations
 
-from .triton_common import tl, triton
+from .common import tl, triton
 
 if triton is not None:
-    from .triton_common import bn_act_tile, pointwise_conv_tile, tile_coords
+    from .common import bn_act_tile, pointwise_conv_tile, tile_coords
 
 if triton is not None:
 
