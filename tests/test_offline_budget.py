@@ -1,8 +1,8 @@
 """The instruction budget, held offline (no GPU): for every distinct GhostNet 1.0x shape in bf16 and
 fp16 channels_last at batch 256, the Triton family that ``backend="triton"`` chooses must compile for
 sm_90 without spills, move its main global traffic in 128-bit vectors where the channel counts allow,
-and issue at most 0.25 modelled warp-instructions per HBM byte of the floor (a memory-bound kernel at
-70% of an H200's copy bandwidth has about 0.15-0.2). The model: ghost_kernels/bench/offline/."""
+and issue at most 0.25 modelled warp-instructions per HBM byte of the floor (``choice.INSTRUCTION_BUDGET``,
+the enforced instruction budget). The model: ghost_kernels/bench/offline/."""
 from collections import defaultdict
 
 import pytest
@@ -14,7 +14,7 @@ from ghost_kernels.core.spec import distinct_ghostnet_100_specs
 pytest.importorskip("triton")
 from ghost_kernels.bench import offline  # noqa: E402
 
-BUDGET = 0.25
+BUDGET = choice.INSTRUCTION_BUDGET
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from ghost_kernels.bench import offline  # noqa: E402
-from ghost_kernels.bench.offline import compiler, specialize  # noqa: E402
+from ghost_kernels.bench.offline import compiler, latency, report, specialize  # noqa: E402
 from ghost_kernels.core.layout import empty_output  # noqa: E402
 from ghost_kernels.triton import common as tc  # noqa: E402
 
@@ -333,6 +333,54 @@ def test_mlir_loops():
     assert peeled[1]["peeled"] and not offline.source_loops(TTGIR, TTGIR, 3)[1]["peeled"]
 
 
+def _row(family, name, inp, h, predicted, latency_us, chosen=False):
+    """A minimal model row for the report."""
+    return dict(family=family, name=name, inp=inp, oup=16, h=h, w=h, dtype="bfloat16", layout="channels_last",
+                chosen=chosen, error=None, regs=128, spills=0, smem=0, ld_bits=128, st_bits=128, ld_bits_main=128,
+                st_bits_main=128, barriers_per_tile=1.0, warp_instr=1e6, floor_bytes=1e6, instr_per_byte=1.0,
+                floor_us=1.0, issue_us=1.0, hbm_us=2.0, latency_us=latency_us, predicted_us=predicted,
+                ctas_per_sm=2, rounds=3, round_trips=4.0, bytes_in_flight_per_sm=8192.0, variants=1)
+
+
+def test_markdown_orders_rows_by_shape_with_a_legend():
+    """Rows come grouped by family from the model; the report orders them by shape, the families of a
+    shape side by side (one summary line per shape, adjacent rows in the table), and explains its
+    columns and the one budget figure."""
+    rows = [_row("fam_a", "s1", 16, 112, 2.0, 1.5, chosen=True), _row("fam_a", "s2", 32, 56, 5.0, 5.0),
+            _row("fam_b", "s1", 16, 112, 3.0, 3.0), _row("fam_b", "s2", 32, 56, 2.0, 1.0, chosen=True)]
+    meta = dict(triton="3.8.0", target="sm_90", batch=256, chosen="", instruction_budget=0.25,
+                latency=dict(memory_latency_us=0.6, l2_latency_us=0.3, l2_resident_bytes=4 << 20,
+                             bytes_needed_in_flight_per_sm=16304))
+    md = offline.markdown(rows, meta)
+    summary = [ln for ln in md.splitlines() if ln.startswith("| s")]
+    assert summary[:2] == ["| s1 | 16->16 @112 | bf16 | channels_last | 1.0 | 2.0 (h) | 3.0 (l) | fam_a |",
+                           "| s2 | 32->16 @56 | bf16 | channels_last | 1.0 | 5.0 (l) | 2.0 (h) | fam_b |"]
+    detail = [ln.split(" | ")[:2] for ln in md.splitlines() if ln.startswith("| fam_")]
+    assert detail == [["| fam_a", "s1"], ["| fam_b", "s1"], ["| fam_a", "s2"], ["| fam_b", "s2"]]
+    assert "instruction budget 0.25 warp-instructions per floor byte" in md
+    legend = md.split("Legend", 1)[1]
+    for column in ("bar/tile", "issue/floor", "hbm/floor", "pred us", "ld/st bits", "in parentheses", "smem",
+                   "CTAs/SM", "rounds", "trips", "in flight KB", "latency us", "budget 0.25", "bytes"):
+        assert column in legend, column
+    assert report.bound(rows[0]) == "hbm" and report.bound(dict(rows[0], predicted_us=None)) is None
+
+
+def test_one_budget_figure_everywhere():
+    """0.25 warp-instructions per floor byte is the enforced budget: the docs state it, not another."""
+    from ghost_kernels.core import choice
+    assert offline.INSTRUCTION_BUDGET == choice.INSTRUCTION_BUDGET == 0.25
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    paragraph = readme.split("**Offline model**", 1)[1].split("\n\n", 1)[0]
+    assert "0.25 warp-instructions" in paragraph.replace("\n", " ")
+    texts = {"README.md": readme, "offline/__init__.py": offline.__doc__,
+             "report.LEGEND": report.LEGEND, "test_offline_budget.py": open(os.path.join(ROOT, "tests",
+                                                                                         "test_offline_budget.py")).read()}
+    for name, text in texts.items():
+        flat = " ".join(text.split())
+        assert "0.15-0.2" not in flat and "about 0.2" not in flat, name
+
+
 # --------------------------------------------------------------------------------------------------
 # Compiled (in a child process without TRITON_INTERPRET)
 
@@ -516,6 +564,39 @@ def test_pipelined_loop(child):
     assert d["ld_bits"] == 128 and d["mma_static"] > 0 and d["smem"] > 0   # cp.async 16 B, tensor cores
 
 
+def test_latency_of_a_persistent_copy(child):
+    """Each tile's load is consumed by its store in the same iteration: one dependent round trip per
+    tile; the 784 tiles fit one round of the GPU's 16 x 132 resident programs (4 warps each)."""
+    m = child["copy"]["model"]
+    assert (m["ctas_per_sm"], m["occupancy_limit"], m["rounds"]) == (16, "warps", 1)
+    wait_us = m["memory_wait_cycles"] / latency.H200_CLOCK_HZ * 1e6
+    assert latency.L2_LATENCY_US * 0.95 <= wait_us <= latency.MEMORY_LATENCY_US    # one load, L2 or DRAM
+    assert m["latency_us"] == pytest.approx(m["path_us"]) and m["latency_us"] > wait_us
+
+
+def test_latency_of_a_pipelined_loop(child):
+    """The 3-stage cp.async K loop loads two steps ahead: of its 8 steps' loads (a and b: one 128 KiB
+    tensor, L2-resident) the walk waits for far fewer than 8 round trips."""
+    m = child["dot"]["model"]
+    waits = m["memory_wait_cycles"] / latency._cycles(latency.L2_LATENCY_US)
+    assert 0.5 < waits < 4 and m["rounds"] == 1
+    timing = child["dot"]["analysis"]["timing"]
+    assert {tuple(r[6]) for r in timing if r[1] == "cp"} == {("a_ptr",), ("b_ptr",)}
+    assert any(r[1] == "depbar" for r in timing) and any(r[1] == "commit" for r in timing)
+
+
+def test_latency_of_a_tma_load(child):
+    """The TMA load's wait is a round trip to L2 (x: 512 KiB), once per tile; one tile per program on
+    the GPU's grid."""
+    if "skip" in child["tma"]:
+        pytest.skip(child["tma"]["skip"])
+    m = child["tma"]["model"]
+    timing = child["tma"]["analysis"]["timing"]
+    assert [r[6] for r in timing if r[1] == "tma"] == [["x_desc"]]
+    assert m["rounds"] == 1
+    assert m["memory_wait_cycles"] == pytest.approx(latency._cycles(latency.L2_LATENCY_US), rel=0.05)
+
+
 def _tma_parts(sass):
     """(instructions, the trap, the last EXIT before it, the out-of-line block between them)."""
     instrs = offline.parse_sass(sass)
@@ -571,13 +652,14 @@ def test_tma_wait_loop_without_source_loop(child):
 
 REQUIRED = ("family", "name", "inp", "oup", "h", "w", "dtype", "layout", "regs", "spills", "smem", "ld_bits",
             "st_bits", "barriers", "warp_instr", "floor_bytes", "instr_per_byte", "chosen", "variants", "launches",
-            "hbm_bytes", "predicted_us")
+            "hbm_bytes", "issue_us", "hbm_us", "latency_us", "ctas_per_sm", "rounds", "round_trips",
+            "bytes_in_flight_per_sm", "predicted_us")
 
 
-def test_cli_writes_offline_json(tmp_path, capsys):
+def test_cli_writes_offline_json(tmp_path, capfd):
     rc = offline.main(["--out", str(tmp_path), "--families", "offline_test_copy", "--shapes", "0,21",
                        "--dtypes", "bfloat16,float32", "--layouts", "channels_last,nchw", "--batch", "4",
-                       "--import", HERE, "--quiet"])
+                       "--import", HERE])
     assert rc == 0
     data = json.loads((tmp_path / "offline.json").read_text())
     rows, meta = data["rows"], data["meta"]
@@ -587,15 +669,23 @@ def test_cli_writes_offline_json(tmp_path, capsys):
         assert r["chosen"] is False and r["variants"] == 1 and r["warp_instr"] > 0
         assert r["instr_per_byte"] == pytest.approx(r["warp_instr"] / r["floor_bytes"])
         assert r["hbm_bytes"] == r["floor_bytes"]                # the family declares no extra_hbm_bytes
-        assert r["predicted_us"] == pytest.approx(1e6 * max(r["warp_instr"] / offline.ISSUE_RATE,
-                                                            r["hbm_bytes"] / offline.HBM_RATE))
+        assert r["issue_us"] == pytest.approx(1e6 * r["warp_instr"] / offline.ISSUE_RATE)
+        assert r["hbm_us"] == pytest.approx(1e6 * r["hbm_bytes"] / offline.HBM_RATE)
+        assert r["latency_us"] > 0 and r["rounds"] >= 1 and r["ctas_per_sm"] >= 1
+        assert r["predicted_us"] == pytest.approx(max(r["issue_us"], r["hbm_us"], r["latency_us"]))
         assert r["launches"][0]["kernel"] == "_offline_copy_kernel"
     r0 = rows[0]
     assert (r0["inp"], r0["oup"], r0["h"], r0["dtype"], r0["layout"]) == (16, 16, 112, "bfloat16", "channels_last")
     assert r0["floor_bytes"] == 4 * 16 * 112 * 112 * 2 * 2
     # 4 variants: {bf16, fp32} x {n_blocks divisible by 16 or not}
     assert meta["variants"] == 4 and meta["batch"] == 4 and "chosen" in meta
-    assert (tmp_path / "offline.md").exists() and "offline_test_copy" in capsys.readouterr().out
+    assert meta["latency"]["memory_latency_us"] == offline.MEMORY_LATENCY_US and meta["instruction_budget"] == 0.25
+    assert set(meta["sources"]) == {"kernels", "model"} and "latency.py" in meta["sources"]["model"]
+    out, err = capfd.readouterr()
+    assert (tmp_path / "offline.md").exists() and "offline_test_copy" in out
+    # progress names the family, the shape and the case, not a hash
+    assert "compiled offline_test_copy 16->16 @112 (blocks.0.0.ghost1) bfloat16 channels_last" in err
+    assert "[_offline_copy_kernel]" in err
 
 
 def test_model_rows_with_module_shapes():

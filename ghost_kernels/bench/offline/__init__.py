@@ -1,5 +1,6 @@
-"""Offline performance model: what each kernel family's real launches compile to on sm_90, and how
-many warp-instructions a call issues per HBM byte -- without a GPU.
+"""Offline performance model: what each kernel family's real launches compile to on sm_90, how many
+warp-instructions a call issues per HBM byte, and how long its programs wait on memory -- without a
+GPU.
 
 ``python -m ghost_kernels.bench.offline --out DIR [--families a,b] [--dtypes ...] [--layouts ...]
 [--shapes all|quick|i,j|module names] [--batch 256]`` writes ``DIR/offline.json`` and ``DIR/offline.md``.
@@ -28,7 +29,8 @@ How a row is made
 3. **Compile** for sm_90 with ``triton.compile`` in a process pool of at most 2 workers, never under
    ``TRITON_INTERPRET=1`` (a process that has the interpreter on runs the whole model in a child
    process without it).
-4. **Read the cubin.** ``nvdisasm -c -gi`` (SASS with inlined source lines), ``cuobjdump -res-usage``
+4. **Read the cubin.** ``nvdisasm -c -gi -hex`` (SASS with inlined source lines and each
+   instruction's encoding, whose control bits the latency term reads), ``cuobjdump -res-usage``
    (registers), ptxas's own ``-v`` log when the compile ran (spill stores; from a Triton cache hit the
    spill bytes are the local stores, ``STL``, in the SASS), ``metadata.shared`` (shared memory),
    TTIR/TTGIR (source loops, software pipelining).
@@ -98,11 +100,24 @@ estimate of ``smsp__inst_executed.sum``):
 * the ptxas-unrolled loops' remainder split above, and spill bytes from ``STL`` when ptxas's log
   is not available (a Triton cache hit);
 * hardware wait loops count once per entry (above): the time a warp spends waiting for a TMA
-  load or a barrier is not issue time and is not modelled;
+  load or a barrier is not issue time (the latency term charges it, below);
 * ``instr_per_byte`` divides by the *floor* (x read once, output written once), not by the bytes
   the kernel really moves (``hbm_bytes`` adds the family's declared extra traffic);
-* ``predicted_us`` is a roofline of two *assumed* rates (``rows.ISSUE_RATE``, ``rows.HBM_RATE``):
-  no latency, occupancy, tail or launch overhead; to be checked against the GPU lab.
+* ``predicted_us`` is the largest of three terms built on *assumed* rates and latencies
+  (``rows.ISSUE_RATE``, ``rows.HBM_RATE``, ``latency.MEMORY_LATENCY_US``, ``latency.L2_LATENCY_US``):
+  no tail effect (beyond whole rounds) or launch overhead; to be checked against the GPU lab.
+
+The latency term
+================
+
+``latency.py`` (its docstring has the details and assumptions): resident programs per SM from
+registers, shared memory and warps; one warp walks its program's SASS as the hardware issues it --
+stall counts and scoreboard waits from the instructions' control bits (``nvdisasm -hex``), each global
+load taking a loaded DRAM latency (0.6 us; 0.3 us for loads from tensors of at most 4 MiB, which
+stay in L2: weights, per-program scratch), ``cp.async``/TMA/wgmma groups waited for where the SASS
+waits; ``latency_us = rounds x`` that path. A kernel that prefetches hides the latency behind the
+work in between; one that loads, waits and only then loads again pays it every time. Checked
+against the v1 kernel's H200 measurements (NOTES.md, 2026-12-02).
 
 Checking it on a GPU: run the same shape with Nsight Compute, e.g.
 ``ncu --metrics smsp__inst_executed.sum,launch__registers_per_thread,launch__grid_size
@@ -130,21 +145,28 @@ counts the ``UTMALDG`` instructions in the static code, to say so),
 ``BAR`` per tile, max over launches; a tile is one iteration of a
 persistent kernel's outermost loop when that loop issues most of the instructions, else one
 program), ``mma`` (static tensor-core instructions), ``warp_instr`` (modelled, summed),
-``floor_bytes``, ``instr_per_byte``, ``floor_us`` (the floor at 4223 GB/s, an H200's copy
-bandwidth), ``issue_us`` (``warp_instr`` at 2 warp-instructions per clock per SM, 132 SMs, 1.98
-GHz: the issue time the forward-performance note compares with the floor; budget
-``instr_per_byte`` about 0.15-0.2), ``hbm_bytes`` (``floor_bytes`` plus the family's
+``floor_bytes``, ``instr_per_byte`` (the instruction budget is **0.25** warp-instructions per floor
+byte, ``choice.INSTRUCTION_BUDGET``, enforced by ``tests/test_offline_budget.py``), ``floor_us`` (the
+floor at 4223 GB/s, an H200's copy bandwidth), ``hbm_bytes`` (``floor_bytes`` plus the family's
 ``TritonFamily.extra_hbm_bytes(spec, n, h, w, elem_bytes, channels_last)``, 0 when the family
-defines none; e.g. ``triton_two_pass`` reads y1 back), ``predicted_us`` (``max(warp_instr /
-ISSUE_RATE, hbm_bytes / HBM_RATE)``: ``ISSUE_RATE`` = 132 SMs x 4 issue slots x 0.7 sustained x
-1.98 GHz = 732 G warp-instructions/s, ``HBM_RATE`` = 0.85 x 4.22 TB/s, the copy bandwidth measured
-on an H200 on 2026-11-28 (``benchmarks/results/2026-11-28-nvidia-h200-quick.json``); both are
-assumptions, kept in ``rows.py``, to be checked against the GPU lab), ``chosen`` (the family
+defines none; e.g. ``triton_two_pass`` reads y1 back), the three terms ``issue_us`` (``warp_instr /
+ISSUE_RATE``: 132 SMs x 4 issue slots x 0.7 sustained x 1.98 GHz = 732 G warp-instructions/s),
+``hbm_us`` (``hbm_bytes / HBM_RATE``: 0.85 x 4.22 TB/s, the copy bandwidth measured on an H200 on
+2026-11-28, ``benchmarks/results/2026-11-28-nvidia-h200-quick.json``) and ``latency_us`` (the
+launches' latency terms summed; None without control bits), ``predicted_us`` = the largest of the
+three, and the latency facts of the slowest launch: ``ctas_per_sm``, ``rounds``, ``round_trips``
+(dependent DRAM round trips of the call's critical path) and ``bytes_in_flight_per_sm`` (HBM bytes
+per SM per round trip; the HBM term needs ``rows.BYTES_NEEDED_IN_FLIGHT``, about 16 KB); the
+rates and latencies are assumptions, kept in ``rows.py`` and ``latency.py``, to be checked against
+the GPU lab; ``chosen`` (the family
 ``choice.triton_family`` picks on an H200), ``variants`` (distinct compiled kernels of the call),
 ``error`` (why a row has no numbers),
 and ``launches``: per launch the same facts plus grid, ``num_warps``, ``num_stages``, ``loops``,
 the specialization, width histograms (static and modelled), modelled loads/stores/tensor-core
-instructions, compile time, and ``sass_loops`` (which trip count weighted which SASS loop).
+instructions, compile time, ``sass_loops`` (which trip count weighted which SASS loop) and its
+latency term (``ctas_per_sm``, ``occupancy_limit``, ``rounds``, ``path_us``, ``issue_cycles``,
+``memory_wait_cycles``, ``round_trips``, ``latency_us``). ``meta`` states the assumptions and holds
+``sources``: hashes of the kernel files and of the model's own files the run was made from.
 
 Limits of the capture: a launcher that sizes its grid from the device (persistent kernels) takes its
 CPU path here (e.g. 3 programs instead of resident programs x 132 SMs); the modelled count per call
@@ -157,35 +179,50 @@ Where the parts live
 ``cases`` (shapes, dtypes, layouts, families, CPU inputs, :func:`capture`), ``specialize`` (step 2,
 and finding a job's kernel again in a compile worker), ``compiler`` (steps 3 and 4: the process pool,
 ``nvdisasm``/``cuobjdump``/ptxas output), ``sass`` (SASS parsing, control flow, loops, static
-counts), ``mlir`` (the TTIR/TTGIR source loops), ``trips`` (``loops=`` -> weights of the SASS loops),
-``rows`` (a launch's and a row's numbers), ``runner`` (:func:`model` over every case, and the child
-process under the interpreter), ``report`` (``offline.json``, ``offline.md``), ``cli`` (the command
-line), ``errors``. Their public functions are importable from ``ghost_kernels.bench.offline`` itself.
+counts), ``mlir`` (the TTIR/TTGIR source loops, and which kernel argument each global load reads), ``trips`` (``loops=`` -> weights of the SASS loops),
+``latency`` (the latency term), ``rows`` (a launch's and a row's numbers), ``runner`` (:func:`model`
+over every case, and the child process under the interpreter), ``report`` (``offline.json``,
+``offline.md``: a summary per shape, the rows ordered by shape, a legend), ``cli`` (the command line),
+``errors``. Their public functions are importable from ``ghost_kernels.bench.offline`` itself.
 """
 from .cases import DTYPES, FAMILY_MODULES, IMPORT_ERRORS, LAYOUTS, capture, load_families, make_inputs, select_shapes
 from .cli import add_arguments, main, run
 from .compiler import MAX_WORKERS, compile_job, compile_jobs, parse_ptxas_log, parse_res_usage
 from .errors import LoopMismatch, OfflineError, TritonApiMismatch
-from .mlir import mlir_loops, source_loops
+from .latency import (
+    L2_LATENCY_US,
+    L2_RESIDENT_BYTES,
+    MEMORY_LATENCY_US,
+    ctas_per_sm,
+    l2_resident,
+    launch_latency,
+    simulate,
+    timing_records,
+)
+from .mlir import load_sources, mlir_loops, source_loops
 from .report import markdown
 from .rows import (
+    BYTES_NEEDED_IN_FLIGHT,
     DEVICE_NAME,
     H200_COPY_BYTES_PER_S,
-    H200_ISSUE_PER_S,
     HBM_RATE,
+    INSTRUCTION_BUDGET,
     ISSUE_RATE,
     floor_bytes,
     hbm_bytes,
+    hbm_us,
+    issue_us,
     model_launch,
     predicted_us,
 )
-from .runner import model, model_rows
+from .runner import model, model_rows, source_hashes
 from .sass import (
     BARRIERS,
     GLOBAL_LOADS,
     GLOBAL_STORES,
     TENSOR_CORE,
     WAIT_TOKENS,
+    Ctrl,
     Instr,
     SassLoop,
     access_bits,
@@ -208,15 +245,15 @@ from .specialize import (
 from .trips import assign_trips, weighted_counts
 
 __all__ = [
-    "BARRIERS", "DEVICE_NAME", "DTYPES", "FAMILY_MODULES", "GLOBAL_LOADS", "GLOBAL_STORES", "H200_COPY_BYTES_PER_S",
-    "H200_ISSUE_PER_S", "HBM_RATE", "IMPORTED_PREFIX", "IMPORT_ERRORS", "ISSUE_RATE", "LAYOUTS", "MAX_WORKERS",
-    "TARGET_ARCH", "TENSOR_CORE", "WAIT_TOKENS",
-    "CompileJob", "Instr", "LoopMismatch", "OfflineError", "SassLoop", "TritonApiMismatch", "access_bits",
-    "add_arguments", "analyze_sass", "assign_trips", "capture", "compile_job", "compile_jobs", "find_loops",
-    "floor_bytes", "hbm_bytes", "is_wait", "kernel_ref", "load_families", "load_module_file", "main", "make_inputs",
-    "markdown",
+    "BARRIERS", "BYTES_NEEDED_IN_FLIGHT", "DEVICE_NAME", "DTYPES", "FAMILY_MODULES", "GLOBAL_LOADS", "GLOBAL_STORES",
+    "H200_COPY_BYTES_PER_S", "HBM_RATE", "IMPORTED_PREFIX", "IMPORT_ERRORS", "INSTRUCTION_BUDGET", "ISSUE_RATE",
+    "L2_LATENCY_US", "L2_RESIDENT_BYTES", "LAYOUTS", "MAX_WORKERS", "MEMORY_LATENCY_US", "TARGET_ARCH",
+    "TENSOR_CORE", "WAIT_TOKENS",
+    "CompileJob", "Ctrl", "Instr", "LoopMismatch", "OfflineError", "SassLoop", "TritonApiMismatch", "access_bits",
+    "add_arguments", "analyze_sass", "assign_trips", "capture", "compile_job", "compile_jobs", "ctas_per_sm",
+    "find_loops", "floor_bytes", "hbm_bytes", "hbm_us", "is_wait", "issue_us", "kernel_ref", "l2_resident",
+    "launch_latency", "load_families", "load_module_file", "load_sources", "main", "make_inputs", "markdown",
     "mlir_loops", "model", "model_launch", "model_rows", "parse_ptxas_log", "parse_res_usage", "parse_sass",
-    "predicted_us",
-    "resolve_kernel", "run", "select_shapes", "source_loops", "specialize_launch", "split_functions", "target",
-    "weighted_counts",
+    "predicted_us", "resolve_kernel", "run", "select_shapes", "simulate", "source_hashes", "source_loops",
+    "specialize_launch", "split_functions", "target", "timing_records", "weighted_counts",
 ]

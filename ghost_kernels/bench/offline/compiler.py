@@ -16,7 +16,8 @@ import time
 from typing import Dict, List, Sequence, Tuple
 
 from .errors import OfflineError, TritonApiMismatch
-from .mlir import source_loops
+from .latency import timing_records
+from .mlir import load_sources, source_loops
 from .sass import analyze_sass
 from .specialize import CompileJob, _decode_const, _triton, resolve_kernel, target
 
@@ -45,7 +46,7 @@ def _disassemble(cubin: bytes) -> Tuple[str, str]:
         f.write(cubin)
         path = f.name
     try:
-        sass = subprocess.run([_tool("nvdisasm"), "-c", "-gi", path], capture_output=True, text=True)
+        sass = subprocess.run([_tool("nvdisasm"), "-c", "-gi", "-hex", path], capture_output=True, text=True)
         if sass.returncode != 0 or "/*0000*/" not in sass.stdout:
             sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True)
         res = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True)
@@ -117,6 +118,7 @@ def compile_job(job: CompileJob) -> dict:
     analysis = analyze_sass(sass, getattr(md, "name", None))
     num_stages = int(getattr(md, "num_stages", job.options.get("num_stages", 3)))
     src_loops = source_loops(asm.get("ttir", ""), asm.get("ttgir", ""), num_stages)
+    analysis["timing"] = timing_records(sass, getattr(md, "name", None), load_sources(asm.get("ttgir", "")))
     usage = parse_res_usage(res)
     ptx = parse_ptxas_log(log.getvalue())
     regs = usage["regs"] if usage["regs"] is not None else ptx["regs"]

@@ -142,3 +142,66 @@ def source_loops(ttir: str, ttgir: str, num_stages: int) -> List[dict]:
                              and _strip_ssa(twin["ub"]) != _strip_ssa(rec["ub"]))
     return gl
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Which kernel argument each global load reads (for the latency term: DRAM or L2, by the tensor's size)
+
+_GLOBAL_LOAD_OPS = ("tt.load", "tt.descriptor_load", "tt.descriptor_gather", "ttg.async_copy_global_to_local",
+                    "ttng.async_tma_copy_global_to_local", "ttng.async_tma_gather")
+# ops whose result points into the same tensor as (one of) these operands
+_POINTER_OPS = {"tt.addptr": (0,), "tt.splat": (0,), "tt.broadcast": (0,), "tt.expand_dims": (0,),
+                "ttg.convert_layout": (0,), "tt.reshape": (0,), "tt.trans": (0,), "arith.select": (1, 2),
+                "tt.make_tensor_descriptor": (0,), "tt.make_tensor_ptr": (0,), "tt.advance": (0,),
+                "tt.bitcast": (0,)}
+_DEF_RE = re.compile(r"^\s*(%[\w]+)(?::\d+)?\s*=\s*([\w.]+)\s*(.*)$")
+_VALUE_RE = re.compile(r"%[\w]+")
+_ITER_ARG_RE = re.compile(r"(%[\w]+)\s*=\s*(%[\w]+)")
+_FUNC_ARG_RE = re.compile(r"(%[\w]+)\s*:\s*!tt\.(?:ptr|tensordesc)")
+
+
+def _operands(rest: str) -> list:
+    """The SSA values an op uses, in order (up to its type signature)."""
+    return _VALUE_RE.findall(rest.split(" : ", 1)[0])
+
+
+def load_sources(ttgir: str) -> Dict[str, List[str]]:
+    """``{"file:line": [argument names]}``: for the (innermost) source line of every global load of
+    the TTGIR (``tt.load``, ``cp.async``, TMA), the kernel arguments its pointer or descriptor comes
+    from (through ``tt.addptr``/``tt.splat``/layout changes/loop-carried values). A line whose pointer
+    cannot be traced to an argument is left out."""
+    lines = ttgir.splitlines()
+    locs = _resolve_locs(lines)
+    defs: Dict[str, Tuple[str, list]] = {}
+    args = set()
+    for ln in lines:
+        if "tt.func" in ln:
+            args.update(_FUNC_ARG_RE.findall(ln))
+        m = _DEF_RE.match(ln)
+        if m:
+            defs[m.group(1)] = (m.group(2), _operands(m.group(3)))
+        if "iter_args(" in ln:   # loop-carried values start as their initial values
+            for carried, init in _ITER_ARG_RE.findall(ln.split("iter_args(", 1)[1].split(")", 1)[0]):
+                defs[carried] = ("iter_arg", [init])
+
+    def trace(value: str, depth: int = 0) -> set:
+        if value in args:
+            return {value[1:]}
+        op, ops = defs.get(value, (None, []))
+        picks = _POINTER_OPS.get(op, (0,) if op == "iter_arg" else ())
+        if depth > 200:
+            return set()
+        return set().union(*(trace(ops[k], depth + 1) for k in picks if k < len(ops)))
+
+    out: Dict[str, set] = defaultdict(set)
+    for ln in lines:
+        op = next((o for o in _GLOBAL_LOAD_OPS if re.search(rf"(^|\s){re.escape(o)}\s", ln)), None)
+        lm = re.search(r"loc\((#loc\d*)\)\s*$", ln)
+        if op is None or not lm or not locs.get(lm.group(1)):
+            continue
+        used = _operands(ln.split(op, 1)[1])
+        found = trace(used[0]) if used else set()
+        if found:
+            f, n = locs[lm.group(1)]
+            out[f"{f}:{n}"] |= found
+    return {k: sorted(v) for k, v in out.items()}

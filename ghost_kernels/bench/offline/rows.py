@@ -7,18 +7,21 @@ from typing import Dict, Optional
 
 from .cases import _torch_dtype
 from .errors import OfflineError
+from .latency import H200_CLOCK_HZ, H200_SMS, MEMORY_LATENCY_US, launch_latency
 from .specialize import CompileJob
 from .trips import _fmt_line, assign_trips, weighted_counts
 
 H200_COPY_BYTES_PER_S = 4223e9       # measured copy bandwidth (benchmarks/results, 2026-11-28)
-H200_ISSUE_PER_S = 132 * 2 * 1.98e9  # 132 SMs x 2 warp-instructions per clock (realistic IPC) x 1.98 GHz
 DEVICE_NAME = "NVIDIA H200"
+try:   # the enforced budget: warp-instructions per floor byte (tests/test_offline_budget.py)
+    from ...core.choice import INSTRUCTION_BUDGET
+except ImportError:   # an older tree
+    INSTRUCTION_BUDGET = 0.25
 
-# predicted_us = max(warp_instr / ISSUE_RATE, hbm_bytes / HBM_RATE). ASSUMPTIONS, not measurements of
-# these kernels: to be checked against the GPU lab (ncu's smsp__inst_executed.sum and the measured times
-# of benchmarks/) and corrected here, the one place they live.
-H200_SMS = 132                       # SMs of an H200 SXM
-H200_CLOCK_HZ = 1.98e9               # boost clock
+# predicted_us = max(issue_us, hbm_us, latency_us): issue_us = warp_instr / ISSUE_RATE, hbm_us =
+# hbm_bytes / HBM_RATE, latency_us from latency.py (MEMORY_LATENCY_US). ASSUMPTIONS, not measurements of
+# these kernels: to be checked against the GPU lab (ncu's smsp__inst_executed.sum, stall reasons and
+# DRAM throughput, and the measured times of benchmarks/) and corrected here and in latency.py.
 ISSUE_SLOTS_PER_SM = 4               # 4 SM sub-partitions, one warp-instruction per clock each
 ISSUE_SUSTAINED = 0.7                # sustained fraction of the issue slots (assumed)
 ISSUE_RATE = H200_SMS * ISSUE_SLOTS_PER_SM * ISSUE_SUSTAINED * H200_CLOCK_HZ   # warp-instructions / s
@@ -39,7 +42,7 @@ def model_launch(result: dict, launch, job: CompileJob) -> dict:
     per_warp = weighted_counts(analysis, weights)
     instr_per_program = per_warp.get("n", 0.0) * warps
     sass = [lp for lp in analysis["sass_loops"] if not lp.get("wait") and lp["parent"] is None]
-    tile_unit, per_tile = "program", 1.0
+    tile_unit, per_tile, tile_loop = "program", 1.0, None
     if sass and weights.get(sass[0]["id"], 0) > 0:
         # a persistent kernel: a tile is one iteration of the first top-level loop (not a hardware
         # wait loop), when that loop issues most of the program's instructions
@@ -47,7 +50,9 @@ def model_launch(result: dict, launch, job: CompileJob) -> dict:
         inside = weighted_counts(dict(buckets=[b for b in analysis["buckets"] if b["loops"] and b["loops"][0] == top]),
                                  weights).get("n", 0.0)
         if inside >= 0.5 * per_warp.get("n", 0.0):
-            tile_unit, per_tile = f"iteration of the loop at {_fmt_line(sass[0]['line'])}", weights[top]
+            tile_unit, per_tile, tile_loop = f"iteration of the loop at {_fmt_line(sass[0]['line'])}", weights[top], top
+    lat = launch_latency(analysis.get("timing"), weights, programs, result["regs"], result["smem"], warps, tile_loop,
+                         arg_bytes(launch))
     bar_prog = per_warp.get("bar", 0.0)
     dyn = {kind: {int(k[3:]): v * warps * programs for k, v in per_warp.items() if k.startswith(kind) and k[3:]}
            for kind in ("ldg", "stg")}
@@ -69,8 +74,20 @@ def model_launch(result: dict, launch, job: CompileJob) -> dict:
         instr_per_program=instr_per_program, warp_instr=instr_per_program * programs,
         ldg_warp_instr=per_warp.get("ldg", 0.0) * warps * programs,
         stg_warp_instr=per_warp.get("stg", 0.0) * warps * programs,
-        compile_s=result["compile_s"], sass_loops=desc,
+        compile_s=result["compile_s"], sass_loops=desc, **lat,
     )
+
+
+def arg_bytes(launch) -> Dict[str, int]:
+    """The bytes of the storage behind each tensor (or tensor descriptor) argument of a launch, by the
+    kernel's parameter names."""
+    out = {}
+    for name, value in zip(launch.kernel.arg_names, launch.args):
+        tensor = getattr(value, "base", value)          # a TensorDescriptor's tensor
+        storage = getattr(tensor, "untyped_storage", None)
+        if storage is not None:
+            out[name] = storage().nbytes()
+    return out
 
 
 def _main_width(hist: Dict[int, float]) -> Optional[int]:
@@ -107,9 +124,36 @@ def hbm_bytes(family: str, spec, n: int, h: int, w: int, elem: int, channels_las
     return floor_bytes(spec, n, h, w, elem) + more
 
 
-def predicted_us(warp_instr: float, hbm: float) -> float:
-    """The call's time if it is bound by instruction issue or by HBM, whichever is slower (µs)."""
-    return max(warp_instr / ISSUE_RATE, hbm / HBM_RATE) * 1e6
+def issue_us(warp_instr: float) -> float:
+    """The call's warp-instructions at the sustained issue rate (µs)."""
+    return warp_instr / ISSUE_RATE * 1e6
+
+
+def hbm_us(hbm: float) -> float:
+    """The call's HBM bytes at the sustained HBM rate (µs)."""
+    return hbm / HBM_RATE * 1e6
+
+
+def predicted_us(warp_instr: float, hbm: float, latency: Optional[float] = None) -> float:
+    """The call's time bound by instruction issue, HBM or latency, whichever is slowest (µs); without
+    a latency term (no control bits in the SASS) the larger of the other two."""
+    return max(issue_us(warp_instr), hbm_us(hbm), latency or 0.0)
+
+
+BYTES_NEEDED_IN_FLIGHT = HBM_RATE * MEMORY_LATENCY_US * 1e-6 / H200_SMS   # Little's law, per SM
+
+
+def latency_terms(launches, hbm: Optional[float]) -> dict:
+    """The row's latency facts: ``latency_us`` (the launches run one after the other: summed, None
+    if any launch has none), the occupancy, rounds and round trips of the launch that takes longest,
+    and ``bytes_in_flight_per_sm``: HBM bytes per SM per dependent round trip of the call."""
+    lat = [l.get("latency_us") for l in launches]
+    if not launches or any(v is None for v in lat):
+        return dict(latency_us=None, ctas_per_sm=None, rounds=None, round_trips=None, bytes_in_flight_per_sm=None)
+    worst = max(launches, key=lambda l: l["latency_us"])
+    trips = sum(l["round_trips"] for l in launches)
+    return dict(latency_us=sum(lat), ctas_per_sm=worst["ctas_per_sm"], rounds=worst["rounds"], round_trips=trips,
+                bytes_in_flight_per_sm=hbm / H200_SMS / trips if hbm and trips else None)
 
 
 def make_row(case, results, batch, chooser, strict) -> dict:
@@ -127,7 +171,8 @@ def make_row(case, results, batch, chooser, strict) -> dict:
                barriers=None, barriers_per_tile=None, mma=None, warp_instr=None, floor_bytes=fb,
                instr_per_byte=None, floor_us=fb / H200_COPY_BYTES_PER_S * 1e6, issue_us=None, chosen=False,
                variants=len({job.key for _, job in case["launches"]}), launches=[], error=case["error"],
-               hbm_bytes=None, predicted_us=None)
+               hbm_bytes=None, hbm_us=None, latency_us=None, ctas_per_sm=None, rounds=None, round_trips=None,
+               bytes_in_flight_per_sm=None, predicted_us=None)
     try:
         row["hbm_bytes"] = hbm_bytes(case["family"], spec, batch, shape.h, shape.w, elem, lay == "channels_last")
     except Exception as exc:
@@ -168,7 +213,9 @@ def make_row(case, results, batch, chooser, strict) -> dict:
         warp_instr=sum(l["warp_instr"] for l in launches),
     )
     row["instr_per_byte"] = row["warp_instr"] / fb if fb else None
-    row["issue_us"] = row["warp_instr"] / H200_ISSUE_PER_S * 1e6
+    row["issue_us"] = issue_us(row["warp_instr"])
+    row.update(latency_terms(launches, row["hbm_bytes"]))
     if row["hbm_bytes"] is not None:
-        row["predicted_us"] = predicted_us(row["warp_instr"], row["hbm_bytes"])
+        row["hbm_us"] = hbm_us(row["hbm_bytes"])
+        row["predicted_us"] = predicted_us(row["warp_instr"], row["hbm_bytes"], row["latency_us"])
     return row

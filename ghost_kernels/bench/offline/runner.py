@@ -12,6 +12,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from . import latency
+from . import rows as terms
 from .cases import (
     IMPORT_ERRORS,
     LAYOUTS,
@@ -25,7 +27,7 @@ from .cases import (
 )
 from .compiler import MAX_WORKERS, compile_jobs
 from .errors import LoopMismatch, OfflineError, TritonApiMismatch
-from .rows import DEVICE_NAME, H200_COPY_BYTES_PER_S, H200_ISSUE_PER_S, HBM_RATE, ISSUE_RATE, family_chooser, make_row
+from .rows import DEVICE_NAME, family_chooser, make_row
 from .specialize import TARGET_ARCH, CompileJob, _triton, specialize_launch
 
 
@@ -75,10 +77,12 @@ def model(families: Optional[Sequence[str]] = None, shapes="all", dtypes: Sequen
                         case["error"] = f"capture: {type(exc).__name__}: {exc}"
     t_capture = time.perf_counter() - t_start
 
+    users = _case_names(cases)
+
     def progress(job, res):
         if verbose:
             msg = res.get("error") or f"{res['compile_s']:.1f} s, {res['regs']} regs"
-            print(f"  compiled {job.name} [{job.key[:8]}]: {msg}", file=sys.stderr, flush=True)
+            print(f"  compiled {users.get(job.key, job.name)}: {msg}", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
     results = compile_jobs(list(jobs.values()), workers, progress)
@@ -103,15 +107,68 @@ def model(families: Optional[Sequence[str]] = None, shapes="all", dtypes: Sequen
         model=("warp_instr = sum over launches of (SASS instructions weighted by the trip counts of their loops) "
                "x num_warps x programs; instr_per_byte = warp_instr / floor_bytes; floor_bytes = x read once + "
                "output written once; see ghost_kernels/bench/offline/__init__.py"),
-        issue_us=f"warp_instr / ({H200_ISSUE_PER_S / 1e9:.0f} G warp-instr/s: 132 SMs x IPC 2 x 1.98 GHz)",
-        floor_us=f"floor_bytes / {H200_COPY_BYTES_PER_S / 1e9:.0f} GB/s",
+        instruction_budget=terms.INSTRUCTION_BUDGET,
+        budget=f"instr_per_byte <= {terms.INSTRUCTION_BUDGET} warp-instructions per floor byte (enforced: "
+               "tests/test_offline_budget.py, choice.INSTRUCTION_BUDGET)",
+        floor_us=f"floor_bytes / {terms.H200_COPY_BYTES_PER_S / 1e9:.0f} GB/s",
         hbm_bytes="floor_bytes + the family's extra_hbm_bytes(spec, n, h, w, elem, channels_last) (none: 0)",
-        predicted_us=(f"max(warp_instr / {ISSUE_RATE / 1e9:.0f} G warp-instr/s (132 SMs x 4 issue slots x 0.7 x "
-                      f"1.98 GHz), hbm_bytes / {HBM_RATE / 1e9:.0f} GB/s (0.85 x 4220 GB/s copy)): assumed rates, "
-                      "to be checked against the GPU lab (rows.py)"),
+        issue_us=f"warp_instr / {terms.ISSUE_RATE / 1e9:.0f} G warp-instr/s (132 SMs x 4 issue slots x 0.7 x 1.98 GHz)",
+        hbm_us=f"hbm_bytes / {terms.HBM_RATE / 1e9:.0f} GB/s (0.85 x 4220 GB/s copy)",
+        latency_us=(f"sum over launches of rounds x one program's critical path (latency.py): loaded DRAM latency "
+                    f"{latency.MEMORY_LATENCY_US} us for every global load, {latency.L2_LATENCY_US} us for loads "
+                    f"from tensors of at most {latency.L2_RESIDENT_BYTES >> 20} MiB (L2 hits), the SASS control "
+                    "bits (stall counts, scoreboards) for the rest; resident programs per SM from registers, shared "
+                    "memory and warps"),
+        latency=dict(memory_latency_us=latency.MEMORY_LATENCY_US, l2_latency_us=latency.L2_LATENCY_US,
+                     l2_resident_bytes=latency.L2_RESIDENT_BYTES,
+                     bytes_needed_in_flight_per_sm=round(terms.BYTES_NEEDED_IN_FLIGHT)),
+        predicted_us="max(issue_us, hbm_us, latency_us): assumed rates and latencies, to be checked against "
+                     "the GPU lab (rows.py, latency.py)",
+        sources=source_hashes(),
     )
     return rows, meta
 
+
+
+def _case_names(cases) -> Dict[str, str]:
+    """job key -> "family Cin->oup @H (module) dtype layout" of the cases that launch it (progress)."""
+    names: Dict[str, List[str]] = {}
+    for case in cases:
+        sp = case["shape"].spec
+        label = (f"{case['family']} {sp.inp}->{sp.oup} @{case['shape'].h} ({case['shape'].name}) "
+                 f"{case['dtype']} {case['layout']}")
+        for _, job in case["launches"]:
+            names.setdefault(job.key, [])
+            if label not in names[job.key]:
+                names[job.key].append(label)
+    kernels = {job.key: job.name for case in cases for _, job in case["launches"]}
+    return {k: f"{v[0]} [{kernels[k]}]" + (f" (+{len(v) - 1} more case{'s' if len(v) > 2 else ''})" if len(v) > 1
+                                           else "") for k, v in names.items()}
+
+
+# The files whose contents decide a row's numbers: the Triton kernels, and the parts of the model that
+# turn a compiled kernel into numbers. A committed result records their hashes (meta "sources"), so a
+# test can tell whether it was made from today's code.
+MODEL_FILES = ("cases.py", "compiler.py", "latency.py", "mlir.py", "rows.py", "sass.py", "specialize.py", "trips.py")
+
+
+def source_hashes() -> Dict[str, Dict[str, str]]:
+    """``{"kernels": {file: sha256[:16]}, "model": {...}}`` for ``ghost_kernels/triton/*.py`` and the
+    offline model's ``MODEL_FILES``."""
+    import hashlib
+    pkg = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    here = os.path.dirname(os.path.abspath(__file__))
+    kernels = os.path.join(pkg, "triton")
+    files = {"kernels": sorted(os.path.join(kernels, f) for f in os.listdir(kernels) if f.endswith(".py"))
+             if os.path.isdir(kernels) else [],
+             "model": [os.path.join(here, f) for f in MODEL_FILES]}
+    out: Dict[str, Dict[str, str]] = {}
+    for key, paths in files.items():
+        out[key] = {}
+        for path in paths:
+            with open(path, "rb") as f:
+                out[key][os.path.basename(path)] = hashlib.sha256(f.read()).hexdigest()[:16]
+    return out
 
 
 def model_rows(families: Optional[Sequence[str]] = None, shapes="all", dtypes: Sequence = ("bfloat16",),

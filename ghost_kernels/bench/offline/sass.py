@@ -1,6 +1,9 @@
-"""SASS of one compiled kernel: parsing (``nvdisasm -c -gi`` / ``cuobjdump -sass``), the control-flow
-graph and its natural loops, and the static, trip-count-independent counts the model weights
-(instructions, barriers, tensor-core instructions, global loads/stores by width, local memory)."""
+"""SASS of one compiled kernel: parsing (``nvdisasm -c -gi -hex`` / ``cuobjdump -sass``), the
+control-flow graph and its natural loops, and the static, trip-count-independent counts the model
+weights (instructions, barriers, tensor-core instructions, global loads/stores by width, local
+memory). With the instruction encodings in the text (``-hex``; ``cuobjdump -sass`` prints them),
+each instruction also carries its scheduling control bits (:class:`Ctrl`), which the latency term
+(``latency.py``) reads."""
 from __future__ import annotations
 
 import dataclasses
@@ -33,6 +36,31 @@ WAIT_LOOP_MAX = 32
 _WIDTH_TOKENS = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "32": 32, "64": 64, "128": 128}
 
 
+NO_BARRIER = 7          # the scoreboard index meaning "none" in the control bits
+
+
+@dataclasses.dataclass(frozen=True)
+class Ctrl:
+    """The scheduling control bits ptxas writes into every sm_70+ instruction (bits 105-125 of the
+    128-bit word, i.e. bits 41-61 of its upper 64-bit half): ``stall`` cycles before the warp's next
+    instruction may issue, ``yield``, the scoreboard the instruction sets when its result is written
+    (``wbar``; variable-latency instructions: memory, S2R, MUFU, ...) or when its source registers
+    have been read (``rbar``; stores), 7 meaning none, and ``wait``: the mask of scoreboards (bit k =
+    SB k) that must clear before it issues. This is how a warp waits on a load: the consumer's wait
+    mask names the load's ``wbar``."""
+    stall: int
+    yld: bool
+    wbar: int
+    rbar: int
+    wait: int
+
+    @classmethod
+    def decode(cls, high: int) -> "Ctrl":
+        """From the upper 64-bit half of the instruction encoding."""
+        return cls(stall=(high >> 41) & 0xF, yld=bool((high >> 45) & 1), wbar=(high >> 46) & 0x7,
+                   rbar=(high >> 49) & 0x7, wait=(high >> 52) & 0x3F)
+
+
 @dataclasses.dataclass
 class Instr:
     addr: int
@@ -41,6 +69,7 @@ class Instr:
     operands: str
     loc: Tuple[Tuple[str, int], ...]   # source location, innermost first (empty: none)
     target: Optional[int] = None       # branch target address
+    ctrl: Optional[Ctrl] = None        # control bits (None: the text had no encodings)
 
     @property
     def base(self) -> str:
@@ -52,6 +81,8 @@ class Instr:
 
 
 _INSTR_RE = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(.*?)\s*;")
+_HEX_TAIL_RE = re.compile(r"/\*\s*(0x[0-9a-fA-F]{16})\s*\*/\s*$")    # an encoding after the instruction
+_HEX_ONLY_RE = re.compile(r"^\s*/\*\s*(0x[0-9a-fA-F]{16})\s*\*/\s*$")  # the encoding's upper half
 _LABEL_RE = re.compile(r"^\s*(\.?[A-Za-z_$][\w.$]*):\s*$")
 _LOC_RE = re.compile(r'"([^"]*)", line (\d+)')   # 'File "a.py", line 12 inlined at "b.py", line 30'
 _TARGET_LABEL_RE = re.compile(r"`\(([^)]+)\)")
@@ -88,7 +119,14 @@ def parse_sass(text: str, function: Optional[str] = None) -> List[Instr]:
     pending_labels: List[str] = []
     loc: Tuple[Tuple[str, int], ...] = ()
     loc_block_open = False
+    low_pending = False     # the last instruction's line had the lower half of its encoding
     for line in text.splitlines():
+        h = _HEX_ONLY_RE.match(line)
+        if h:
+            if low_pending:
+                instrs[-1].ctrl = Ctrl.decode(int(h.group(1), 16))
+            low_pending = False
+            continue
         s = line.strip()
         if s.startswith("//##"):
             if not loc_block_open:  # the first line of a block is the full inline chain
@@ -111,6 +149,7 @@ def parse_sass(text: str, function: Optional[str] = None) -> List[Instr]:
                 labels[lab] = addr
             pending_labels = []
             instrs.append(Instr(addr, pred, opcode, operands.strip(), loc))
+            low_pending = bool(_HEX_TAIL_RE.search(line))
             continue
         m = _LABEL_RE.match(line)
         if m:
@@ -251,6 +290,15 @@ def find_loops(instrs: List[Instr]) -> Tuple[List[SassLoop], List[bool]]:
     return loops, reach
 
 
+def innermost_loops(loops: List[SassLoop], n: int) -> List[Optional[int]]:
+    """The id of the innermost loop around each of ``n`` instructions (None: none)."""
+    innermost: List[Optional[int]] = [None] * n
+    for lp in sorted(loops, key=lambda lp: -len(lp.body)):  # smaller bodies overwrite: innermost wins
+        for i in lp.body:
+            innermost[i] = lp.id
+    return innermost
+
+
 def access_bits(ins: Instr) -> int:
     """Bits moved per thread by a global/shared/local memory instruction (TMA: 128)."""
     if ins.base.startswith("UTMA") or ins.base == "UBLKCP":
@@ -278,10 +326,7 @@ def analyze_sass(text: str, function: Optional[str] = None) -> dict:
     if not instrs:
         raise OfflineError("no SASS instructions found in the disassembly")
     loops, reach = find_loops(instrs)
-    innermost: List[Optional[int]] = [None] * len(instrs)
-    for lp in sorted(loops, key=lambda lp: -len(lp.body)):  # smaller bodies overwrite: innermost wins
-        for i in lp.body:
-            innermost[i] = lp.id
+    innermost = innermost_loops(loops, len(instrs))
     buckets: Dict[Tuple[int, ...], Dict[str, int]] = {}
     static = defaultdict(int)
     hist: Dict[str, Dict[int, int]] = {"ldg": defaultdict(int), "stg": defaultdict(int)}
