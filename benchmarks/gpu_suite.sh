@@ -60,7 +60,7 @@ if [[ $QUICK == 1 ]]; then
   BENCH_ARGS+=(--quick --compile-budget 30 --model-compile-budget 110)
 else
   BENCH_ARGS+=(--compile-budget 90 --max-autotune-budget 30 --model-compile-budget 100
-              --dtype bfloat16,float16,float32 --layout channels_last,nchw --secondary-shapes quick)
+              --dtypes bfloat16,float16,float32 --layouts channels_last,nchw --secondary-shapes quick)
 fi
 timeout "${BENCH_TIMEOUT:-320}" $PY -m ghost_kernels.bench "${BENCH_ARGS[@]}" 2>"$OUT/bench.err" | tee "$OUT/bench.log"
 BENCH_RC=${PIPESTATUS[0]}

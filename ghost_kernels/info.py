@@ -1,6 +1,7 @@
 """``python -m ghost_kernels.info``: versions, devices, and which backends can run here (and why not)."""
 from __future__ import annotations
 
+import argparse
 import platform
 import sys
 
@@ -33,7 +34,10 @@ def collect() -> dict:
     return info
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    argparse.ArgumentParser(prog="python -m ghost_kernels.info",
+           description="Prints the versions of ghost_kernels, Python, torch, CUDA and Triton, the visible CUDA "
+                       "devices, and every backend: available, or the reason it cannot run here.").parse_args(argv)
     info = collect()
     for key, value in info.items():
         if key in ("devices", "backends"):

@@ -3,12 +3,13 @@
 On a CUDA GPU: every Ghost module shape of GhostNet 1.0x at 224² (batch 256 by default), each
 implementation checked against the float64 reference and then timed; the device-copy bandwidth is
 measured in the same run; a table on stdout, plus JSON, markdown and PNG plots in ``--out``.
-Without a GPU it times the PyTorch reference path on the CPU, checks the Triton kernel under the
-interpreter on one small shape, and says that GPU numbers need a GPU (well under a minute).
+Without a GPU it times the PyTorch paths on the CPU (timm's eager module, BN folded ahead of time,
+and the package's GhostModule through backend="auto" and "torch_folded"; no bandwidth columns: they
+describe a GPU kernel), checks every Triton kernel family under the interpreter on one small shape,
+and says that GPU numbers need a GPU (well under a minute). ``--offline``: the offline sm_90 model.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
@@ -17,39 +18,72 @@ import sys
 import time
 
 
+# Options that only one of the two modes reads: given to the other, they are an error, not ignored.
+TIMING_ONLY = ("--ops", "--impls", "--secondary-shapes", "--quick", "--compile-budget", "--max-autotune-budget",
+               "--model-compile-budget", "--no-model", "--model-batch", "--no-plots", "--junit")
+OFFLINE_ONLY = ("--families", "--workers", "--import", "--strict", "--quiet")
+
+
+def build_parser():
+    from .args import Parser, add_cases, comma_list, positive_int, seconds, shapes
+    from .harness import IMPLS, OPS
+    from .offline.cli import add_arguments
+
+    p = Parser(prog="python -m ghost_kernels.bench",
+               description="Ghost-module microbenchmarks and the GhostNet model benchmark (a GPU's numbers; on the "
+                           "CPU, the PyTorch paths and every Triton kernel family under the interpreter), or with "
+                           "--offline the offline sm_90 performance model of the Triton kernel families.")
+    cases = p.add_argument_group("what runs (timing and --offline)")
+    add_cases(cases, None, "batch size (default: 256 on a GPU, 2 on the CPU; --offline: 256)")
+    timing = p.add_argument_group("timing options")
+    timing.add_argument("--ops", type=comma_list(tuple(OPS)), default="forward,train", metavar="LIST",
+                        help="comma list of ops: forward (eval, no grad), train (forward + backward, train-mode BN)")
+    timing.add_argument("--impls", type=comma_list(IMPLS), default=None, metavar="LIST",
+                        help=f"comma list of {', '.join(IMPLS)} (default: on a GPU every one that can run here; "
+                             "on the CPU eager, eager_folded, auto, torch_folded)")
+    timing.add_argument("--secondary-shapes", type=shapes, default="all", metavar="all|quick|LIST",
+                        help="shapes for the dtype/layout pairs after the first one ('quick' keeps a full "
+                             "dtype x layout matrix affordable); torch.compile rows run for the first pair only")
+    timing.add_argument("--quick", action="store_true", help="quick shapes, shorter timing, no max-autotune")
+    timing.add_argument("--compile-budget", type=seconds, metavar="S", default=240.0,
+                        help="seconds of torch.compile time for the compile rows (the rest are skipped)")
+    timing.add_argument("--max-autotune-budget", type=seconds, metavar="S", default=60.0,
+                        help="seconds of torch.compile(mode='max-autotune') time (0 disables)")
+    timing.add_argument("--model-compile-budget", type=seconds, metavar="S", default=150.0,
+                        help="seconds of torch.compile time for the model-level compile rows")
+    timing.add_argument("--no-model", action="store_true", help="skip the model-level benchmark")
+    timing.add_argument("--model-batch", type=positive_int, metavar="N", default=None,
+                        help="model-level batch (default: --batch)")
+    offline = p.add_argument_group("offline model options")
+    offline.add_argument("--offline", action="store_true",
+                         help="no timing: the offline sm_90 performance model of every Triton kernel family "
+                              "(registers, spills, vector widths, modelled warp-instructions per HBM byte; no GPU "
+                              "needed) -> offline.json, offline.md")
+    output = p.add_argument_group("output")
+    output.add_argument("--out", default="bench-out", metavar="DIR",
+                        help="output folder (--offline: offline.json, offline.md)")
+    output.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    output.add_argument("--junit", default=None, metavar="XML", help="pytest junit XML whose counts go into the JSON")
+    add_arguments(p, {"cases": cases, "offline": offline, "output": output})
+    return p
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ghost_kernels.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=None, help="batch size (default: 256 on a GPU, 2 on the CPU)")
-    p.add_argument("--shapes", default="all",
-                   help="'all' (every distinct module shape), 'quick' (one per resolution), or a comma list "
-                        "of module names (blocks.1.0.ghost1) or indices into the distinct shapes")
-    p.add_argument("--dtype", default="bfloat16", help="comma list of bfloat16,float16,float32")
-    p.add_argument("--layout", default="channels_last", help="comma list of channels_last,nchw")
-    p.add_argument("--impls", default=None, help="comma list (default: all that apply)")
-    p.add_argument("--secondary-shapes", default="all",
-                   help="shapes for the dtype/layout pairs after the first one ('quick' keeps a full "
-                        "dtype x layout matrix affordable); torch.compile rows run for the first pair only")
-    p.add_argument("--ops", default="forward,train",
-                   help="comma list of ops: forward (eval, no grad), train (forward + backward, train-mode BN)")
-    p.add_argument("--quick", action="store_true", help="quick shapes, shorter timing, no max-autotune")
-    p.add_argument("--compile-budget", type=float, default=240.0,
-                   help="seconds of torch.compile time for the compile rows (the rest are skipped)")
-    p.add_argument("--max-autotune-budget", type=float, default=60.0,
-                   help="seconds of torch.compile(mode='max-autotune') time (0 disables)")
-    p.add_argument("--model-compile-budget", type=float, default=150.0,
-                   help="seconds of torch.compile time for the model-level compile rows")
-    p.add_argument("--no-model", action="store_true", help="skip the model-level benchmark")
-    p.add_argument("--model-batch", type=int, default=None, help="model-level batch (default: --batch)")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--junit", default=None, help="pytest junit XML whose counts go into the JSON")
-    p.add_argument("--out", default="bench-out", help="output folder")
-    p.add_argument("--offline", action="store_true",
-                   help="no timing: the offline sm_90 performance model of every Triton kernel family (registers, "
-                        "spills, vector widths, modelled warp-instructions per HBM byte; no GPU needed) -> "
-                        "offline.json, offline.md")
-    from .offline import add_arguments
-    add_arguments(p)
-    return p.parse_args(argv)
+    """Parsed and checked arguments; a bad one exits with code 2 and a one-line message."""
+    from .args import given
+    from .offline.cli import check_families
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    opts = given(argv)
+    wrong = [o for o in (TIMING_ONLY if args.offline else OFFLINE_ONLY) if o in opts]
+    if wrong:
+        p.error(f"argument {wrong[0]}: --offline does not read it (it times nothing)" if args.offline else
+                f"argument {wrong[0]}: only --offline reads it")
+    if args.offline:
+        check_families(p, args)
+    return args
 
 
 def _driver() -> str:
@@ -61,40 +95,36 @@ def _driver() -> str:
 
 
 def select_shapes(which: str, quick: bool):
+    """[(module, count)]: the distinct shapes ``which`` names (``all``, ``quick`` or a comma list of module
+    names and indices, checked by :func:`.args.shape_tokens`: ValueError), each with how many of the
+    network's modules have it."""
     from collections import Counter
 
     from ..core.spec import distinct_ghostnet_100_specs, ghostnet_100_modules
+    from .args import shape_tokens
 
     modules = ghostnet_100_modules()
     counts = Counter((m.spec, m.h, m.w) for m in modules)
     distinct = distinct_ghostnet_100_specs()
-    if which == "quick" or (quick and which == "all"):
+    toks = shape_tokens(which)
+    if toks == ["quick"] or (quick and toks == ["all"]):
         per_res, picked = set(), []
         for m in distinct:
             if m.h not in per_res:
                 per_res.add(m.h)
                 picked.append(m)
         distinct = picked
-    elif which != "all":
-        picked = []
-        for tok in which.split(","):
-            tok = tok.strip()
-            if tok.isdigit():
-                picked.append(distinct[int(tok)])
-            else:
-                match = [m for m in modules if m.name == tok]
-                if not match:
-                    raise SystemExit(f"--shapes: unknown module {tok!r} (names look like blocks.1.0.ghost1)")
-                picked.append(match[0])
-        distinct = picked
+    elif toks != ["all"]:
+        by_name = {m.name: m for m in modules}
+        distinct = [distinct[int(tok)] if tok.isdigit() else by_name[tok] for tok in toks]
     return [(m, counts[(m.spec, m.h, m.w)]) for m in distinct]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.offline:
-        from .offline import run
-        return run(args)
+        from .offline.cli import run_reporting
+        return run_reporting(args, "python -m ghost_kernels.bench --offline")
     import torch
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -105,35 +135,32 @@ def main(argv=None) -> int:
     from .. import available_backends
     from ..triton.common import triton
     from . import report
-    from .harness import BACKEND_IMPLS, DTYPES, IMPLS, LAYOUTS, OPS, Calibration, bench_shape, copy_bandwidth
+    from .harness import (
+        BACKEND_IMPLS,
+        CPU_IMPLS,
+        DTYPES,
+        IMPLS,
+        LAYOUTS,
+        OPS,
+        Calibration,
+        bench_shape,
+        copy_bandwidth,
+    )
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     batch = args.batch or (256 if gpu else 2)
     os.makedirs(args.out, exist_ok=True)
-    dtypes = [d.strip() for d in args.dtype.split(",")]
-    layouts = [lay.strip() for lay in args.layout.split(",")]
-    for d in dtypes:
-        if d not in DTYPES:
-            raise SystemExit(f"--dtype: expected some of {list(DTYPES)}, got {d!r}")
-    for lay in layouts:
-        if lay not in LAYOUTS:
-            raise SystemExit(f"--layout: expected some of {list(LAYOUTS)}, got {lay!r}")
-    ops = [o.strip() for o in args.ops.split(",")]
-    for o in ops:
-        if o not in OPS:
-            raise SystemExit(f"--ops: expected some of {list(OPS)}, got {o!r}")
+    dtypes, layouts, ops = args.dtypes, args.layouts, args.ops
     runnable = [b for b, why in available_backends().items() if b != "torch" and why is None]
     if gpu:
-        impls = [i.strip() for i in args.impls.split(",")] if args.impls else \
-            [i for i in IMPLS if i not in BACKEND_IMPLS or i == "auto" or i in runnable]
-        for i in impls:
-            if i not in IMPLS:
-                raise SystemExit(f"--impls: expected some of {list(IMPLS)}, got {i!r}")
+        impls = args.impls or [i for i in IMPLS if i not in BACKEND_IMPLS or i == "auto" or i in runnable]
     else:
-        print("No CUDA GPU here: timing the PyTorch reference path on the CPU and checking the Triton kernel "
-              "under the interpreter. GPU numbers need a CUDA GPU (see benchmarks/gpu_suite.sh).", flush=True)
-        impls = [i.strip() for i in args.impls.split(",")] if args.impls else ["eager", "eager_folded"]
+        print("No CUDA GPU here: timing the PyTorch paths on the CPU (timm's eager module, BN folded ahead of "
+              "time, and the package's GhostModule through backend='auto' and 'torch_folded') and checking every "
+              "Triton kernel family under the interpreter. GPU numbers need a CUDA GPU (see "
+              "benchmarks/gpu_suite.sh).", flush=True)
+        impls = args.impls or list(CPU_IMPLS)
     if args.quick or not gpu:
         args.max_autotune_budget = 0.0
     budget = {"compile": args.compile_budget, "compile_max_autotune": args.max_autotune_budget,
@@ -142,11 +169,12 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     calibration = Calibration(device)
-    copy_GBps = copy_bandwidth(device)
+    copy_GBps = copy_bandwidth(device) if gpu else None   # bandwidth is a GPU kernel's measure (report.NO_BANDWIDTH)
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20) if gpu else 32 << 20
     dev_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({platform.processor() or platform.machine()})"
-    print(f"{dev_name}: device copy {copy_GBps:.0f} GB/s; {len(shapes)} shapes x {len(dtypes)} dtypes x "
-          f"{len(layouts)} layouts x {len(impls)} impls, batch {batch}", flush=True)
+    print(f"{dev_name}: " + (f"device copy {copy_GBps:.0f} GB/s; " if gpu else "") +
+          f"{len(shapes)} shapes x {len(dtypes)} dtypes x {len(layouts)} layouts x {len(impls)} impls, batch {batch}",
+          flush=True)
 
     rows = []
     secondary = {(m.name) for m, _ in select_shapes(args.secondary_shapes, args.quick)}

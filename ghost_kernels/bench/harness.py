@@ -32,6 +32,9 @@ ERR_GATE = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}  # f
 BASELINES = ("eager", "eager_folded", "compile", "compile_max_autotune")
 BACKEND_IMPLS = ("auto",) + tuple(n for n in BACKEND_CHOICES if n not in ("auto", "torch"))
 IMPLS = BASELINES + BACKEND_IMPLS
+# On the CPU: timm's eager paths beside the package's own (a GhostModule through "auto", which is the
+# PyTorch path for CPU tensors, and "torch_folded").
+CPU_IMPLS = ("eager", "eager_folded", "auto", "torch_folded")
 
 
 class Skip(Exception):
@@ -266,8 +269,21 @@ OPS: Dict[str, Op] = {
 }
 
 
+def ran_backend(module: GhostModule, x: Tensor, train: bool) -> str:
+    """The backend a GhostModule runs for ``x`` (for ``auto``: what it chose); a row's note, so a
+    failure to say is a note too, not the row's error."""
+    from ..core.backend import Request
+    from ..dispatch import choose
+
+    try:
+        with torch.set_grad_enabled(train):
+            return choose(module.backend, Request.make(x, module.params(), module.training)).backend.name
+    except Exception as exc:
+        return f"(unknown: {type(exc).__name__}: {exc})"
+
+
 def bench_shape(shape: ModuleShape, count: int, batch: int, dtype_name: str, layout_name: str,
-                impls: List[str], device: torch.device, copy_GBps: float, l2_bytes: int,
+                impls: List[str], device: torch.device, copy_GBps: Optional[float], l2_bytes: int,
                 compile_budget: Dict[str, float], rep_ms: int = 100, op: Op = OPS["forward"]) -> List[Row]:
     """Check, then time, every implementation of ``op`` on one module shape (those that cannot run
     ``op`` by design, ``op.unsupported``, get no row: the report lists them once)."""
@@ -310,8 +326,11 @@ def bench_shape(shape: ModuleShape, count: int, batch: int, dtype_name: str, lay
                 step()
                 torch.cuda.synchronize(device)
                 row.extra["peak_MiB"] = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
-            row.GBps = nbytes / (row.median_ms * 1e-3) / 1e9
-            row.copy_fraction = row.GBps / copy_GBps if copy_GBps else None
+            if copy_GBps:   # a GPU run: the bandwidth means something (report.NO_BANDWIDTH says why not on a CPU)
+                row.GBps = nbytes / (row.median_ms * 1e-3) / 1e9
+                row.copy_fraction = row.GBps / copy_GBps
+            if impl == "auto":
+                row.note = f"runs {ran_backend(fn, xs[0], op.train)}"
         except Skip as exc:
             row.status, row.note = "skipped", str(exc)
         except Exception as exc:  # a failing implementation is reported, not fatal to the run

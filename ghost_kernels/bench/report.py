@@ -9,6 +9,10 @@ from typing import Dict, List, Optional
 from .harness import Row
 
 COMPILE_IMPLS = ("compile", "compile_max_autotune")
+# Why a CPU run has no bandwidth columns (bench.json's copy_GBps is null there).
+NO_BANDWIDTH = ("GB/s and % of copy are shown for GPU runs only: they say how close a GPU kernel comes to the "
+                "device's memory bandwidth; on a CPU the PyTorch paths are bound by computation and framework "
+                "overhead, not memory traffic, so the same ratio would say nothing about the kernels")
 
 
 def _fmt(v, spec=".3f", none="-"):
@@ -31,7 +35,7 @@ def _speedups(rows: List[Row]) -> None:
                     r.extra["x_compile"] = min(compiled) / r.median_ms
 
 
-def network_sum(rows: List[Row], copy_GBps: float) -> List[dict]:
+def network_sum(rows: List[Row], copy_GBps: Optional[float]) -> List[dict]:
     """Per (op, impl, dtype, layout): the sum over all modules of the network (count x median)."""
     shapes = {(r.name, r.dtype, r.layout, r.op) for r in rows}
     sums: Dict[tuple, dict] = {}
@@ -52,8 +56,9 @@ def network_sum(rows: List[Row], copy_GBps: float) -> List[dict]:
         s["complete"] = s["shapes"] == n_shapes[(op, dtype, layout)]
         if not s["shapes"]:
             s["median_ms"] = None
-        s["GBps"] = s["bytes"] / (s["median_ms"] * 1e-3) / 1e9 if s["median_ms"] else None
-        s["copy_fraction"] = s["GBps"] / copy_GBps if s["GBps"] and copy_GBps else None
+        # bandwidth with a copy bandwidth to compare with only: a GPU run (NO_BANDWIDTH)
+        s["GBps"] = s["bytes"] / (s["median_ms"] * 1e-3) / 1e9 if s["median_ms"] and copy_GBps else None
+        s["copy_fraction"] = s["GBps"] / copy_GBps if s["GBps"] else None
         out.append(s)
     for s in out:
         peers = {p["impl"]: p for p in out if (p["op"], p["dtype"], p["layout"]) == (s["op"], s["dtype"], s["layout"])}
@@ -67,27 +72,40 @@ def network_sum(rows: List[Row], copy_GBps: float) -> List[dict]:
     return out
 
 
-def table(rows: List[Row], sums: List[dict], copy_GBps: float, device: str) -> str:
+def _pct(fraction) -> str:
+    return _fmt(fraction and 100 * fraction, ".0f")
+
+
+def table(rows: List[Row], sums: List[dict], copy_GBps: Optional[float], device: str) -> str:
+    """The stdout table: per row, then the network's sum. Bandwidth columns only with a copy
+    bandwidth to compare with (a GPU run); else a line that says why not."""
     _speedups(rows)
-    lines = [f"device: {device}   copy bandwidth (read+write): {copy_GBps:.0f} GB/s", ""]
-    hdr = f"{'module':<22} {'in':>4} {'out':>4} {'hw':>4} {'dtype':<8} {'layout':<13} {'impl':<20} " \
-          f"{'ms':>8} {'GB/s':>7} {'%copy':>6} {'xeager':>7} {'xcomp':>6}  note"
+    bw = bool(copy_GBps)
+    lines = [f"device: {device}" + (f"   copy bandwidth (read+write): {copy_GBps:.0f} GB/s" if bw else ""), ""]
+    if not bw:
+        lines += [NO_BANDWIDTH + ".", ""]
+    hdr = f"{'module':<22} {'in':>4} {'out':>4} {'hw':>4} {'dtype':<8} {'layout':<13} {'impl':<20} {'ms':>8} " + \
+          (f"{'GB/s':>7} {'%copy':>6} " if bw else "") + f"{'xeager':>7} {'xcomp':>6}  note"
     lines += [hdr, "-" * len(hdr)]
     for r in rows:
         lines.append(
             f"{r.name:<22} {r.inp:>4} {r.oup:>4} {r.h:>4} {r.dtype:<8} {r.layout:<13} {r.impl:<20} "
-            f"{_fmt(r.median_ms):>8} {_fmt(r.GBps, '.0f'):>7} "
-            f"{_fmt(r.copy_fraction and 100 * r.copy_fraction, '.0f'):>6} "
+            f"{_fmt(r.median_ms):>8} " + (f"{_fmt(r.GBps, '.0f'):>7} {_pct(r.copy_fraction):>6} " if bw else "") +
             f"{_fmt(r.extra.get('x_eager'), '.2f'):>7} {_fmt(r.extra.get('x_compile'), '.2f'):>6}  "
-            f"{'' if r.status == 'ok' else r.status + ': ' + r.note}")
+            f"{_note(r.status, r.note)}")
     lines += ["", "the network's Ghost modules (sum over all modules, count x time):"]
     for s in sums:
-        lines.append(f"  {s['op']:<8} {s['impl']:<20} {s['dtype']:<8} {s['layout']:<13} "
-                     f"{_fmt(s['median_ms']):>8} ms {_fmt(s['GBps'], '.0f'):>6} GB/s "
-                     f"{_fmt(s['copy_fraction'] and 100 * s['copy_fraction'], '.0f'):>4}% copy  "
-                     f"x{_fmt(s.get('x_eager'), '.2f')} eager  x{_fmt(s.get('x_compile'), '.2f')} compile"
+        lines.append(f"  {s['op']:<8} {s['impl']:<20} {s['dtype']:<8} {s['layout']:<13} {_fmt(s['median_ms']):>8} ms "
+                     + (f"{_fmt(s['GBps'], '.0f'):>6} GB/s {_pct(s['copy_fraction']):>4}% copy  " if bw else "")
+                     + f"x{_fmt(s.get('x_eager'), '.2f')} eager  x{_fmt(s.get('x_compile'), '.2f')} compile"
                      f"  [{s['modules']} modules]{'' if s['complete'] else '  (incomplete: some shapes not timed)'}")
     return "\n".join(lines)
+
+
+def _note(status: str, note: str) -> str:
+    """A row's note column: the status when it is not ok, and the note (also on ok rows: which backend
+    ``auto`` ran, a busy machine)."""
+    return note if status == "ok" else f"{status}: {note}"
 
 
 def model_table(model_rows: List[dict]) -> str:
@@ -113,33 +131,35 @@ def to_json(meta: dict, rows: List[Row], sums: List[dict], model_rows: List[dict
 
 
 def markdown(data: dict) -> str:
+    bw = bool(data.get("copy_GBps"))
     lines = [f"# ghost_kernels benchmark: {data['device']}, {data['date']}", "",
              f"Batch {data.get('batch')}; {'quick run; ' if data.get('quick') else ''}run time {data.get('wall_s')} s.", "",
              f"torch {data['torch']}, triton {data['triton']}, CUDA {data['cuda']}, driver {data.get('driver')}. "
-             f"Device-to-device copy (read + write bytes): **{data['copy_GBps']:.0f} GB/s**. "
-             f"Tests: {tests_line(data.get('tests'))}.", "",
+             + (f"Device-to-device copy (read + write bytes): **{data['copy_GBps']:.0f} GB/s**. " if bw else "")
+             + f"Tests: {tests_line(data.get('tests'))}.", "",
+             *([] if bw else [NO_BANDWIDTH + ".", ""]),
              *([f"**Warning: {data['busy']}**", ""] if data.get("busy") else []),
              "## The network's Ghost modules (count x time summed over the measured shapes; "
              "train = forward + backward, train-mode BN)", "",
              "GhostNet 1.0x has 32 Ghost modules (22 distinct shapes); `modules` says how many of them a row covers.", "",
-             "| op | impl | dtype | layout | batch | modules | ms | GB/s | % of copy | x eager | x best compile |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| op | impl | dtype | layout | batch | modules | ms | " + ("GB/s | % of copy | " if bw else "")
+             + "x eager | x best compile |",
+             "|---|---|---|---|---|---|---|" + ("---|---|" if bw else "") + "---|---|"]
     for s in data["network"]:
         lines.append(f"| {s['op']} | {s['impl']} | {s['dtype']} | {s['layout']} | {s['batch']} | {s['modules']} | "
-                     f"{_fmt(s['median_ms'])} | {_fmt(s['GBps'], '.0f')} | "
-                     f"{_fmt(s['copy_fraction'] and 100 * s['copy_fraction'], '.0f')} | "
-                     f"{_fmt(s.get('x_eager'), '.2f')} | {_fmt(s.get('x_compile'), '.2f')} |"
+                     f"{_fmt(s['median_ms'])} | "
+                     + (f"{_fmt(s['GBps'], '.0f')} | {_pct(s['copy_fraction'])} | " if bw else "")
+                     + f"{_fmt(s.get('x_eager'), '.2f')} | {_fmt(s.get('x_compile'), '.2f')} |"
                      + ("" if s["complete"] else " (incomplete)"))
     lines += ["", "## Per module shape", "",
-              "| op | module | in | out | H×W | dtype | layout | impl | median ms (p20–p80) | GB/s | % copy | x eager | "
-              "peak MiB | note |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| op | module | in | out | H×W | dtype | layout | impl | median ms (p20–p80) | "
+              + ("GB/s | % copy | " if bw else "") + "x eager | peak MiB | note |",
+              "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if bw else "") + "---|---|---|"]
     for r in data["rows"]:
         lines.append(f"| {r['op']} | {r['name']} | {r['inp']} | {r['oup']} | {r['h']}×{r['w']} | {r['dtype']} | {r['layout']} | "
                      f"{r['impl']} | {_fmt(r['median_ms'])} ({_fmt(r['p20_ms'])}–{_fmt(r['p80_ms'])}) | "
-                     f"{_fmt(r['GBps'], '.0f')} | {_fmt(r['copy_fraction'] and 100 * r['copy_fraction'], '.0f')} | "
-                     f"{_fmt(r.get('x_eager'), '.2f')} | {_fmt(r.get('peak_MiB'), '.0f')} | "
-                     f"{'' if r['status'] == 'ok' else r['status'] + ': ' + r['note']} |")
+                     + (f"{_fmt(r['GBps'], '.0f')} | {_pct(r['copy_fraction'])} | " if bw else "")
+                     + f"{_fmt(r.get('x_eager'), '.2f')} | {_fmt(r.get('peak_MiB'), '.0f')} | {_note(r['status'], r['note'])} |")
     for op, why in (data.get("not_timed") or {}).items():
         lines += ["", f"Not timed for {op}, by design: " + "; ".join(f"{i} ({w})" for i, w in why.items()) + "."]
     if data.get("model_note"):

@@ -9,7 +9,8 @@ from .report import _fmt
 
 def summary(data: dict) -> str:
     lines = [f"{data['device']} | {data['date']} | torch {data['torch']} | triton {data['triton']} | "
-             f"driver {data.get('driver')} | copy {data['copy_GBps']:.0f} GB/s | tests {data['tests']}",
+             f"driver {data.get('driver')} | " + (f"copy {data['copy_GBps']:.0f} GB/s" if data.get("copy_GBps") else
+                                                  "no bandwidth (CPU run)") + f" | tests {data['tests']}",
              f"{'network Ghost modules':<24} {'dtype':<9} {'layout':<14} {'ms':>8} {'GB/s':>6} {'%copy':>6} "
              f"{'x eager':>8} {'x compile':>9}"]
     for s in data["network"]:

@@ -5,35 +5,70 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
+from ..args import Parser, add_cases, positive_int
 from . import report
 from .compiler import MAX_WORKERS
 from .errors import OfflineError
 from .runner import model, serve_request
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The offline model's options (those a parser does not have yet: ``python -m ghost_kernels.bench``
-    already has --shapes, --batch and --out)."""
+def add_arguments(parser: argparse.ArgumentParser, groups: Optional[Dict[str, object]] = None
+                  ) -> argparse.ArgumentParser:
+    """The offline model's options, in argument groups (``groups``: "cases", "offline", "output";
+    made on ``parser`` when not given). Options the parser has already are not added again:
+    ``python -m ghost_kernels.bench`` has --shapes, --dtypes, --layouts, --batch and --out."""
     have = set(getattr(parser, "_option_string_actions", {}))
-
-    def add(flag, **kw):
-        if flag not in have:
-            parser.add_argument(flag, **kw)
-    add("--out", default="offline-out", help="output folder (offline.json, offline.md)")
-    add("--families", default=None, help="comma list of kernel families (default: every registered family)")
-    add("--dtypes", default=None, help="comma list of bfloat16,float16,float32 (default: bfloat16)")
-    add("--layouts", default=None, help="comma list of channels_last,nchw (default: channels_last)")
-    add("--shapes", default="all", help="all (22 distinct GhostNet shapes), quick (one per resolution), or a "
-                                        "comma list of indices / module names")
-    add("--batch", type=int, default=256, help="batch size (default 256)")
-    add("--workers", type=int, default=MAX_WORKERS, help=f"compile processes (at most {MAX_WORKERS})")
-    add("--import", dest="imports", action="append", default=[],
-        help="also import this module or .py file (it registers more families); repeatable")
-    add("--strict", action="store_true", help="raise on the first error instead of recording it in the row")
-    add("--quiet", action="store_true", help="no progress on stderr")
+    groups = dict(groups or {})
+    for key, title in (("cases", "what is modelled"), ("offline", "offline model options"), ("output", "output")):
+        if key not in groups:
+            groups[key] = parser.add_argument_group(title)
+    if "--shapes" not in have:
+        add_cases(groups["cases"], 256, "batch size")
+    off = groups["offline"]
+    off.add_argument("--families", type=_families, default=None, metavar="LIST",
+                     help="comma list of kernel families (default: every registered family: "
+                          f"{', '.join(_registered_families())})")
+    off.add_argument("--workers", type=positive_int, default=MAX_WORKERS, metavar="N",
+                     help=f"compile processes (at most {MAX_WORKERS})")
+    off.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                     help="also import this module or .py file (it registers more families); repeatable")
+    off.add_argument("--strict", action="store_true",
+                     help="raise on the first error instead of recording it in the row")
+    off.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    if "--out" not in have:
+        groups["output"].add_argument("--out", default="offline-out", metavar="DIR",
+                                      help="output folder (offline.json, offline.md)")
     return parser
+
+
+def _registered_families() -> List[str]:
+    from ...triton.family import FAMILIES
+    return sorted(FAMILIES)
+
+
+def _families(text: str) -> List[str]:
+    """The --families type: a comma list, each name checked against the registered families by
+    :func:`check_families` once --import has run (it can register more)."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def check_families(parser: argparse.ArgumentParser, args) -> None:
+    """After parsing: import what --import names and check --families against the registered families
+    (a parse error naming the option and the value otherwise)."""
+    imports, families = getattr(args, "imports", None) or [], getattr(args, "families", None)
+    if not imports and not families:
+        return
+    from .cases import load_families
+    try:
+        registered = sorted(load_families(imports))
+    except Exception as exc:   # a module or file named by --import that cannot be imported
+        parser.error(f"argument --import: {' '.join(imports)!r} failed to import: {type(exc).__name__}: {exc}")
+    for name in families or ():
+        if name not in registered:
+            parser.error(f"argument --families: {name!r} is not a registered kernel family: expected a comma list "
+                         f"of {', '.join(registered)}")
 
 
 def _csv(v, default):
@@ -45,10 +80,10 @@ def _csv(v, default):
 
 
 def run(args) -> int:
-    """Run the model for parsed ``args`` (from :func:`add_arguments`; also accepts the bench's
-    singular ``--dtype``/``--layout``) and write ``offline.json`` and ``offline.md`` to ``args.out``."""
-    dtypes = _csv(getattr(args, "dtypes", None) or getattr(args, "dtype", None), ("bfloat16",))
-    layouts = _csv(getattr(args, "layouts", None) or getattr(args, "layout", None), ("channels_last",))
+    """Run the model for parsed ``args`` (from :func:`add_arguments`) and write ``offline.json`` and
+    ``offline.md`` to ``args.out``."""
+    dtypes = _csv(getattr(args, "dtypes", None), ("bfloat16",))
+    layouts = _csv(getattr(args, "layouts", None), ("channels_last",))
     families = _csv(getattr(args, "families", None), ()) or None
     batch = getattr(args, "batch", None) or 256
     out = getattr(args, "out", None) or "offline-out"
@@ -63,18 +98,29 @@ def run(args) -> int:
     return 1 if any(r.get("error") for r in rows) and getattr(args, "strict", False) else 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ghost_kernels.bench.offline",
-                                     description="Offline sm_90 performance model of the Triton kernel families "
-                                                 "(no GPU needed).")
-    add_arguments(parser)
-    parser.add_argument("--request", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.request:
-        return serve_request(args.request, args.result)
+def run_reporting(args, prog: str) -> int:
+    """:func:`run`, with the model's own errors (a family's launcher failing under --strict, say) as
+    one line and exit code 2."""
     try:
         return run(args)
     except (OfflineError, ValueError) as exc:
-        print(f"offline model: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{prog}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m ghost_kernels.bench.offline",
+                    description="Offline sm_90 performance model of the Triton kernel families (no GPU needed).")
+    add_arguments(parser)
+    parser.add_argument("--request", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.request:
+        return serve_request(args.request, args.result)
+    check_families(parser, args)
+    return run_reporting(args, "offline model")
