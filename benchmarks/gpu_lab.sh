@@ -2,10 +2,12 @@
 # The one-call GPU lab: environment, install and build, then `python -m ghost_kernels.bench.lab`
 # (precompile every Triton variant in a process pool, references, timing of every family x config x
 # the 22 GhostNet shapes beside eager_folded / torch_folded / torch.compile / cuda / auto, ncu on a few
-# kernels per family, the model level), each phase written under OUTDIR as it finishes. Under 8
-# minutes on an H200 with the GPU image's stack (Python 3.12, torch 2.11, Triton 3.6).
+# kernels per family, the model level: batch 256, then batches 1, 8 and 32 eager, compiled and under
+# reduce-overhead), each phase written under OUTDIR as it finishes. Under 8 minutes on an H200 with
+# the GPU image's stack (Python 3.12, torch 2.11, Triton 3.6).
 #
 #   benchmarks/gpu_lab.sh OUTDIR [--quick]      LAB_BUDGET_S (default 330) bounds the lab itself
+#   benchmarks/gpu_lab.sh OUTDIR --phases model the model phase alone (every row the lab's share skips)
 #   python benchmarks/publish.py OUTDIR         files the results and writes the measured choice table
 #
 # The GPU test suite is the next call: benchmarks/gpu_suite.sh OUTDIR2 (or pytest tests on the GPU).

@@ -26,6 +26,7 @@ def test_lab_cpu_check_runs_every_phase_and_publishes(tmp_path):
     assert phases == {p: "ok" for p in ("precompile", "references", "timing", "ncu", "model")}
     pre = json.loads((out / "precompile.json").read_text())
     assert pre["failures"] == 0 and set(pre["per_family"]) == {f.name for f in gk.dispatch.TRITON_FAMILIES}
+    check_model_rows(json.loads((out / "model.json").read_text()))
     rows = json.loads((out / "timing.json").read_text())["rows"]
     impls = {r["impl"] for r in rows}
     assert {"eager", "eager_folded", "torch_folded", "auto"} <= impls
@@ -48,6 +49,57 @@ def test_lab_cpu_check_runs_every_phase_and_publishes(tmp_path):
     data = json.loads(table.read_text())
     entry = data["gpus"]["CPU (lab --cpu-check)"]
     assert len(entry["rows"]) == 4 and all("torch_folded" in r["ms"] for r in entry["rows"])
+
+
+def check_model_rows(model):
+    """The model phase's rows under --cpu-check (lab_model's docstring): the lab's batch, then every
+    small batch x {timm, converted} x {eager, compile, reduce-overhead}, each checked twice and timed."""
+    from ghost_kernels.bench.lab_model import CPU_CHECK_BATCHES
+    rows = model["rows"]
+    assert model["small_batches"] == list(CPU_CHECK_BATCHES)
+    small = {(r["model"], r["mode"], r["batch"]): r for r in rows if r["section"] == "small_batch"}
+    assert set(small) == {(m, mode, b) for m in ("timm", "convert_auto") for mode in ("eager", "compile", "reduce-overhead")
+                          for b in CPU_CHECK_BATCHES}
+    for r in small.values():
+        assert r["status"] == "ok", r
+        assert r["rel_err"] < 1e-3 and r["rel_err_new_input"] < 1e-3 and r["median_ms"] > 0 and r["images_per_s"] > 0
+        assert r["timing"] == "per call, back to back, host clock"
+    assert small[("convert_auto", "reduce-overhead", 1)]["impl"] == "convert_auto_reduce_overhead"
+    assert small[("timm", "eager", 1)]["impl"] == "timm_eager"
+    large = {r["impl"]: r for r in rows if r["section"] == "batch"}
+    assert set(large) == {"timm_eager", "convert_auto", "timm_compile", "convert_auto_compile", "convert_triton_compile"}
+    assert all(r["status"] == "ok" and r["batch"] == 2 for i, r in large.items() if i != "convert_triton_compile")
+    assert large["convert_triton_compile"]["status"].startswith("skipped: cpu-check")
+    assert "small_batch reduce-overhead@1" in model["x_timm"] and "batch compile@2" in model["x_timm"]
+
+
+def test_model_phase_budget_skips_what_it_cannot_fit():
+    """A compile starts only while the time left covers it (the slowest compile seen so far); the rows
+    it refuses say why and how to run them."""
+    from ghost_kernels.bench.lab_model import ROW_S, Budget
+    now = [0.0]
+    budget = Budget(deadline=100.0, compile_s=25.0, clock=lambda: now[0])
+    assert budget.refuses(0) is None and budget.refuses(2) is None
+    now[0] = 100.0 - 2 * 25.0 - ROW_S + 1
+    assert budget.refuses(1) is None and "lab budget" in budget.refuses(2) and "--phases model" in budget.refuses(2)
+    budget.compiled(60.0)   # slower than expected: the estimate follows
+    assert budget.refuses(1) is not None and budget.refuses(0) is None
+    budget.compiled(10.0)
+    assert budget.compile_s == 60.0
+    assert Budget(deadline=None).refuses(99) is None
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--out", "x", "--phases", "timing,modle"], "argument --phases: 'modle' is not one of precompile, references"),
+    (["--out", "x", "--budget-s", "-5"], "argument --budget-s: '-5' is not a number of seconds"),
+    (["--phases", "model"], "the following arguments are required: --out"),
+])
+def test_lab_bad_arguments_are_one_line_errors(argv, message, capsys):
+    from ghost_kernels.bench.lab import parse_args
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and message in err, err
 
 
 def _table(ms_family, ms_folded):

@@ -17,8 +17,12 @@ cut short); the whole run keeps to ``--budget-s`` seconds:
 4. ``ncu``: Nsight Compute (``--clock-control none``) on a few shapes per family: time, DRAM and L2
    bytes, executed warp-instructions, issue activity, occupancy, registers, stall reasons, beside the
    offline model's prediction for the same launch (``ncu.json``).
-5. ``model``: GhostNet 1.0x images/s, timm + torch.compile against converted + torch.compile, and the
-   copy kernels in a profile of the compiled converted model (``model.json``).
+5. ``model``: GhostNet 1.0x images/s at the lab's batch, timm + torch.compile against converted +
+   torch.compile, and the copy kernels in a profile of the compiled converted model; then small
+   batches (1, 8, 32), timm against converted, each eager, torch.compile and
+   torch.compile(mode="reduce-overhead") (CUDA graphs), timed per call back to back and checked on a
+   second input after the timed calls (``model.json``, written after every row; the rows a short
+   budget skips say so, and ``--phases model`` runs them all in a call of their own).
 
 ``benchmarks/publish.py DIR`` files the results under benchmarks/results/ and writes the measured
 choice table (``ghost_kernels/choice_table.json``).
@@ -35,17 +39,33 @@ import time
 from collections import Counter
 
 
+PHASES = ("precompile", "references", "timing", "ncu", "model")
+# The lab's plan, as fractions of --budget-s (each phase's limit is a point in time, so time a phase
+# leaves unused goes to the next): precompile hands out no work after PRECOMPILE_END; timing starts no
+# job once less than TIMING_RESERVE is left (ncu's share and the model phase's); ncu ends with
+# MODEL_SHARE left, which the model phase has to itself (its rows in priority order, each compile only
+# while the time left is expected to cover it: lab_model.Budget).
+PRECOMPILE_END, TIMING_RESERVE, MODEL_SHARE = 0.25, 0.45, 0.33
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ghost_kernels.bench.lab", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--budget-s", type=float, default=400.0, help="seconds for the whole lab (phases shrink to fit)")
-    p.add_argument("--phases", default="precompile,references,timing,ncu,model")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
+    from .args import Parser, comma_list, positive_int, seconds
+
+    p = Parser(prog="python -m ghost_kernels.bench.lab", description=__doc__.split("\n\n")[0].replace("``", ""))
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--budget-s", type=seconds, default=400.0, metavar="S",
+                   help="seconds for the whole lab (phases shrink to fit)")
+    p.add_argument("--phases", type=comma_list(PHASES), default=",".join(PHASES), metavar="LIST",
+                   help=f"comma list of {', '.join(PHASES)}")
+    p.add_argument("--batch", type=positive_int, default=256, metavar="N", help="batch of the timing and model phases")
+    p.add_argument("--workers", type=positive_int, default=max(1, min(12, (os.cpu_count() or 2) - 2)), metavar="N",
+                   help="precompile processes")
     p.add_argument("--quick", action="store_true", help="one shape per resolution, default configs only")
-    p.add_argument("--compile-budget", type=float, default=90.0, help="seconds of torch.compile in the timing phase")
+    p.add_argument("--compile-budget", type=seconds, default=90.0, metavar="S",
+                   help="seconds of torch.compile in the timing phase")
     p.add_argument("--cpu-check", action="store_true",
-                   help="run every phase's plumbing on the CPU (Triton interpreter, two small shapes): a test of "
+                   help="run every phase's plumbing on the CPU (Triton interpreter, small shapes; the model "
+                        "phase on a 3-stage GhostNet, the eager model standing in for torch.compile): a test of "
                         "the lab itself, no numbers")
     p.add_argument("--ncu-child", default=None, help=argparse.SUPPRESS)   # FAMILY:SHAPE_INDEX:DTYPE (under ncu)
     return p.parse_args(argv)
@@ -75,6 +95,8 @@ class Lab:
         self.device = torch.device("cuda" if gpu else "cpu")
         props = torch.cuda.get_device_properties(self.device) if gpu else None
         self.l2 = getattr(props, "L2_cache_size", 50 << 20) if gpu else 1 << 20
+        # timing rotates inputs over 3 x L2 on a GPU; --cpu-check times two inputs (plumbing, no numbers)
+        self.rotate_l2 = self.l2 if gpu else 0
         self.meta = {"device": torch.cuda.get_device_name(self.device) if gpu else "CPU (lab --cpu-check)",
                      "capability": list(torch.cuda.get_device_capability()) if gpu else None,
                      "date": datetime.date.today().isoformat(), "torch": torch.__version__,
@@ -84,6 +106,10 @@ class Lab:
 
     def left(self) -> float:
         return self.args.budget_s - (time.perf_counter() - self.t0)
+
+    def at(self, fraction: float) -> float:
+        """The point in time (perf_counter) ``fraction`` of the way through the lab's budget."""
+        return self.t0 + fraction * self.args.budget_s
 
     def write(self, name: str, data) -> None:
         with open(os.path.join(self.args.out, name), "w") as f:
@@ -102,7 +128,7 @@ class Lab:
             from .lab_ncu import start_offline_model
             self.offline = start_offline_model(self.args)   # CPU work, beside the GPU phases; joined by ncu
         from .lab_precompile import precompile
-        res = precompile(self.jobs(), self.args.workers, self.device.type, deadline=self.t0 + 0.3 * self.args.budget_s)
+        res = precompile(self.jobs(), self.args.workers, self.device.type, deadline=self.at(PRECOMPILE_END))
         self.write("precompile.json", dict(self.meta, **res))
         self.say(f"precompile: {res['variants']} launches, {res['failures']} failures, {res['wall_s']:.0f} s")
 
@@ -121,12 +147,12 @@ class Lab:
         rows, compile_left = [], self.args.compile_budget
         copy_peak = getattr(self, "refs", {}).get("copy_peak_GBps")
         for k, (shape, count, dt, lay, all_cfg) in enumerate(self.jobs()):
-            if self.left() < 0.25 * self.args.budget_s:
+            if not self.args.cpu_check and self.left() < TIMING_RESERVE * self.args.budget_s:
                 self.say(f"timing: stopped before job {k} ({shape.name} {dt} {lay}): lab budget")
                 break
             t = time.perf_counter()
-            new, compile_left = time_shape(shape, count, self.args.batch, dt, lay, all_cfg, self.device, self.l2,
-                                           copy_peak, compile_left)
+            new, compile_left = time_shape(shape, count, self.args.batch, dt, lay, all_cfg, self.device,
+                                           self.rotate_l2, copy_peak, compile_left)
             rows += new
             self.write("timing.json", dict(self.meta, copy_GBps=copy_peak, rows=rows))
             best = min((r for r in new if r.get("median_ms")), key=lambda r: r["median_ms"], default=None)
@@ -139,19 +165,21 @@ class Lab:
             self.write("ncu.json", dict(self.meta, status="needs a GPU", kernels=[]))
             return
         from .lab_ncu import run_ncu
-        res = run_ncu(self.args, self.meta, deadline=self.t0 + self.args.budget_s - 60,
+        res = run_ncu(self.args, self.meta, deadline=self.at(1 - MODEL_SHARE),
                       offline=getattr(self, "offline", None))
         self.write("ncu.json", dict(self.meta, **res))
         self.say(f"ncu: {len(res.get('kernels', []))} kernels profiled ({res.get('status')})")
 
     def model(self):
-        if self.args.cpu_check:
-            self.write("model.json", dict(self.meta, rows=[], status="needs a GPU"))
-            return
         from .lab_model import model_phase
-        res = model_phase(self.device, self.args.batch, deadline=self.t0 + self.args.budget_s)
-        self.write("model.json", dict(self.meta, **res))
-        self.say("model: " + "; ".join(f"{r['impl']} {r.get('images_per_s') or r.get('status')}" for r in res["rows"]))
+
+        def progress(res):   # model.json after every row: a timeout loses only the row it cut short
+            self.write("model.json", dict(self.meta, **res))
+        res = model_phase(self.device, self.args.batch, deadline=self.at(1.0), cpu_check=self.args.cpu_check,
+                          progress=progress)
+        progress(res)
+        self.say("model: " + "; ".join(f"{r['impl']}@{r['batch']} " + (f"{r['images_per_s']:.0f} img/s" if
+                                       r.get("status") == "ok" else str(r.get("status"))) for r in res["rows"]))
 
 
 def _triton_version():
@@ -203,7 +231,7 @@ def main(argv=None) -> int:
         return 2
     lab = Lab(args)
     status = {}
-    for phase in [p.strip() for p in args.phases.split(",") if p.strip()]:
+    for phase in args.phases:
         if lab.left() <= 0:
             status[phase] = "skipped: lab budget spent"
             continue

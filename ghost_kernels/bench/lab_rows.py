@@ -31,7 +31,7 @@ def time_shape(shape: ModuleShape, count: int, batch: int, dtype_name: str, layo
                device, l2_bytes: int, copy_GBps: Optional[float], compile_left: float) -> Tuple[List[dict], float]:
     """Rows for one (shape, dtype, layout); returns them and the compile budget left."""
     bench = ShapeBench(shape, batch, dtype_name, layout_name, device, l2_bytes)
-    reps = 10 if shape.h >= 56 else 20
+    reps = (10 if shape.h >= 56 else 20) if device.type == "cuda" else 2   # the CPU: --cpu-check's plumbing
     rows = []
     for impl, make in bench.impls(compile_ok=compile_left > 0 and layout_name == "channels_last"
                                   and dtype_name == "bfloat16").items():
