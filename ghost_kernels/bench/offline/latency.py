@@ -29,11 +29,11 @@ from the same SASS, in three steps.
    spent waiting for global memory); ``round_trips = memory_wait_cycles / latency`` counts the
    dependent DRAM round trips on the path.
 3. **Rounds.** A launch of P programs with R resident per SM runs ``rounds = ceil(P / (132 R))``
-   waves; ``latency_us = rounds x`` one program's path. A persistent kernel (its first top-level loop
-   issues most instructions: a tile loop, see ``rows.model_launch``) is costed per tile: on the GPU
-   its grid is ``132 R`` programs (the launchers size it from the occupancy; the capture on the CPU
-   does not), each running ``ceil(tiles / (132 R))`` tiles, so the path is simulated with that trip
-   count and ``rounds`` is that number of tiles.
+   waves; ``latency_us = rounds x`` one program's path. A persistent kernel (a top-level loop whose
+   lower bound comes from the program id: the program's share of the tiles, ``mlir_loops``'
+   ``persistent``) is costed per tile: on the GPU its grid is ``132 R`` programs (the launchers size
+   it from the occupancy; the capture on the CPU does not), each running ``ceil(tiles / (132 R))``
+   tiles, so the path is simulated with that trip count and ``rounds`` is that number of tiles.
 
 **Bytes in flight.** ``bytes_in_flight_per_sm`` is the HBM traffic of the call per SM per dependent
 round trip on the critical path (the bytes each SM has in flight while it waits), next to

@@ -63,11 +63,49 @@ def _const_value(tok: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+_DEF_RE = re.compile(r"^\s*(%[\w]+)(?::\d+)?\s*=\s*([\w.]+)\s*(.*)$")
+_VALUE_RE = re.compile(r"%[\w]+")
+_ITER_ARG_RE = re.compile(r"(%[\w]+)\s*=\s*(%[\w]+)")
+# integer ops through which a loop bound still depends on the program id
+_INDEX_OPS = ("arith.muli", "arith.addi", "arith.subi", "arith.divsi", "arith.divui", "arith.remsi", "arith.remui",
+              "arith.minsi", "arith.maxsi", "arith.minui", "arith.extsi", "arith.extui", "arith.index_cast",
+              "arith.trunci")
+
+
+def _operands(rest: str) -> list:
+    """The SSA values an op uses, in order (up to its type signature)."""
+    return _VALUE_RE.findall(rest.split(" : ", 1)[0])
+
+
+def _ssa_defs(lines: List[str]) -> Dict[str, Tuple[str, list]]:
+    """SSA value -> (defining op, operands); a loop-carried value -> ("iter_arg", [its initial value])."""
+    defs: Dict[str, Tuple[str, list]] = {}
+    for ln in lines:
+        m = _DEF_RE.match(ln)
+        if m:
+            defs[m.group(1)] = (m.group(2), _operands(m.group(3)))
+        if "iter_args(" in ln:
+            for carried, init in _ITER_ARG_RE.findall(ln.split("iter_args(", 1)[1].split(")", 1)[0]):
+                defs[carried] = ("iter_arg", [init])
+    return defs
+
+
+def _from_program_id(value: str, defs, depth: int = 0) -> bool:
+    """Whether an integer SSA value is computed from ``tt.get_program_id``."""
+    op, ops = defs.get(value, (None, []))
+    if op == "tt.get_program_id":
+        return True
+    return depth < 50 and op in _INDEX_OPS and any(_from_program_id(v, defs, depth + 1) for v in ops)
+
+
 def mlir_loops(text: str) -> List[dict]:
     """The ``scf.for`` ops of a TTIR/TTGIR module in source (pre-)order: source line, parent,
-    constant trip count (when the bounds are constants), pipelined or not, ``tt.num_stages``."""
+    constant trip count (when the bounds are constants), pipelined or not, ``tt.num_stages``, and
+    ``persistent``: its lower bound comes from the program id (the loop over a program's share of the
+    tiles of a persistent kernel, whose grid the GPU sizes from the occupancy)."""
     lines = text.splitlines()
     locs = _resolve_locs(lines)
+    defs = _ssa_defs(lines)
     out: List[dict] = []
     open_loops: List[Tuple[int, int]] = []  # (indent, index in out)
     for li, ln in enumerate(lines):
@@ -82,7 +120,8 @@ def mlir_loops(text: str) -> List[dict]:
             if None not in vals and vals[2] != 0:
                 const = max(0, -(-(vals[1] - vals[0]) // vals[2]))
             rec = dict(line=None, parent=open_loops[-1][1] if open_loops else None, lb=lb, ub=ub, step=step,
-                       const_trips=const, pipelined=False, stages=None, _start=li, _indent=indent)
+                       const_trips=const, pipelined=False, stages=None, persistent=_from_program_id(lb, defs),
+                       _start=li, _indent=indent)
             # find the closing brace of this op, its attributes and loc
             close = None
             for lj in range(li + 1, len(lines)):
@@ -154,15 +193,7 @@ _POINTER_OPS = {"tt.addptr": (0,), "tt.splat": (0,), "tt.broadcast": (0,), "tt.e
                 "ttg.convert_layout": (0,), "tt.reshape": (0,), "tt.trans": (0,), "arith.select": (1, 2),
                 "tt.make_tensor_descriptor": (0,), "tt.make_tensor_ptr": (0,), "tt.advance": (0,),
                 "tt.bitcast": (0,)}
-_DEF_RE = re.compile(r"^\s*(%[\w]+)(?::\d+)?\s*=\s*([\w.]+)\s*(.*)$")
-_VALUE_RE = re.compile(r"%[\w]+")
-_ITER_ARG_RE = re.compile(r"(%[\w]+)\s*=\s*(%[\w]+)")
 _FUNC_ARG_RE = re.compile(r"(%[\w]+)\s*:\s*!tt\.(?:ptr|tensordesc)")
-
-
-def _operands(rest: str) -> list:
-    """The SSA values an op uses, in order (up to its type signature)."""
-    return _VALUE_RE.findall(rest.split(" : ", 1)[0])
 
 
 def load_sources(ttgir: str) -> Dict[str, List[str]]:
@@ -172,17 +203,8 @@ def load_sources(ttgir: str) -> Dict[str, List[str]]:
     cannot be traced to an argument is left out."""
     lines = ttgir.splitlines()
     locs = _resolve_locs(lines)
-    defs: Dict[str, Tuple[str, list]] = {}
-    args = set()
-    for ln in lines:
-        if "tt.func" in ln:
-            args.update(_FUNC_ARG_RE.findall(ln))
-        m = _DEF_RE.match(ln)
-        if m:
-            defs[m.group(1)] = (m.group(2), _operands(m.group(3)))
-        if "iter_args(" in ln:   # loop-carried values start as their initial values
-            for carried, init in _ITER_ARG_RE.findall(ln.split("iter_args(", 1)[1].split(")", 1)[0]):
-                defs[carried] = ("iter_arg", [init])
+    defs = _ssa_defs(lines)   # loop-carried values start as their initial values
+    args = {a for ln in lines if "tt.func" in ln for a in _FUNC_ARG_RE.findall(ln)}
 
     def trace(value: str, depth: int = 0) -> set:
         if value in args:

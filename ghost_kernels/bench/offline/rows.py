@@ -41,16 +41,12 @@ def model_launch(result: dict, launch, job: CompileJob) -> dict:
     weights, desc = assign_trips(analysis, result["src_loops"], launch.loops, result["name"])
     per_warp = weighted_counts(analysis, weights)
     instr_per_program = per_warp.get("n", 0.0) * warps
-    sass = [lp for lp in analysis["sass_loops"] if not lp.get("wait") and lp["parent"] is None]
-    tile_unit, per_tile, tile_loop = "program", 1.0, None
-    if sass and weights.get(sass[0]["id"], 0) > 0:
-        # a persistent kernel: a tile is one iteration of the first top-level loop (not a hardware
-        # wait loop), when that loop issues most of the program's instructions
-        top = sass[0]["id"]
-        inside = weighted_counts(dict(buckets=[b for b in analysis["buckets"] if b["loops"] and b["loops"][0] == top]),
-                                 weights).get("n", 0.0)
-        if inside >= 0.5 * per_warp.get("n", 0.0):
-            tile_unit, per_tile, tile_loop = f"iteration of the loop at {_fmt_line(sass[0]['line'])}", weights[top], top
+    tile_loop = _tile_loop(analysis["sass_loops"], desc, result["src_loops"])
+    tile_unit, per_tile = "program", 1.0
+    if tile_loop is not None and weights.get(tile_loop, 0) > 0:
+        # a persistent kernel: a tile is one iteration of its loop over the program's share of the tiles
+        line = next(lp["line"] for lp in analysis["sass_loops"] if lp["id"] == tile_loop)
+        tile_unit, per_tile = f"iteration of the loop at {_fmt_line(line)}", weights[tile_loop]
     lat = launch_latency(analysis.get("timing"), weights, programs, result["regs"], result["smem"], warps, tile_loop,
                          arg_bytes(launch))
     bar_prog = per_warp.get("bar", 0.0)
@@ -76,6 +72,17 @@ def model_launch(result: dict, launch, job: CompileJob) -> dict:
         stg_warp_instr=per_warp.get("stg", 0.0) * warps * programs,
         compile_s=result["compile_s"], sass_loops=desc, **lat,
     )
+
+
+def _tile_loop(sass_loops, desc, src_loops) -> Optional[int]:
+    """The SASS loop of a persistent kernel's tile loop: a top-level loop (no hardware wait loop) whose
+    source loop starts from the program id (``mlir_loops``' ``persistent``); None for a kernel without."""
+    source = {d["id"]: d.get("source") for d in desc}
+    for lp in sass_loops:
+        si = source.get(lp["id"])
+        if lp["parent"] is None and not lp.get("wait") and si is not None and src_loops[si].get("persistent"):
+            return lp["id"]
+    return None
 
 
 def arg_bytes(launch) -> Dict[str, int]:

@@ -100,6 +100,7 @@ def assign_trips(analysis: dict, src: List[dict], loops: Optional[Sequence[float
     # 2. loops= entries -> SASS loop weights
     weights: Dict[int, float] = {}
     how: Dict[int, str] = {}
+    source: Dict[int, int] = {}   # SASS loop id -> index of its source loop
     match = None
     if groups is not None:
         surviving = [i for i, g in enumerate(groups) if g]
@@ -111,6 +112,7 @@ def assign_trips(analysis: dict, src: List[dict], loops: Optional[Sequence[float
             match = mode + (f" (loops{dropped} <= 1 trip: loops the compiler removed)" if dropped else "")
             for si, k in zip(idxs, kept):  # a source loop without SASS loop was unrolled away
                 _weigh_group(all_sass, src[si], groups[si], loops[k], weights, how, f"loops[{k}]")
+                source.update((lid, si) for lid in groups[si])
             break
     if match is None and len(loops) == len(sass):
         match = "SASS loops by start address"
@@ -126,13 +128,17 @@ def assign_trips(analysis: dict, src: List[dict], loops: Optional[Sequence[float
             "(tl.static_range copies count separately)\n" + _loop_table(src, all_sass, loops))
     weights.update(waits)
     how.update(wait_how)
-    return weights, _describe(all_sass, weights, how, match)
+    return weights, _describe(all_sass, weights, how, match, source)
 
 
-def _describe(sass: List[dict], weights: Dict[int, float], how: Dict[int, str], match: str) -> List[dict]:
+def _describe(sass: List[dict], weights: Dict[int, float], how: Dict[int, str], match: str,
+              source: Optional[Dict[int, int]] = None) -> List[dict]:
+    """Per SASS loop: where it is, its weight and how it got it, and ``source``: the index of the
+    source loop (TTGIR) it belongs to (None: matched without source lines, or a wait loop)."""
+    source = source or {}
     return [dict(id=lp["id"], start=f"0x{lp['start']:04x}", end=f"0x{lp['end']:04x}", depth=lp["depth"],
                  line=_fmt_line(lp["line"]), instrs=lp["own"], weight=weights.get(lp["id"], 0.0),
-                 trips=how.get(lp["id"], "?"), match=match, wait=bool(lp.get("wait")))
+                 trips=how.get(lp["id"], "?"), match=match, wait=bool(lp.get("wait")), source=source.get(lp["id"]))
             for lp in sass]
 
 
