@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 from torch import nn
 
 from . import dispatch
-from .core.structure import structure_problems
+from .core.structure import ghost_layers, spec_of, structure_problems
 from .module import GhostModule
 
 FilterFn = Callable[[str, nn.Module], bool]
@@ -74,6 +74,20 @@ def why_not_convertible(module: nn.Module) -> Optional[str]:
     return None
 
 
+def backend_cannot_run(backend: str, module: nn.Module) -> Optional[str]:
+    """Why the explicitly named ``backend`` can never run ``module`` (its own options: activation,
+    kernel sizes, stride, ratio), or None. Limits that depend on the input (sizes, dtype, device) are
+    checked at each forward; ``"auto"`` and ``"torch"`` run every module."""
+    spec = spec_of(module)
+    reasons = dispatch.BY_NAME[backend].spec_reasons(spec) if backend != "auto" else []
+    if not reasons:
+        return None
+    if spec.act == "other":
+        layers = ghost_layers(module)
+        reasons.append("its activations: " + " and ".join(sorted({type(layers[2]).__name__, type(layers[5]).__name__})))
+    return f"{type(module).__name__}: backend={backend!r} cannot run its options: " + "; ".join(reasons)
+
+
 def is_ghost_module(module: nn.Module) -> bool:
     """True for the modules :func:`convert` converts, and for :class:`GhostModule` itself."""
     return why_not_convertible(module) is None
@@ -84,7 +98,9 @@ def convert(model: nn.Module, backend: str = "auto", filter_fn: Optional[FilterF
     """Replace every Ghost module in ``model`` by a :class:`GhostModule` sharing its weights and buffers.
 
     ``filter_fn(qualified_name, module)`` returning False leaves that module alone. Modules that are
-    already :class:`GhostModule` get ``backend`` set. Works in place and returns ``model`` (or the new
+    already :class:`GhostModule` get ``backend`` set. With an explicitly named ``backend``, a module
+    whose own options that backend can never run (an activation it lacks, a kernel size, ...) is
+    left as it was and reported, instead of failing at its first forward. Works in place and returns ``model`` (or the new
     module, if ``model`` itself is a Ghost module); with ``return_report=True``, ``(model, report)``.
     The outputs are those of the original model. Logs the count (logger ``ghost_kernels``, INFO) and
     warns about Ghost-like modules it could not convert, with the reason.
@@ -95,17 +111,16 @@ def convert(model: nn.Module, backend: str = "auto", filter_fn: Optional[FilterF
     def swap(name: str, module: nn.Module) -> Optional[nn.Module]:
         if filter_fn is not None and not filter_fn(name, module):
             return None
-        if isinstance(module, GhostModule):
-            module.backend = backend
-            report.converted.append(name)
+        if not isinstance(module, GhostModule) and not ghost_like(module):
             return None
-        if not ghost_like(module):
-            return None
-        why = why_not_convertible(module)
+        why = why_not_convertible(module) or backend_cannot_run(backend, module)
         if why is not None:
             report.skipped[name or "<root>"] = why
             return None
         report.converted.append(name or "<root>")
+        if isinstance(module, GhostModule):
+            module.backend = backend
+            return None
         return GhostModule.from_module(module, backend)
 
     root = swap("", model)
@@ -116,7 +131,9 @@ def convert(model: nn.Module, backend: str = "auto", filter_fn: Optional[FilterF
                 new = swap(full, child)
                 if new is not None:
                     setattr(parent, child_name, new)
-    logger.info("ghost_kernels.convert: %s", report.summary())
+    # the count in the log, the details of what was left alone once, in the warning
+    logger.info("ghost_kernels.convert: converted %d Ghost modules%s", len(report.converted),
+                f"; left {len(report.skipped)} Ghost-like modules as they were (see the warning)" if report.skipped else "")
     if report.skipped:
         warnings.warn(f"ghost_kernels.convert: {report.summary()}", stacklevel=2)
     result = root if root is not None else model

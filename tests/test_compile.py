@@ -9,10 +9,11 @@ import itertools
 
 import pytest
 import torch
-from helpers import DEVICE, FAMILIES, LAYOUTS, RandomGhost, make_x, randomize, rel_err, small_ghost_net
+from helpers import DEVICE, FAMILIES, LAYOUTS, OfficialGhost, RandomGhost, make_x, randomize, rel_err, small_ghost_net
+from torch import nn
 
 import ghost_kernels as gk
-from ghost_kernels.triton import family as triton_family
+from ghost_kernels.core.params import op_args
 
 timm = pytest.importorskip("timm")
 COMPILER = "inductor" if DEVICE == "cuda" else "aot_eager"
@@ -52,7 +53,7 @@ def test_triton_forward_op_passes_opcheck(fam, i, ratio, dw, stride):
         p.bn1 = p.bn1._replace(weight=None, bias=None)
         p.bn2 = p.bn2._replace(weight=None, bias=None)
     x = make_x(2, spec.inp, 5 + i % 3, 4 + i % 4, torch.float32, layout)
-    args = (x, *triton_family.op_args(p.params), torch.float32, fam)
+    args = (x, *op_args(p.params), torch.float32, fam)
     torch.library.opcheck(torch.ops.ghost_kernels.triton_forward.default, args)
 
 
@@ -220,8 +221,139 @@ def test_channels_last_compiled_model_has_no_layout_copies():
         out, codes = run_and_get_code(torch.compile(model, backend="inductor", fullgraph=True), x)
         ref = model(x)
     code = "\n".join(codes)
-    assert code.count("ghost_kernels.triton_forward.default(") == 6
+    assert code.count("ghost_kernels.forward.default(") == 6   # backend="triton": the family chosen per call
     copies = [ln.strip() for ln in code.splitlines()
               if any(k in ln for k in ("clone(", ".copy_(", "contiguous(", "as_strided_copy")) and "import" not in ln]
     assert not copies, copies
     assert rel_err(out, ref) < 1e-5
+
+
+# ---- issue 18: compile and export across input sizes ---------------------------------------------
+
+def two_ghosts(backend):
+    """Two Ghost modules, odd oup (the slice drops a ghost channel), converted to ``backend``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(OfficialGhost(4, 8), OfficialGhost(8, 7, relu=False))
+    return randomize(gk.convert(net, backend=backend)).to(DEVICE)
+
+
+SIZES = [(4, 4), (6, 3), (5, 7)]   # the second size makes dynamo recompile with dynamic shapes
+
+
+@pytest.mark.parametrize("backend,mode,dynamic", [
+    ("triton", "eval", None), ("triton", "eval", True), ("triton", "train", None), ("triton", "train", True),
+    ("auto", "eval", None), ("auto", "train", True), ("torch_folded", "eval", True)]
+    + [(f, "eval", None) for f in FAMILIES])
+def test_compile_across_input_sizes(backend, mode, dynamic):
+    """torch.compile(fullgraph=True) of a converted model fed three input sizes: the second size used
+    to crash (the choice traced a symbolic H/W into assume_constant_result) and dynamic=True failed
+    on the first call. The graph must hold for every size and equal eager at each one."""
+    model = getattr(two_ghosts(backend), mode)()
+    twin = copy.deepcopy(model)
+    c = compiled(model) if dynamic is None else torch.compile(model, backend=COMPILER, fullgraph=True, dynamic=True)
+    for h, w in SIZES:
+        x = torch.randn(2, 4, h, w, device=DEVICE)
+        with torch.set_grad_enabled(mode == "train"):
+            got, want = c(x), twin(x)
+        assert rel_err(got, want) < 1e-5, (h, w)
+    assert not graph_breaks(), graph_breaks()
+
+
+def exported_ops(ep):
+    return sorted({n.target.name() for n in ep.graph.nodes if n.op == "call_function"
+                   and getattr(n.target, "namespace", None) == "ghost_kernels"})
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"] + FAMILIES)
+def test_export_with_dynamic_batch_height_and_width(backend):
+    """torch.export with dynamic N, H and W ("you marked h as dynamic but your code specialized it"
+    before): the program runs at other sizes and equals the eager module there."""
+    from torch.export import Dim
+    model = two_ghosts(backend).eval()
+    x = torch.randn(3, 4, 7, 9, device=DEVICE)
+    with torch.no_grad():
+        ep = torch.export.export(model, (x,), dynamic_shapes={"input": {0: Dim("n"), 2: Dim("h"), 3: Dim("w")}})
+        for shape in [(2, 4, 5, 6), (4, 4, 12, 3)]:
+            x2 = torch.randn(*shape, device=DEVICE)
+            assert rel_err(ep.module()(x2), model(x2)) < 1e-6, shape
+    ops = exported_ops(ep)
+    if backend in FAMILIES:
+        assert ops == ["ghost_kernels::triton_forward"], ops
+    elif backend == "triton":
+        assert ops == ["ghost_kernels::forward"], ops
+    # auto on a CPU runs the PyTorch path (plain aten ops); on a GPU torch_folded or the per-call op
+
+
+@pytest.mark.parametrize("requested", ["triton", "auto"])
+@pytest.mark.parametrize("i,ratio,dw,stride", OP_SWEEP)
+def test_forward_op_passes_opcheck(requested, i, ratio, dw, stride):
+    """The op that chooses per call (what compiled and exported graphs hold for auto / triton
+    inference): schema, fake tensor (exact strides), autograd registration, AOT dispatch, over the
+    option sweep."""
+    spec, layout, affine, _ = sweep_point(i, ratio, dw, stride)
+    p = RandomGhost(spec, DEVICE)
+    if not affine:
+        p.bn1 = p.bn1._replace(weight=None, bias=None)
+        p.bn2 = p.bn2._replace(weight=None, bias=None)
+    x = make_x(2, spec.inp, 5 + i % 3, 4 + i % 4, torch.float32, layout)
+    torch.library.opcheck(torch.ops.ghost_kernels.forward.default, (x, *op_args(p.params), torch.float32, requested))
+
+
+def test_explicit_family_checks_its_size_limits_at_run_time():
+    """Under tracing a family's size-dependent limits (triton_band's maximum width) cannot be checked
+    (sizes may be symbolic): the op checks them per call, with the same error eager mode gives."""
+    from ghost_kernels.triton import band
+    spec = gk.GhostSpec(4, 8)
+    p = RandomGhost(spec, DEVICE)
+    x = torch.randn(1, 4, 1, band.MAX_LANES + 1, device=DEVICE)
+    args = (x, *op_args(p.params), torch.float32, "triton_band")
+    with pytest.raises(gk.BackendNotSupported, match="backend='triton_band' cannot run this input: output 1x"):
+        torch.ops.ghost_kernels.triton_forward(*args)
+
+
+# ---- issue 18: eval mode with grad enabled; the documented export / compile recipes ----------------
+
+def test_eval_with_grad_enabled_says_which_op_runs_and_the_fix():
+    """An eval-mode call with grad mode on needs autograd: backend="triton" runs the training op (and
+    explain() says so, and how to get the inference op); an explicit inference family raises with
+    the fix in the message instead of surprising."""
+    model = two_ghosts("triton").eval()
+    x = torch.randn(2, 4, 6, 6, device=DEVICE)
+    text = model[0].explain(x)
+    assert "ghost_kernels::triton_train_forward" in text and "torch.no_grad()" in text
+    with torch.no_grad():
+        assert "ghost_kernels::triton_forward" in model[0].explain(x)
+    model[0].backend = FAMILIES[0]
+    with pytest.raises(gk.BackendNotSupported, match=r"an eval-mode call with gradients enabled.*torch\.no_grad\(\) "
+                                                     r"or torch\.inference_mode\(\).*backend='triton'"):
+        model(x)
+    model.requires_grad_(False)     # frozen: no autograd needed, the inference op runs
+    assert rel_err(model(x), two_ghosts("torch").eval()(x)) < 1e-5
+
+
+@pytest.mark.parametrize("recipe", ["export_no_grad", "compile_no_grad", "compile_inference_mode"])
+def test_readme_recipes_put_the_inference_op_in_the_graph(recipe):
+    """The README's recipes for exporting and compiling an eval model: the inference op (not the
+    training op) is what lands in the graph."""
+    model = two_ghosts("triton").eval()
+    x = torch.randn(2, 4, 6, 6, device=DEVICE)
+    if recipe == "export_no_grad":
+        with torch.no_grad():
+            ep = torch.export.export(model, (x,))
+        ops = exported_ops(ep)
+        got = ep.module()(x)
+    else:
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+        torch._dynamo.reset()
+        ctx = torch.no_grad() if recipe == "compile_no_grad" else torch.inference_mode()
+        with ctx:
+            got = torch.compile(model, backend=backend, fullgraph=True)(x)
+        ops = sorted({n.target.name() for g in graphs for n in g.graph.nodes
+                      if getattr(n.target, "namespace", None) == "ghost_kernels"})
+    assert ops == ["ghost_kernels::forward"], ops
+    with torch.no_grad():
+        assert rel_err(got, model(x)) < 1e-6

@@ -6,6 +6,8 @@ GPU: the same numerical sweep as the Triton kernel, NaN-poisoned, plus > 2^31 ou
 with the Triton backend.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -172,25 +174,52 @@ def test_cuda_more_than_2_31_output_elements():
 
 
 def _run_python(code: str) -> str:
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items()}
     res = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout + res.stderr
 
 
-def test_missing_extension_never_breaks_import():
+def test_install_without_the_extension_imports_quietly(tmp_path):
+    """An install without nvcc has no ghost_kernels._C: the import is silent (it used to warn of a
+    "circular import" on Python 3.11) and the cuda backend and info say it was built without it."""
+    import shutil
+    pkg = os.path.dirname(gk.__file__)
+    shutil.copytree(pkg, tmp_path / "ghost_kernels", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    import site
+    # -S: no .pth files, so an editable install's import hook does not map ghost_kernels to the checkout;
+    # cwd: not the checkout either
+    path = os.pathsep.join([str(tmp_path)] + site.getsitepackages())
+    res = subprocess.run(
+        [sys.executable, "-S", "-W", "error::UserWarning", "-c",
+         "import ghost_kernels as gk, ghost_kernels.info as info\n"
+         "assert gk.__file__.startswith(%r), gk.__file__\n"
+         "print('REASON', gk.available_backends()['cuda'])\n"
+         "info.main()\n" % str(tmp_path)],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path), timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "REASON built without the CUDA extension ghost_kernels._C" in res.stdout
+    assert "circular" not in res.stdout + res.stderr and "Warning" not in res.stderr
+    assert "cuda" in res.stdout.split("backends:")[1] and "built without the CUDA extension" in res.stdout.split("backends:")[1]
+
+
+def test_broken_extension_warns_with_its_reason():
     out = _run_python(
-        "import sys, importlib.abc\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
+        "import sys, importlib.abc, importlib.machinery\n"
+        "class Broken(importlib.abc.MetaPathFinder, importlib.abc.Loader):\n"
         "    def find_spec(self, name, path, target=None):\n"
-        "        if name == 'ghost_kernels._C': raise ImportError('No module named ghost_kernels._C')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "import ghost_kernels as gk\n"
+        "        if name == 'ghost_kernels._C': return importlib.machinery.ModuleSpec(name, self)\n"
+        "    def create_module(self, spec): raise ImportError('undefined symbol: _ZN3c10 (a stale build)')\n"
+        "    def exec_module(self, module): pass\n"
+        "sys.meta_path.insert(0, Broken())\n"
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import ghost_kernels as gk\n"
+        "print('WARNINGS', sum('failed to load' in str(x.message) for x in w))\n"
         "print('REASON', gk.available_backends()['cuda'])\n")
-    assert "REASON the CUDA extension ghost_kernels._C was not built" in out
+    assert "WARNINGS 1" in out
+    assert "REASON the CUDA extension ghost_kernels._C failed to load: ImportError: undefined symbol" in out
 
 
 def test_mismatched_extension_warns_once_and_reports():

@@ -157,3 +157,25 @@ def test_functional_api_validates_every_tensor(backend):
         gk.ghost_forward(x, p.params._replace(wd=p.wd.double()), backend=backend)
     with pytest.raises(TypeError, match="params must be a ghost_kernels.GhostParams"):
         gk.ghost_forward(x, (p.w1, p.bn1), backend=backend)
+
+
+# ---- issue 18: an empty spatial size is one clear error on every backend -----------------------------
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("hw", [(0, 6), (5, 0)])
+def test_empty_spatial_size_is_one_clear_error(backend, hw):
+    """Eager nn.Conv2d raises for H or W = 0 (a padded-size error not naming x); the fused backends
+    said "BackendNotSupported: empty spatial size". Now every backend, in the module and the
+    functional API, eval and train, raises the same ValueError naming x. (N = 0 is eager's empty
+    result, tests/test_training.py.)"""
+    mod = randomize(gk.GhostModule(8, 12, backend=backend)).to(DEVICE)
+    x = torch.randn(2, 8, *hw, device=DEVICE)
+    match = re.escape(f"x has an empty spatial size (H, W) = {hw}")
+    for train in (False, True):
+        mod.train(train)
+        with torch.no_grad(), pytest.raises(ValueError, match=match):
+            mod(x)
+    with pytest.raises(ValueError, match=match):
+        gk.ghost_forward(x, mod.params(), backend=backend)
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+        mod.forward_eager(x)   # eager's own forward: an error too

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import DEVICE, OfficialGhost, randomize, rel_err
+from helpers import DEVICE, FAMILIES, OfficialGhost, randomize, rel_err
 from torch import nn
 
 import ghost_kernels as gk
@@ -16,6 +16,8 @@ import ghost_kernels as gk
 timm = pytest.importorskip("timm")  # a test extra: installed by the README's test command
 from timm.models.ghostnet import GhostModule as TimmGhost  # noqa: E402
 from timm.models.ghostnet import GhostModuleV2 as TimmGhostV2  # noqa: E402
+
+FAMILIES_FIRST = FAMILIES[0]
 
 # (args, kwargs) for the official-style constructor; the same numbers go to timm's.
 CONFIGS = [((16, 16), {}), ((16, 33, 1, 3, 5, 2, False), {}), ((8, 7), dict(ratio=4, dw_size=7)),
@@ -361,13 +363,17 @@ def test_convert_matches_by_structure(caplog):
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_torchscript_script_and_trace_run_the_pytorch_path(mode):
     """torch.jit.script / trace of a converted model used to fail with opaque errors; now they work
-    (the Ghost modules' PyTorch path, with a warning saying so) and compute the model's function."""
+    (the Ghost modules' PyTorch path, with a warning saying so) and compute the model's function.
+    Scripting leaves the eager model as it was (issue 18: it swapped its children in place, so the
+    eager model silently lost its fused kernels, explain() and backend)."""
     import ghost_kernels.module as gm
     model = randomize(nn.Sequential(OfficialGhost(8, 12), OfficialGhost(12, 8, relu=False))).to(DEVICE)
     gk.convert(model, backend="triton")
     getattr(model, mode)()
     x = torch.randn(2, 8, 6, 5, device=DEVICE)
     twin = copy.deepcopy(model)
+    with torch.no_grad():
+        before = model(x)
     gm._TORCHSCRIPT_WARNED = False
     with pytest.warns(UserWarning, match="TorchScript .* runs the Ghost modules' PyTorch path"):
         scripted = torch.jit.script(model)
@@ -377,6 +383,160 @@ def test_torchscript_script_and_trace_run_the_pytorch_path(mode):
         ref[0].backend = ref[1].backend = "torch"
         with torch.no_grad():
             torch.testing.assert_close(ts(x), ref(x), rtol=1e-5, atol=1e-6)
+    assert all(type(m) is gk.GhostModule and m.backend == "triton" for m in model)
+    assert "runs 'triton'" in model[0].explain(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    assert scripted[0].primary_conv[0].weight is model[0].primary_conv[0].weight   # shared, not copied
+
+
+# ---- issue 18: convert() converts only what the backend can run; papercuts -------------------------
+
+@pytest.mark.parametrize("ctor,expected", [(dict(act_layer=nn.Hardswish), "activation other than ReLU"),
+                                           (dict(dw_size=9), "dw_size=9"), (dict(kernel_size=3), "kernel_size=3")])
+def test_convert_skips_modules_the_named_backend_can_never_run(ctor, expected):
+    """convert(..., backend="triton") used to convert a module whose options no Triton path runs (the
+    report said converted; the first forward raised): now it is left alone and reported with the
+    reason. auto (which falls back to PyTorch) converts it."""
+    model = nn.Sequential(TimmGhost(8, 12, **ctor), TimmGhost(12, 8))
+    with pytest.warns(UserWarning, match=expected):
+        _, report = gk.convert(model, backend="triton", return_report=True)
+    assert report.converted == ["1"] and list(report.skipped) == ["0"]
+    assert "backend='triton' cannot run its options" in report.skipped["0"] and expected in report.skipped["0"]
+    assert type(model[0]) is TimmGhost and isinstance(model[1], gk.GhostModule)
+    _, report = gk.convert(nn.Sequential(TimmGhost(8, 12, **ctor)), backend="auto", return_report=True)
+    assert report.converted == ["0"]
+
+
+def test_convert_reports_skipped_modules_once(caplog):
+    """With logging on, the skipped modules used to be reported twice (the INFO line and the warning):
+    the INFO line counts, the warning gives the details."""
+    model = nn.Sequential(TimmGhost(8, 12, act_layer=nn.Hardswish), TimmGhost(12, 8))
+    with caplog.at_level(logging.INFO, logger="ghost_kernels"), pytest.warns(UserWarning) as warned:
+        gk.convert(model, backend="triton")
+    assert len(warned) == 1 and "Hardswish" in str(warned[0].message)
+    info = [r.getMessage() for r in caplog.records if r.name == "ghost_kernels"]
+    assert info == ["ghost_kernels.convert: converted 1 Ghost modules; left 1 Ghost-like modules as they were "
+                    "(see the warning)"], info
+
+
+def test_conflicting_constructor_arguments_raise():
+    with pytest.raises(TypeError, match="inp=16 and in_chs=8 conflict"):
+        gk.GhostModule(inp=16, in_chs=8, oup=8)
+    with pytest.raises(TypeError, match="oup=8 and out_chs=4 conflict"):
+        gk.GhostModule(16, 8, out_chs=4)
+    with pytest.raises(TypeError, match="relu .* or act_layer .*, not both"):
+        gk.GhostModule(8, 8, relu=False, act_layer=nn.ReLU)
+    with pytest.raises(TypeError, match="act_layer given twice"):
+        gk.GhostModule(8, 8, 1, 2, 3, 1, nn.ReLU, act_layer=nn.Identity)
+    assert gk.GhostModule(inp=8, in_chs=8, oup=4).spec.inp == 8      # the same value twice is fine
+    assert gk.GhostModule(8, 8, relu=False).spec.act == "none"
+
+
+def test_backend_assignment_is_checked_at_once():
+    m = gk.GhostModule(8, 8)
+    with pytest.raises(ValueError, match="backend must be one of .* got 'tritonn'"):
+        m.backend = "tritonn"
+    assert m.backend == "auto"
+    m.backend = "torch"
+    assert m.backend == "torch" and "backend='torch'" in repr(m)
+
+
+def test_params_of_a_non_ghost_module_and_repr():
+    with pytest.raises(TypeError, match=r"Conv2d does not have the Ghost module structure \(primary_conv and "
+                                        r"cheap_operation"):
+        gk.GhostParams.from_module(nn.Conv2d(1, 1, 1))
+    text = repr(gk.GhostModule(8, 12).params())
+    assert "w1=torch.float32[6, 8, 1, 1]" in text and "tensor(" not in text and len(text) < 1000
+
+
+def test_package_metadata_version_and_typing():
+    """One version (ghost_kernels/_version.py, which pyproject.toml reads) and a py.typed marker."""
+    import importlib.metadata
+    import os
+    root = os.path.dirname(gk.__file__)
+    assert os.path.exists(os.path.join(root, "py.typed"))
+    pyproject = open(os.path.join(os.path.dirname(root), "pyproject.toml")).read()
+    assert 'dynamic = ["version"]' in pyproject and 'attr = "ghost_kernels._version.__version__"' in pyproject
+    assert "\nversion =" not in pyproject.split("[tool.setuptools.dynamic]")[0]
+    assert importlib.metadata.version("ghost_kernels") == gk.__version__
+    info = subprocess.run([sys.executable, "-m", "ghost_kernels.info"], capture_output=True, text=True, check=True)
+    assert gk.__version__ in info.stdout
+
+
+# ---- issue 15: the per-module cache sees every way a parameter or option can change ------------------
+
+REPLACEMENTS = ["assign_parameter", "assign_buffer", "load_state_dict_assign", "replace_batchnorm",
+                "replace_activation", "bn_eps", "param_data_swap", "half_and_back", "oup_attribute"]
+
+
+def apply_replacement(mod, what):
+    """Changes that replace an object (or an option) instead of editing a tensor in place."""
+    if what == "assign_parameter":
+        mod.primary_conv[0].weight = nn.Parameter(torch.randn_like(mod.primary_conv[0].weight))
+    elif what == "assign_buffer":
+        mod.cheap_operation[1].running_var = torch.rand_like(mod.cheap_operation[1].running_var) + 2.0
+    elif what == "load_state_dict_assign":
+        mod.load_state_dict(randomize(gk.GhostModule(8, 12)).to(DEVICE).state_dict(), assign=True)
+    elif what == "replace_batchnorm":
+        mod.primary_conv[1] = randomize(nn.BatchNorm2d(6)).to(DEVICE).eval()
+    elif what == "replace_activation":   # the spec changes: ReLU -> identity on both
+        mod.primary_conv[2] = nn.Identity()
+        mod.cheap_operation[2] = nn.Identity()
+    elif what == "bn_eps":
+        mod.cheap_operation[1].eps = 0.5
+    elif what == "param_data_swap":
+        mod.cheap_operation[0].weight.data = torch.randn_like(mod.cheap_operation[0].weight)
+    elif what == "half_and_back":
+        mod.half()
+        mod.primary_conv[1].running_mean.data.add_(1.0)
+        mod.float()
+    elif what == "oup_attribute":
+        mod.oup = 11
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch_folded"])
+@pytest.mark.parametrize("what", REPLACEMENTS)
+def test_fresh_results_after_every_replacement(backend, what):
+    """The module caches its parameter bundle and backend choice (issue 15, host overhead): every way
+    of replacing a tensor, a submodule or an option is seen by the next call."""
+    mod = randomize(gk.GhostModule(8, 12, backend=backend)).to(DEVICE).eval()
+    x = torch.randn(2, 8, 5, 6, device=DEVICE)
+
+    def check(label):
+        with torch.no_grad():
+            out = mod(x)
+            ref = copy.deepcopy(mod).double()
+            ref.backend = "torch"
+            assert rel_err(out, ref(x.double())) < 1e-5, label
+
+    check("first call")
+    check("cached call")
+    apply_replacement(mod, what)
+    check(f"after {what}")
+
+
+def test_cached_choice_follows_mode_grad_and_requires_grad():
+    """train/eval, grad mode, requires_grad and autocast are part of each call's key: an explicit
+    inference family runs eval calls without autograd and refuses the others, whatever ran before."""
+    mod = randomize(gk.GhostModule(8, 12, backend=FAMILIES_FIRST)).to(DEVICE).eval()
+    x = torch.randn(2, 8, 5, 6, device=DEVICE)
+    with torch.no_grad():
+        mod(x)
+    with pytest.raises(gk.BackendNotSupported, match="autograd is needed"):
+        mod(x)                                   # grad mode on, parameters require grad
+    mod.requires_grad_(False)
+    mod(x)                                       # nothing needs grad: the inference family runs
+    with pytest.raises(gk.BackendNotSupported, match="autograd is needed"):
+        mod(x.requires_grad_())
+    mod.train()
+    with torch.no_grad(), pytest.raises(gk.BackendNotSupported, match="train-mode BatchNorm"):
+        mod(x.detach())
+    mod.eval().backend = "triton"
+    ref = copy.deepcopy(mod).double()
+    ref.backend = "torch"
+    with torch.no_grad():
+        assert rel_err(mod(x.detach()), ref(x.detach().double())) < 1e-5
 
 
 def test_readme_shows_every_backend():

@@ -20,6 +20,17 @@ from .params import GhostParams, has_running_stats
 from .spec import GhostSpec
 
 
+class BackendNotSupported(RuntimeError):
+    """An explicitly requested backend cannot run this input; the message lists every reason."""
+
+
+def is_compiling() -> bool:
+    """True while torch.compile (dynamo) or torch.export traces the caller: input sizes may be symbolic
+    then, and nothing may be decided from their values (see ``dispatch.choose``)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
 def autocast_enabled(device: torch.device) -> bool:
     """Whether torch.autocast is on for ``device``'s type."""
     if device.type not in ("cuda", "cpu"):
@@ -40,7 +51,7 @@ def compute_dtype(x: Tensor) -> torch.dtype:
         return torch.get_autocast_gpu_dtype() if x.device.type == "cuda" else torch.get_autocast_cpu_dtype()
 
 
-@dataclass(frozen=True)
+@dataclass
 class Request:
     """One forward call, as the backends see it when they decide whether they can run it."""
 
@@ -58,6 +69,11 @@ class Request:
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p is not None and p.requires_grad for p in params.trainable()))
         return cls(x, params, training, needs_grad, compute_dtype(x), sync_group, sync_error)
+
+    @classmethod
+    def for_inference(cls, x: Tensor, params: GhostParams, dtype: torch.dtype) -> "Request":
+        """An eval-mode call without autograd computing in ``dtype`` (inside the inference ops)."""
+        return cls(x, params, False, False, dtype)
 
     @property
     def spec(self) -> GhostSpec:
@@ -102,13 +118,20 @@ class Support:
     acts: Tuple[str, ...] = ("relu", "none")
 
     def reasons(self, req: Request) -> List[str]:
-        spec, x, dtype = req.spec, req.x, req.compute_dtype
+        """Every reason this table does not admit ``req``: its spec's options and the compute dtype."""
+        x, dtype = req.x, req.compute_dtype
         out = []
         if dtype not in self.dtypes or x.dtype not in self.dtypes:
             names = ", ".join(_DTYPE_NAMES.get(d, str(d)) for d in self.dtypes)
             out.append(f"dtype {x.dtype if x.dtype not in self.dtypes else dtype} (supported: {names})")
         elif dtype == torch.bfloat16 and x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
             out.append("bfloat16 needs compute capability 8.0 or newer")
+        return out + self.spec_reasons(req.spec)
+
+    def spec_reasons(self, spec: GhostSpec) -> List[str]:
+        """The reasons that depend on the module alone (its options), never on an input: a module with
+        any of them can never run on a backend with this table (``convert()`` skips it)."""
+        out = []
         for name, value, allowed in (("kernel_size", spec.kernel_size, self.kernel_sizes),
                                      ("stride", spec.stride, self.strides), ("ratio", spec.ratio, self.ratios),
                                      ("dw_size", spec.dw_size, self.dw_sizes)):
@@ -116,8 +139,6 @@ class Support:
                 out.append(f"{name}={value} (supported: {allowed})")
         if spec.act not in self.acts:
             out.append("activation other than ReLU or identity")
-        if x.shape[2] == 0 or x.shape[3] == 0:
-            out.append(f"empty spatial size {tuple(x.shape[2:])}")
         return out
 
 
@@ -137,16 +158,27 @@ class Backend:
         return None
 
     def not_supported_reasons(self, req: Request) -> List[str]:
-        """Every reason this backend cannot run ``req``; an empty list means it can."""
+        """Every reason this backend cannot run ``req``; an empty list means it can. While torch.compile
+        or export traces the call, the reasons that depend on the input's sizes are left to run time
+        (:meth:`size_reasons`, checked by the registered op itself): sizes may be symbolic then."""
         env = self.environment_reason(req.x.device)
         reasons = [env] if env else []
         if self.support is not None:
             reasons += self.support.reasons(req)
         if not req.inference:
             reasons += self.training_reasons(req)
-        if self.extra_reasons is not None:
-            reasons += self.extra_reasons(req)
+        if not is_compiling():
+            reasons += self.size_reasons(req)
         return reasons
+
+    def size_reasons(self, req: Request) -> List[str]:
+        """The reasons that depend on the input's N, H or W (e.g. a maximum image width)."""
+        return self.extra_reasons(req) if self.extra_reasons is not None else []
+
+    def spec_reasons(self, spec: GhostSpec) -> List[str]:
+        """Every reason this backend can never run a module with ``spec``, whatever the input and
+        machine (``convert()`` skips such modules for an explicitly named backend)."""
+        return self.support.spec_reasons(spec) if self.support is not None else []
 
     def training_reasons(self, req: Request) -> List[str]:
         """Reasons this backend cannot run a call that is not plain inference (train-mode BN,
@@ -157,10 +189,18 @@ class Backend:
         if req.training:
             reasons.append(f"train-mode BatchNorm ({self.name} is inference-only; backend='triton' trains)")
         if req.needs_grad:
-            reasons.append(f"autograd is needed ({self.name} has no backward; backend='triton' has one)")
+            reasons.append(f"autograd is needed: {'an eval-mode call ' if not req.training else ''}with gradients "
+                           f"enabled and x or a parameter requiring grad ({self.name} has no backward). For "
+                           f"inference run it under torch.no_grad() or torch.inference_mode(); to train, use "
+                           f"backend='triton', whose training ops have one")
         if not has_running_stats(req.params):
             reasons.append("BatchNorm without running statistics cannot be folded")
         return reasons
+
+    def resolve(self, req: Request) -> "Backend":
+        """The backend whose :meth:`forward` runs ``req`` (a group such as ``triton`` returns the member
+        it picks): what a module caches for calls like ``req``."""
+        return self
 
     def explain_choice(self, req: Request) -> str:
         """What this backend runs for ``req`` and why (for ``explain``); empty if nothing to add."""

@@ -48,6 +48,12 @@ def shape_key(spec: GhostSpec, h: int, w: int, dtype: torch.dtype, channels_last
             DTYPE_NAMES.get(dtype, str(dtype)), "channels_last" if channels_last else "nchw")
 
 
+def spec_key(spec: GhostSpec, dtype: torch.dtype, channels_last: bool) -> Tuple:
+    """The table key's parts that do not depend on the input's sizes (what is static under tracing)."""
+    return (spec.inp, spec.oup, spec.ratio, spec.dw_size, spec.stride, spec.act, DTYPE_NAMES.get(dtype, str(dtype)),
+            "channels_last" if channels_last else "nchw")
+
+
 def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
@@ -94,8 +100,9 @@ def load_table(path: str = TABLE_PATH) -> Dict[str, dict]:
 
 
 def _constant(fn):
-    """Under torch.compile, call ``fn`` at trace time and keep its result as a constant: the choice is
-    a pure function of the shape, the GPU and the committed table (no file or device query traced)."""
+    """Under torch.compile, call ``fn`` at trace time and keep its result as a constant: a pure function
+    of static facts (the device, the module's options, the committed table; never an input size,
+    which can be symbolic), so no file or device query is traced."""
     assume = getattr(getattr(torch, "compiler", None), "assume_constant_result", None)
     return assume(fn) if assume is not None else fn
 
@@ -198,6 +205,15 @@ def measurements(key: Tuple, device_name: str, capability: Optional[Tuple[int, i
 
 
 @_constant
+def spec_measured(key: Tuple, device_name: str, capability: Optional[Tuple[int, int]] = None) -> bool:
+    """Whether this GPU (or one of its compute capability) has a measurement of ``spec_key`` at any
+    input size: the static fact ``auto`` decides from under torch.compile / export."""
+    for _, entry in _entries(device_name, capability, load_table()):
+        if any(k[:6] + k[8:] == key for k in entry["rows"]):
+            return True
+    return False
+
+
 def rank(candidates: Sequence[str], key: Tuple, device_name: str, capability: Optional[Tuple[int, int]] = None,
          heuristic: Sequence[str] = (), complete_only: bool = False) -> Tuple[List[str], str]:
     """``candidates`` in the order to try them, and a sentence saying why. ``complete_only``: use the
@@ -215,7 +231,6 @@ def rank(candidates: Sequence[str], key: Tuple, device_name: str, capability: Op
     return order, f"{what} for this shape on {device_name}: heuristic order {', '.join(order)}"
 
 
-@_constant
 def heuristic_triton_order(key: Tuple) -> List[str]:
     """Triton families for an unmeasured shape, fastest predicted first: by the offline model's
     predicted time (``max(warp-instructions / issue rate, HBM bytes / bandwidth)`` on sm_90, section

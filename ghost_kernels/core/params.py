@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 from torch import Tensor, nn
 
 from .spec import GhostSpec
-from .structure import spec_of
+from .structure import ghost_layers, spec_of
 
 
 class BatchNormState(NamedTuple):
@@ -49,6 +49,11 @@ class BatchNormState(NamedTuple):
         """(weight, bias, running_mean, running_var), any of them None."""
         return self.weight, self.bias, self.running_mean, self.running_var
 
+    def __repr__(self) -> str:   # shapes and dtypes, not every value
+        fields = ", ".join(f"{f}={_summary(getattr(self, f))}" for f in ("weight", "bias", "running_mean", "running_var"))
+        return (f"BatchNormState({fields}, momentum={self.momentum}, eps={self.eps}, "
+                f"track_running_stats={self.track_running_stats})")
+
 
 class GhostParams(NamedTuple):
     """A Ghost module's parameters and buffers (shared, not copied) and its spec."""
@@ -62,12 +67,17 @@ class GhostParams(NamedTuple):
     @classmethod
     def from_module(cls, module: nn.Module, spec: Optional[GhostSpec] = None) -> "GhostParams":
         """The parameters of a module with the official/timm structure (``primary_conv`` and
-        ``cheap_operation``, each ``Sequential(Conv2d, BatchNorm2d, act)``)."""
+        ``cheap_operation``, each ``Sequential(Conv2d, BatchNorm2d, act)``) or of a module of this
+        package; a TypeError saying what is missing for any other module."""
+        pconv, pbn, _, cconv, cbn, _ = ghost_layers(module)
         if spec is None:
             spec = spec_of(module)
-        pconv, pbn = module.primary_conv[0], module.primary_conv[1]
-        cconv, cbn = module.cheap_operation[0], module.cheap_operation[1]
         return cls(pconv.weight, BatchNormState.from_module(pbn), cconv.weight, BatchNormState.from_module(cbn), spec)
+
+    def __repr__(self) -> str:   # shapes and dtypes, not every value
+        device = self.w1.device if isinstance(self.w1, Tensor) else None
+        return (f"GhostParams({self.spec}, w1={_summary(self.w1)}, bn1={self.bn1!r}, wd={_summary(self.wd)}, "
+                f"bn2={self.bn2!r}, device={device})")
 
     @property
     def has_running_stats(self) -> bool:
@@ -111,6 +121,10 @@ class GhostParams(NamedTuple):
                     yield f"{name}.{field}", t
 
 
+def _summary(t) -> str:
+    return f"{t.dtype}{list(t.shape)}" if isinstance(t, Tensor) else repr(t)
+
+
 def _check_tensor(name: str, t, shape) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -129,3 +143,19 @@ def bn_has_running_stats(bn: BatchNormState) -> bool:
 def has_running_stats(params: GhostParams) -> bool:
     """Both BatchNorms have running statistics (eval mode can fold them)."""
     return bn_has_running_stats(params.bn1) and bn_has_running_stats(params.bn2)
+
+
+def op_args(params: GhostParams) -> tuple:
+    """The inference ops' tensor and option arguments (``ghost_kernels::triton_forward`` and
+    ``ghost_kernels::forward``) from a parameter bundle; :func:`params_from_op` inverts it."""
+    b1, b2, spec = params.bn1, params.bn2, params.spec
+    return (params.w1, b1.weight, b1.bias, b1.running_mean, b1.running_var, float(b1.eps),
+            params.wd, b2.weight, b2.bias, b2.running_mean, b2.running_var, float(b2.eps),
+            spec.oup, spec.stride, spec.ratio, spec.dw_size, spec.act == "relu")
+
+
+def params_from_op(x: Tensor, w1, g1, b1, rm1, rv1, eps1, wd, g2, b2, rm2, rv2, eps2, oup, stride, ratio,
+                   dw_size, relu) -> GhostParams:
+    spec = GhostSpec.from_op_args(x.shape[1], oup, stride, ratio, dw_size, relu)
+    return GhostParams(w1, BatchNormState(g1, b1, rm1, rv1, None, None, eps1), wd,
+                       BatchNormState(g2, b2, rm2, rv2, None, None, eps2), spec)

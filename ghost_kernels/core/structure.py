@@ -54,10 +54,25 @@ def structure_problems(module: nn.Module) -> list:
     return problems
 
 
+def ghost_layers(module: nn.Module) -> tuple:
+    """(primary conv, its BatchNorm, its activation, cheap conv, its BatchNorm, its activation) of a
+    module with the official/timm structure, or of a module of this package (its own
+    ``ghost_layers()``); a clear TypeError for anything else."""
+    if hasattr(module, "ghost_layers"):
+        return tuple(module.ghost_layers())
+    problems = structure_problems(module)
+    if problems:
+        raise TypeError(f"{type(module).__name__} does not have the Ghost module structure (primary_conv and "
+                        f"cheap_operation, each Sequential(Conv2d, BatchNorm2d, act), and an integer oup or "
+                        f"out_chs): " + "; ".join(problems))
+    return (*module.primary_conv, *module.cheap_operation)
+
+
 def spec_of(module: nn.Module) -> GhostSpec:
-    """The :class:`GhostSpec` of a Ghost module with the official/timm structure."""
-    pconv, cconv = module.primary_conv[0], module.cheap_operation[0]
-    a1, a2 = act_kind(module.primary_conv[2]), act_kind(module.cheap_operation[2])
+    """The :class:`GhostSpec` of a Ghost module with the official/timm structure (or of any module
+    with ``ghost_layers()``, as the package's fused modules have)."""
+    pconv, _, act1, cconv, _, act2 = ghost_layers(module)
+    a1, a2 = act_kind(act1), act_kind(act2)
     return GhostSpec(
         inp=pconv.in_channels,
         oup=getattr(module, "oup", getattr(module, "out_chs", None)),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 import warnings
 from typing import Optional
 
@@ -39,7 +40,7 @@ def _load_extension():
     """(the extension module or None, why it is unavailable or None). Not built is a normal install
     (no warning); built but failing to load is a problem worth a warning."""
     try:
-        found = importlib.util.find_spec(EXTENSION) is not None
+        found = EXTENSION in sys.modules or importlib.util.find_spec(EXTENSION) is not None
     except (ImportError, ValueError):
         found = False
     if not found:

@@ -16,9 +16,10 @@ import torch
 from torch import Tensor
 
 from ..core import choice
-from ..core.backend import Backend, Request, Support
+from ..core.backend import Backend, Request, Support, is_compiling
 from ..core.params import has_running_stats
 from ..core.reference import ghost_reference
+from ..core.spec import GhostSpec
 from .family import TritonFamily, triton_environment_reason
 from .train_ops import ghost_train
 
@@ -31,8 +32,12 @@ class TritonBackend(Backend):
         return triton_environment_reason(device)
 
     def family_order(self, req: Request) -> Tuple[List[TritonFamily], str]:
-        """The families in the order to try them for ``req``, and why."""
+        """The families in the order to try them for ``req``, and why. While torch.compile or export
+        traces the call the order is not by shape (sizes may be symbolic): the traced call only asks
+        whether some family admits the module at all, the op ``ghost_kernels::forward`` picks per call."""
         by_name = {f.name: f for f in self.families}
+        if is_compiling():
+            return [by_name[n] for n in choice.TRITON_FAMILIES if n in by_name], "traced: chosen per call"
         name, capability = choice.device_of(req.x)
         key = choice.shape_key(req.spec, req.x.shape[2], req.x.shape[3], req.compute_dtype, req.channels_last)
         order, why = choice.rank(list(by_name), key, name, capability, choice.heuristic_triton_order(key),
@@ -57,13 +62,19 @@ class TritonBackend(Backend):
         if req.inference:
             fam, _, passed = self.pick(req)
             return [] if fam is not None else passed
-        reasons = Support().reasons(req)
+        reasons = TRAINING_SUPPORT.reasons(req)
         batch_stats = req.training or not has_running_stats(req.params)
         if batch_stats and req.batch_values == 1:
             reasons.append("batch statistics need more than 1 value per channel, got 1")
         if req.sync_error:
             reasons.append(req.sync_error)
         return reasons
+
+    def resolve(self, req: Request) -> Backend:
+        if req.inference:
+            fam, _, _ = self.pick(req)
+            return fam
+        return self
 
     def forward(self, x: Tensor, req: Request) -> Tensor:
         if req.inference:
@@ -73,8 +84,32 @@ class TritonBackend(Backend):
             return ghost_reference(x, req.params, training=req.training)
         return ghost_train(x, req.params, req.training, req.compute_dtype, req.sync_group)
 
+    def spec_reasons(self, spec: GhostSpec) -> List[str]:
+        """Reasons no Triton path (no inference family, nor the training ops) can ever run ``spec``."""
+        per_path = [TRAINING_SUPPORT.spec_reasons(spec)] + [f.spec_reasons(spec) for f in self.families]
+        if any(not r for r in per_path):
+            return []
+        return sorted(set(r for reasons in per_path for r in reasons))
+
     def explain_choice(self, req: Request) -> str:
         if not req.inference:
-            return "training ops (train_ops.py): train-mode BN / autograd"
+            return training_op_why(req)
         fam, why, _ = self.pick(req)
-        return f"family {fam.name if fam else None}; {why}"
+        return f"the inference op ghost_kernels::triton_forward, family {fam.name if fam else None}; {why}"
+
+
+def training_op_why(req: Request) -> str:
+    """Why a call runs the training ops rather than an inference family."""
+    if req.training:
+        what = "train-mode BatchNorm (batch statistics, running-statistics updates)"
+    elif req.needs_grad:
+        what = ("eval-mode BatchNorm with autograd: grad mode is on and x or a parameter requires grad. Under "
+                "torch.no_grad() or torch.inference_mode() the inference op ghost_kernels::triton_forward runs "
+                "instead")
+    else:
+        what = "BatchNorm without running statistics (batch statistics even in eval mode)"
+    return f"the training op ghost_kernels::triton_train_forward (with a backward): {what}"
+
+
+# What the training ops (train_ops.py) run: the v1 halo kernels' options.
+TRAINING_SUPPORT = Support()

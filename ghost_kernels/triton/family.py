@@ -25,20 +25,14 @@ import torch
 from torch import Tensor
 
 from ..core import choice
-from ..core.backend import Backend, Request
+from ..core.backend import Backend, BackendNotSupported, Request, is_compiling
 from ..core.layout import empty_output
-from ..core.params import BatchNormState, GhostParams
+from ..core.params import GhostParams, op_args, params_from_op
 from ..core.spec import GhostSpec
 from . import common as tc
 
 Launcher = Callable[..., Tensor]
 FAMILIES: Dict[str, "TritonFamily"] = {}   # name -> family, for the op
-
-
-def is_compiling() -> bool:
-    """True while torch.compile (dynamo) traces the caller."""
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def triton_environment_reason(device: Optional[torch.device] = None) -> Optional[str]:
@@ -120,31 +114,22 @@ def prepare_output(x: Tensor, spec: GhostSpec, dtype: torch.dtype, out: Optional
     return out
 
 
-def op_args(params: GhostParams) -> tuple:
-    """The op's tensor and option arguments from a parameter bundle."""
-    b1, b2, spec = params.bn1, params.bn2, params.spec
-    return (params.w1, b1.weight, b1.bias, b1.running_mean, b1.running_var, float(b1.eps),
-            params.wd, b2.weight, b2.bias, b2.running_mean, b2.running_var, float(b2.eps),
-            spec.oup, spec.stride, spec.ratio, spec.dw_size, spec.act == "relu")
-
-
-def params_from_op(x: Tensor, w1, g1, b1, rm1, rv1, eps1, wd, g2, b2, rm2, rv2, eps2, oup, stride, ratio,
-                   dw_size, relu) -> GhostParams:
-    spec = GhostSpec.from_op_args(x.shape[1], oup, stride, ratio, dw_size, relu)
-    return GhostParams(w1, BatchNormState(g1, b1, rm1, rv1, None, None, eps1), wd,
-                       BatchNormState(g2, b2, rm2, rv2, None, None, eps2), spec)
-
-
 @torch.library.custom_op("ghost_kernels::triton_forward", mutates_args=())
 def triton_forward_op(x: Tensor, w1: Tensor, bn1_weight: Optional[Tensor], bn1_bias: Optional[Tensor],
                       bn1_mean: Tensor, bn1_var: Tensor, bn1_eps: float, wd: Tensor,
                       bn2_weight: Optional[Tensor], bn2_bias: Optional[Tensor], bn2_mean: Tensor, bn2_var: Tensor,
                       bn2_eps: float, oup: int, stride: int, ratio: int, dw_size: int, relu: bool,
                       dtype: torch.dtype, family: str) -> Tensor:
-    """Eval-mode Ghost module forward by the Triton kernel family ``family``, computing in ``dtype``."""
+    """Eval-mode Ghost module forward by the Triton kernel family ``family``, computing in ``dtype``.
+    The family's size-dependent limits are checked here, with the real sizes (at trace time they may
+    be symbolic: ``Backend.not_supported_reasons``)."""
     params = params_from_op(x, w1, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, wd, bn2_weight, bn2_bias,
                             bn2_mean, bn2_var, bn2_eps, oup, stride, ratio, dw_size, relu)
-    return FAMILIES[family].launch(x, params, dtype)
+    fam = FAMILIES[family]
+    reasons = fam.size_reasons(Request.for_inference(x, params, dtype))
+    if reasons:
+        raise BackendNotSupported(f"backend={family!r} cannot run this input: " + "; ".join(reasons))
+    return fam.launch(x, params, dtype)
 
 
 @triton_forward_op.register_fake
