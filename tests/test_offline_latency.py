@@ -108,6 +108,16 @@ def test_tma_group_and_mbarrier_wait():
     assert res["round_trips"] == pytest.approx((L - 2) / L)
 
 
+def test_two_tma_rings_are_waited_for_in_issue_order():
+    """x and w each in their own ring of mbarriers (an expect-tx arrive before each box): with two
+    stages loaded ahead and a step of work longer than the latency, only the first step waits."""
+    stage = [rec("mbar_expect", loops=[0]), rec("tma", loops=[0]), rec("mbar_expect", loops=[0]), rec("tma", loops=[0])]
+    prologue = [r[:0] + [[]] + r[1:] for r in stage * 2]
+    wait = [rec("mbar_wait", wbar=1, loops=[0]), rec("other", wait=0b10, loops=[0])]
+    res = offline.simulate(prologue + wait * 2 + [rec("other", stall=2 * L, loops=[0])] + stage, {0: 4})
+    assert res["round_trips"] == pytest.approx((L - 8) / L)   # the first x box: issued at cycle 1, awaited from 9
+
+
 def test_wgmma_groups_wait_for_their_tensor_core_time():
     mma = latency._arg(offline.Instr(0, "", "HGMMA.64x64x16.F32.BF16", "R24, R120, gdesc[UR4], R24, gsb0", ()),
                        "mma", {})

@@ -16,8 +16,9 @@ from the same SASS, in three steps.
    ``MEMORY_LATENCY_US``; ``cp.async`` (``LDGSTS``) groups committed by ``LDGDEPBAR`` clear
    ``MEMORY_LATENCY_US`` after their last copy, and ``DEPBAR.LE SBk, N`` waits until at most N are
    pending; TMA loads (``UTMALDG``) after ``MEMORY_LATENCY_US``, waited for by the next
-   ``SYNCS...TRYWAIT`` (in issue order: a ring of buffers is consumed in order; the loads between
-   two waits are one group); wgmma groups (``HGMMA`` ... ``gsb0``) after their tensor-core time,
+   ``SYNCS...TRYWAIT`` in issue order (rings of buffers are filled and consumed in order; the loads
+   after an mbarrier's expect-tx arrive, ``SYNCS.ARRIVE.TRANS64``, up to the next arrive or wait are
+   one group); wgmma groups (``HGMMA`` ... ``gsb0``) after their tensor-core time,
    waited for by ``WARPGROUP.DEPBAR.LE gsb0, N``; shared-memory loads after ``SMEM_CYCLES``; any
    other variable-latency instruction (``S2R``, ``LDC``, ``MUFU``, ``SHFL``, conversions, a store's
    register read) after ``OTHER_CYCLES``; ``BAR.SYNC`` costs ``BARRIER_CYCLES`` (the other warps are
@@ -121,6 +122,8 @@ def _kind(ins: Instr) -> str:
         return "tma"
     if is_wait(ins) and b == "SYNCS":
         return "mbar_wait"
+    if b == "SYNCS" and {"ARRIVE", "TRANS64"} <= set(ins.opcode.split(".")):
+        return "mbar_expect"
     if b in SMEM_OPS:
         return "smem"
     if b == "BAR":
@@ -225,8 +228,8 @@ class _Warp:
             self.cp_sb = wbar if wbar != NO_BARRIER else self.cp_sb
         elif kind == "mbar_wait" and wbar == NO_BARRIER:
             self.wait_until(self.t + latency, True)
-        elif wbar != NO_BARRIER:
-            self._set(wbar, self.t + latency, kind in ("mem", "mbar_wait"))
+        elif wbar != NO_BARRIER:   # a phase check counts as a memory wait only while its TMA group is in flight
+            self._set(wbar, self.t + latency, kind == "mem" or (kind == "mbar_wait" and latency > OTHER_CYCLES))
         if rbar != NO_BARRIER:
             self._set(rbar, self.t + OTHER_CYCLES, False)
         cost = max(stall, 1) + (BARRIER_CYCLES if kind == "bar" else 0)
@@ -278,6 +281,11 @@ class _Warp:
         else:
             q.append(done)
         self.tma_open = True
+        return OTHER_CYCLES
+
+    def _mbar_expect(self, _) -> float:
+        """An mbarrier's expect-tx arrive: the TMA loads after it are the next group."""
+        self.tma_open = False
         return OTHER_CYCLES
 
     def _mbar_wait(self, _) -> float:
