@@ -6,6 +6,11 @@ an element the kernel forgets shows as NaN. Both tiling regimes run: whole image
 default at the reduced sizes used here, several images per program for small planes) and bands of rows
 with a recomputed halo (forced through ``config``).
 """
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import (
@@ -26,6 +31,8 @@ from ghost_kernels.core.spec import distinct_ghostnet_100_specs
 from ghost_kernels.triton import band as tb
 from ghost_kernels.triton import common as tc
 from ghost_kernels.triton import family as triton_family
+
+triton = tc.triton
 
 # The shared sweeps of every family (GhostNet shapes, options, sizes, NaN/Inf, autocast, out
 # validation, opcheck) are in test_triton_forward.py, test_errors.py and test_compile.py; this file
@@ -244,3 +251,79 @@ def test_launch_record_and_compiled_variants():
     assert len(keys) <= len(distinct_ghostnet_100_specs()), len(keys)
 
 
+
+
+# --------------------------------------------------------------------------------------------------
+# The K loop's pipeline (issue 15): x boxes in flight
+
+
+def test_k_loop_buffers_in_the_policy():
+    """A K loop over x by TMA runs X_BUFFERS + 1 stages (the 4-D box gets num_stages - 1 shared-memory
+    buffers) where the programs that share an SM still fit its shared memory, at least 2 buffers
+    anyway; no K loop, one stage; the lab also times the old 2 stages (one buffer)."""
+    for shape in distinct_ghostnet_100_specs():
+        spec = shape.spec
+        ho, wo = spec.out_hw(shape.h, shape.w)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            cfg = tb.default_config(spec, ho, wo, dtype, True)
+            if spec.inp <= cfg.BLOCK_K:
+                assert cfg.num_stages == 1, (shape.name, cfg)
+                continue
+            assert 2 <= tb.x_buffers(cfg.num_stages, tma=True) <= tb.X_BUFFERS, (shape.name, cfg)
+            es = torch.empty((), dtype=dtype).element_size()
+            box = cfg.W_PAD * cfg.T_ROWS * cfg.IMGS * cfg.BLOCK_K * es
+            assert tb.x_buffers(cfg.num_stages, tma=True) * box <= tb.SMEM_PER_SM // 2, (shape.name, cfg)
+            if dtype == torch.bfloat16:
+                assert cfg._replace(num_stages=2) in tb.lab_configs(spec, ho, wo, dtype, True)
+    assert tb.x_buffers(4, tma=True) == 3 and tb.x_buffers(2, tma=False) == 2
+
+
+def _ttgir_buffers(i: int) -> dict:
+    """Compile the real launch of GhostNet shape ``i`` (bf16 channels_last, batch 256) for sm_90 and
+    return the shared-memory buffers of each local_alloc in its TTGIR (run in a child process)."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    shape = distinct_ghostnet_100_specs()[i]
+    spec = shape.spec
+    x = torch.empty(256, spec.inp, shape.h, shape.w, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    params = kernel_params(GhostParams(spec, "cpu").to(torch.bfloat16))
+    with tc.capture_launches() as launches:
+        tb.forward(x, params, torch.bfloat16)
+    (L,) = launches
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    k = L.kernel
+    bound, specialization, opts = create_function_from_signature(k.signature, k.params, backend)(*L.args, **L.kwargs)
+    options, signature, constexprs, attrs = k._pack_args(backend, L.kwargs, bound, specialization, opts)
+    ttgir = triton.compile(ASTSource(k, signature, constexprs, attrs), target=target, options=options.__dict__).asm["ttgir"]
+    allocs = re.findall(r"local_alloc[^\n]*?-> !ttg.memdesc<([0-9x]+)bf16", ttgir)
+    return dict(allocs=allocs, tma=len(re.findall(r"async_tma_copy_global_to_local", ttgir)),
+                num_stages=L.kwargs["num_stages"])
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(getattr(triton, "__file__", "") or "."),
+                                                    "backends", "nvidia", "bin", "ptxas")),
+                    reason="this Triton has no offline compiler")
+def test_x_and_w1_are_multi_buffered_for_sm90():
+    """672->112 @14 (11 K steps): the TTGIR gives the x box (1x16x16x64) num_stages - 1 >= 2 buffers
+    and w1's box (64x64) num_stages; both arrive by TMA (was: one x buffer, w1 by pointers)."""
+    i = [s.name for s in distinct_ghostnet_100_specs()].index("blocks.6.4.ghost2")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import sys, json; sys.path.insert(0, 'tests'); import test_family_band as t; "
+            f"print(json.dumps(t._ttgir_buffers({i})))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if res.returncode != 0 and ("ImportError" in res.stderr or "AttributeError" in res.stderr):
+        pytest.skip(f"offline compile API differs: {res.stderr.strip().splitlines()[-1]}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads(res.stdout.strip().splitlines()[-1])
+    stages = rep["num_stages"]
+    x_bufs = [int(a.split("x")[0]) for a in rep["allocs"] if a.endswith("x16x16x64x")]
+    w_bufs = [int(a.split("x")[0]) for a in rep["allocs"] if a.endswith("x64x64x")]
+    assert stages == tb.X_BUFFERS + 1 and x_bufs == [stages - 1] and w_bufs == [stages], rep
+    assert rep["tma"] >= 2 * stages, rep     # x and w1 boxes: prologue and loop

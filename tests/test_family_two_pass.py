@@ -154,6 +154,26 @@ def test_multi_step_programs(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dw", [3, 5])
+def test_pass2_bands_of_rows(layout, dw, monkeypatch):
+    """Pass 2 walks bands of rows: several bands per image (d - 1 halo rows loaded before each band's
+    loop, partial rows past its end never stored, the last band shorter), unit blocks that span images
+    and end inside the batch; with and without the row ring (STAGES2 4 and 1) -- the same function."""
+    monkeypatch.setattr(tp, "MIN_ROWS", 2)
+    spec = gk.GhostSpec(8, 14, ratio=2, dw_size=dw, act="none")   # m = 7; d = 5: weights not hoisted
+    half = layout == "channels_last"
+    dtype = torch.bfloat16 if half else torch.float32
+    base = tp.default_config(spec, 11, 6, dtype, half)
+    with tc.capture_launches() as launches:
+        tp.forward(make_x(3, 8, 11, 6, dtype, layout).cpu(), kparams(GhostParams(spec, "cpu"), dtype), dtype,
+                   config=base._replace(BLOCK_G=8, PROGS2=64))
+    assert launches[1].args[-2] > 1 and launches[1].loops[0] < 11        # several bands of rows
+    for stages in (4, 1):
+        cfg = base._replace(BLOCK_G=8, PROGS2=64, STAGES2=stages)
+        check(spec, 3, 11, 6, dtype, layout, f"bands d={dw} {layout} stages {stages}", config=cfg)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_lab_configs(layout):
     """Every config the GPU lab may time computes the same function (<= 6 per shape)."""
     spec = gk.GhostSpec(24, 40, act="none")
@@ -282,7 +302,8 @@ def _has_offline_compiler():
 @pytest.mark.parametrize("i", range(len(COMPILE_CASES)), ids=lambda i: f"{COMPILE_CASES[i][0]}-{COMPILE_CASES[i][1]}")
 def test_compiles_for_sm90(i):
     """Both kernels compile for sm_90 at a real launch's specialization (the interpreter checks none of
-    this): no spills; channels_last half moves 16-byte vectors and pass 1 runs on wgmma."""
+    this): no spills; channels_last half moves 16-byte vectors, pass 1 runs on wgmma and pass 2 loads
+    its rows by cp.async (the row ring)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import sys, json; sys.path.insert(0, 'tests'); import test_family_two_pass as t; "
             f"print(json.dumps(t._compile_report({i})))")
@@ -300,3 +321,6 @@ def test_compiles_for_sm90(i):
         assert pw["wgmma"], pw
         assert any(o.startswith("LDGSTS") and o.endswith(".128") for o in pw["ops"]), pw
         assert "STG.E.128" in pw["ops"] and "STG.E.128" in dw["ops"] and "LDG.E.128" in dw["ops"], rep
+        # pass 2's rows arrive a step ahead: 16-byte cp.async into the shared-memory ring (the band's
+        # first rows, before the loop, are plain LDG.128)
+        assert any(o.startswith("LDGSTS") and o.endswith(".128") for o in dw["ops"]), dw

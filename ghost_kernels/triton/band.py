@@ -20,6 +20,27 @@ pixels, and ``BLOCK_M`` intrinsic channels with their ``BLOCK_M*(r-1)`` ghost ch
    are contiguous (channels_last, 16-byte aligned strides, stride-1 conv): a 4-D box IMGS x T_ROWS x W_PAD
    x BLOCK_K whose out-of-image rows/columns/images/channels come back as zeros -- no per-lane address or
    mask arithmetic; otherwise per-lane pointers with masks (NCHW, other strides, stride 2).
+   **K-loop pipeline.** Triton's software pipeliner (``num_stages``) gives the TMA box of x
+   ``num_stages - 1`` shared-memory buffers and w1 ``num_stages``: the 4-D box is reshaped for
+   ``tl.dot``, so the dot takes x from registers (one ``local_load`` per step) and a buffer is free once
+   read, while a tile the dot reads from shared memory (w1; a 2-D box) stays busy until the async wgmma
+   retires, hence one buffer more (``x_buffers``; ``shared/repro/tma_buffers.py``; Triton 3.6 and 3.8
+   alike). With 2 stages x had ONE buffer: the load of step k+1 could only start after step k had read
+   its box, so every K step paid a full DRAM latency -- worst at the 14x14 and 7x7 projections (11-15
+   steps, 256-384 programs, 1-2 per SM). The K loop now runs up to ``X_BUFFERS + 1`` = 4 stages: the
+   prologue issues boxes 0-2, step k waits for box k, reads it and issues box k + 3, so three boxes
+   (96 KiB at 672->112 @14) are in flight per program while it computes; Little's law asks 16-20 KiB per SM at 70% of copy
+   bandwidth. ``stages_for`` keeps 2 buffers (3 stages) where three would cost resident programs: the
+   4-warp kernels (3-4 programs per SM by registers; 240->80 @14: 320 programs in one round of 3 per
+   SM at 2 buffers, two rounds at 3 -- 10.3 against 12.7 us in the offline model's latency term); the
+   8-warp 14x14 projections (1 program per SM) take 3. w1 arrives by TMA too (a
+   2-D box [BLOCK_M, BLOCK_K] of w1 as m x Cin, transposed in shared memory for the dot): a w1 tile
+   of <= 4 bytes per thread (BLOCK_K 16 x BLOCK_M 8 at the 14x14 projections) is no cp.async, so its
+   pointer load was a synchronous round trip in every K step. Where the channel block is small
+   (BLOCK_M <= 16) BN1's and BN2's folds are loaded before the K loop, so their round trips overlap it
+   instead of following it (wide blocks fold after it: their vectors, live across the loop, spilled
+   under Triton 3.6). ``lab_configs`` times the old
+   2 stages beside the default.
 2. Epilogue in fp32: BN1, act, rounded to the output dtype exactly like eager's y1 (``.to(dtype)``),
    stored into ``out[:, :m]`` for the band's own rows.
 3. Stencil: y1 (as fp32, lanes outside the image set to 0 -- the depthwise conv zero-pads y1, not x)
@@ -98,11 +119,15 @@ except Exception:  # pragma: no cover - a Triton without host-side TMA descripto
 MAX_LANES = 1024          # lanes (pixels) of one program's y1 tile, at most
 MIN_LANES = 64            # wgmma's M
 SMS = 132                 # SMs of an H100/H200 (the program-count floor of default_config)
+X_BUFFERS = 3             # x tiles in flight in the K loop (TMA boxes in shared memory), where they fit
+SMEM_PER_SM = 227 * 1024  # shared memory of an sm_90 SM that one or more programs can use
 
 
 class BandConfig(NamedTuple):
     """One program's tile: IMGS images x T_ROWS rows x W_PAD lanes of y1 (TOP halo rows above the band,
-    d // 2 below), BLOCK_M intrinsic channels (with their ghost channels), K step BLOCK_K."""
+    d // 2 below), BLOCK_M intrinsic channels (with their ghost channels), K step BLOCK_K; ``num_stages``
+    of the K loop's software pipeline: x (TMA) gets ``num_stages - 1`` shared-memory buffers, w1
+    ``num_stages`` (``x_buffers``); 1 when there is no K loop."""
 
     W_PAD: int
     T_ROWS: int
@@ -207,8 +232,40 @@ def make_config(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype, geometry=
         kmax = 16 if dtype == torch.float32 else max(16, min(128 // esize, tc.next_pow2(32768 // (lanes * esize) + 1) // 2))
         block_k = k_all if k_all * esize <= 128 and lanes * k_all * esize <= 65536 else min(k_all, kmax)
     if num_stages is None:
-        num_stages = 1 if spec.inp <= block_k else 2
+        esize = torch.empty((), dtype=dtype).element_size()
+        num_stages = stages_for(spec, lanes, block_m, block_k, num_warps, esize,
+                                tma=channels_last and spec.stride == 1 and TensorDescriptor is not None)
     return BandConfig(w_pad, t_rows, top, imgs, block_m, block_k, num_warps, num_stages)
+
+
+def x_buffers(num_stages: int, tma: bool) -> int:
+    """Shared-memory buffers Triton's software pipeliner gives x for ``num_stages`` (sm_90, Triton 3.6-3.8):
+    a TMA box (4-D, reshaped for ``tl.dot`` through registers) gets ``num_stages - 1``, a pointer load
+    feeding ``tl.dot`` from shared memory ``num_stages`` (``shared/repro/tma_buffers.py``)."""
+    return max(1, num_stages - 1) if tma else num_stages
+
+
+def stages_for(spec: GhostSpec, lanes: int, block_m: int, block_k: int, num_warps: int, esize: int,
+               tma: bool = True) -> int:
+    """``num_stages`` of the K loop: 1 without a loop; x by TMA: X_BUFFERS (3) boxes in flight where the
+    programs that the registers let share an SM still fit in its shared memory, else 2 (design note,
+    "K-loop pipeline"); x by pointers: 2 (two buffers already). Residency is estimated from the tile
+    elements per thread (sm_90 SASS, Triton 3.6 and 3.8): about 64 -> 167-191 registers on 4 warps (2-3
+    programs per SM), 183-239 on 8 (1); about 32 -> 128-160 registers, 3-4 programs of 4 warps."""
+    if spec.inp <= block_k:
+        return 1
+    if not tma:   # pointer loads feeding tl.dot from shared memory: 2 stages are 2 buffers already
+        return 2
+    per_thread = lanes * block_m // (32 * num_warps)
+    if num_warps <= 4:
+        resident = 4 if per_thread <= 32 else 3
+    else:
+        resident = 2 if per_thread <= 32 else 1
+    box, w1 = lanes * block_k * esize, block_k * block_m * esize
+    bufs = X_BUFFERS
+    while bufs > 2 and resident * (bufs * box + (bufs + 1) * w1 + 1024) > SMEM_PER_SM:
+        bufs -= 1
+    return bufs + 1
 
 
 @functools.lru_cache(maxsize=4096)   # a pure function of the shape, called on every launch
@@ -222,11 +279,15 @@ def default_config(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype = torch
 
 def lab_configs(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype = torch.bfloat16,
                 channels_last: bool = True) -> List[BandConfig]:
-    """At most 6 configs for the GPU lab to time: the default; the other warp count (registers and
-    occupancy against instructions); half and double BLOCK_M (x re-reads through L2 against registers);
-    half the images per program (more programs) or the next most lane-efficient geometry."""
+    """At most 6 configs for the GPU lab to time: the default; with a K loop, the old buffering (2 stages:
+    one x box in shared memory, the load of step k+1 issued after step k has read its box) against the
+    default's X_BUFFERS; the other warp count (registers and occupancy against instructions); half and
+    double BLOCK_M (x re-reads through L2 against registers); half the images per program (more
+    programs) or the next most lane-efficient geometry."""
     base = default_config(spec, ho, wo, dtype, channels_last)
     out = [base]
+    if base.num_stages > 2:
+        out.append(base._replace(num_stages=2))
 
     def add(cfg):
         elems = cfg.W_PAD * cfg.T_ROWS * cfg.IMGS * cfg.BLOCK_M
@@ -257,6 +318,18 @@ def use_tma(x: Tensor, spec: GhostSpec, cfg: BandConfig) -> bool:
     es = x.element_size()
     return (x.data_ptr() % 16 == 0 and all(st * es % 16 == 0 for st in (x.stride(0), x.stride(2), x.stride(3)))
             and cfg.BLOCK_K * es <= 128 and max(cfg.IMGS, cfg.T_ROWS, cfg.W_PAD) <= 256)
+
+
+def use_tma_w1(w1: Tensor, x: Tensor, cfg: BandConfig) -> bool:
+    """w1 through a TMA descriptor (m x Cin, box BLOCK_M x BLOCK_K): a contiguous 16-byte aligned w1 whose
+    rows are whole 16-byte units, a K step of 16-128 bytes, and a K loop. Pipelined like x: the load of a
+    tiny w1 tile by pointers (< 4 bytes per thread) is no cp.async, so each K step would wait for it;
+    without a K loop the one tile is loaded once, and a descriptor's barrier costs more than it hides
+    (16->48 @112, fp16: 0.251 warp-instructions per byte with it, over the budget)."""
+    es = w1.element_size()
+    return (w1.shape[1] > cfg.BLOCK_K and TensorDescriptor is not None and not (x.is_cuda and not _HOPPER(x)) and w1.is_contiguous()
+            and w1.data_ptr() % 16 == 0 and w1.shape[1] * es % 16 == 0 and 16 <= cfg.BLOCK_K * es <= 128
+            and cfg.BLOCK_M <= 256)
 
 
 def _HOPPER(x: Tensor) -> bool:
@@ -316,11 +389,13 @@ def forward(x: Tensor, params: GhostParams, dtype: torch.dtype, out: Optional[Te
     (g2, b2, m2, v2, eps2), (hw2, hb2) = tc.bn_args(params.bn2)
     w1, wd = params.w1, params.wd
     x_src = _x_descriptor(x, cfg, spec) if use_tma(x, spec, cfg) else x
+    w1_src = (TensorDescriptor(w1.view(w1.shape[0], w1.shape[1]), [w1.shape[0], w1.shape[1]], [w1.shape[1], 1],
+                               [cfg.BLOCK_M, cfg.BLOCK_K]) if use_tma_w1(w1, x, cfg) else w1)
     k_steps = -(-spec.inp // cfg.BLOCK_K)
     with (torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()):
         tc.launch(
             _band_kernel, (n_groups * n_bands * n_mb,),
-            x_src, out, w1, wd, g1, b1, m1, v1, eps1, g2, b2, m2, v2, eps2,
+            x_src, out, w1_src, wd, g1, b1, m1, v1, eps1, g2, b2, m2, v2, eps2,
             n, ho, wo, n_bands,
             *xs, *os_,
             w1.stride(0), w1.stride(1), wd.stride(0), wd.stride(2), wd.stride(3),
@@ -328,7 +403,7 @@ def forward(x: Tensor, params: GhostParams, dtype: torch.dtype, out: Optional[Te
             C_IN=spec.inp, M=spec.m, OUP=spec.oup, STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size,
             RELU=spec.act == "relu", HAS_W1=hw1, HAS_B1=hb1, HAS_W2=hw2, HAS_B2=hb2,
             W_PAD=cfg.W_PAD, T_ROWS=cfg.T_ROWS, TOP=cfg.TOP, IMGS=cfg.IMGS, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
-            XAL=xal, OAL=oal, X_TMA=x_src is not x,
+            XAL=xal, OAL=oal, X_TMA=x_src is not x, W1_TMA=w1_src is not w1,
             IEEE=dtype == torch.float32, DOT_F32=tc.interpreting() and dtype == torch.bfloat16,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

@@ -21,7 +21,8 @@ if triton is not None:
     # made explicit (_aligned_strides).
     @triton.jit(do_not_specialize=["N", "n_bands"])
     def _band_kernel(
-        x_src, out_ptr, w1_ptr, wd_ptr,    # x_src: x's pointer, or (X_TMA) a TMA descriptor of x as N x H x W x C
+        x_src, out_ptr, w1_src, wd_ptr,    # x_src: x's pointer, or (X_TMA) a TMA descriptor of x as N x H x W x C;
+                                           # w1_src: w1's pointer, or (W1_TMA) a TMA descriptor of w1 as m x Cin
         g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1,
         g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2,
         N, HO, WO, n_bands,
@@ -31,7 +32,7 @@ if triton is not None:
         C_IN: tl.constexpr, M: tl.constexpr, OUP: tl.constexpr,
         STRIDE: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, RELU: tl.constexpr,
         HAS_W1: tl.constexpr, HAS_B1: tl.constexpr, HAS_W2: tl.constexpr, HAS_B2: tl.constexpr,
-        XAL: tl.constexpr, OAL: tl.constexpr, X_TMA: tl.constexpr,
+        XAL: tl.constexpr, OAL: tl.constexpr, X_TMA: tl.constexpr, W1_TMA: tl.constexpr,
         W_PAD: tl.constexpr, T_ROWS: tl.constexpr, TOP: tl.constexpr, IMGS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
     ):
@@ -70,6 +71,16 @@ if triton is not None:
         c = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         c_ok = c < M
 
+        # BN1 and BN2 folded before the K loop where their vectors are small (BN_EARLY: BLOCK_M <= 16): their
+        # loads fly while the loop waits for x instead of costing one more round trip after it. Wide channel
+        # blocks fold after the loop: 4 x 64-channel vectors live across it spilled under Triton 3.6.
+        BN_EARLY: tl.constexpr = BLOCK_M <= 16
+        j0 = c * (RATIO - 1)   # ghost channels j = c * (r - 1) + k, k < r - 1 <= 3
+        if BN_EARLY:
+            scale1, shift1, s20, b20, s21, b21, s22, b22 = _bn_both(
+                c, j0, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2,
+                HAS_W1, HAS_B1, HAS_W2, HAS_B2, RATIO)
+
         # 1. primary 1x1 conv: acc[pixels, channels] = x[pixels, Cin] @ w1^T[Cin, channels]
         if not X_TMA:
             x_pix = x_src + n64 * sxn + (row * STRIDE).to(tl.int64) * sxh + (col * STRIDE).to(tl.int64) * sxw
@@ -83,12 +94,18 @@ if triton is not None:
             else:
                 xt = tl.load(x_pix[:, None] + k[None, :] * sxc, mask=in_img[:, None] & k_ok[None, :],
                              other=0.0).to(dt)
-            wt = tl.load(w1_ptr + k[:, None] * sw1k + c[None, :] * sw1m, mask=k_ok[:, None] & c_ok[None, :],
-                         other=0.0).to(dt)
+            if W1_TMA:  # a 2-D box [BLOCK_M, BLOCK_K] of w1 (out-of-range channels arrive as zeros)
+                wt = tl.trans(w1_src.load([mb * BLOCK_M, k0])).to(dt)
+            else:
+                wt = tl.load(w1_src + k[:, None] * sw1k + c[None, :] * sw1m, mask=k_ok[:, None] & c_ok[None, :],
+                             other=0.0).to(dt)
             acc = tc.dot_acc(xt, wt, acc, IEEE, DOT_F32)
 
         # 2. BN1 + act in fp32; zero outside the image (the depthwise conv zero-pads y1, not x)
-        scale1, shift1 = tc.folded_bn(c, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, HAS_W1, HAS_B1)
+        if not BN_EARLY:
+            scale1, shift1, s20, b20, s21, b21, s22, b22 = _bn_both(
+                c, j0, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2,
+                HAS_W1, HAS_B1, HAS_W2, HAS_B2, RATIO)
         y = acc * scale1[None, :] + shift1[None, :]
         if RELU:
             y = _relu(y)
@@ -99,14 +116,13 @@ if triton is not None:
         # 3. depthwise conv by shifts of the y1 tile along its lanes: neighbour (dy, dx) of lane q is
         # lane q + dy * W_PAD + dx (spare columns and out-of-image rows hold zeros)
         yf = tl.where(in_img[:, None], y1.to(tl.float32), 0.0)
-        # ghost channels j = c * (r - 1) + k, k < r - 1 <= 3: one accumulator each, fed by the same shifted
-        # tile (one gather per tap, whatever the ratio), started at BN2's shift
-        j0 = c * (RATIO - 1)
-        s20, acc0 = _bn2(j0, c_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, HAS_W2, HAS_B2, BLOCK_P)
+        # ghost channels j = c * (r - 1) + k: one accumulator each, fed by the same shifted tile (one
+        # gather per tap, whatever the ratio), started at BN2's shift
+        acc0 = tl.zeros([BLOCK_P, BLOCK_M], dtype=tl.float32) + b20[None, :]
         if RATIO > 2:
-            s21, acc1 = _bn2(j0 + 1, c_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, HAS_W2, HAS_B2, BLOCK_P)
+            acc1 = tl.zeros([BLOCK_P, BLOCK_M], dtype=tl.float32) + b21[None, :]
         if RATIO > 3:
-            s22, acc2 = _bn2(j0 + 2, c_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, HAS_W2, HAS_B2, BLOCK_P)
+            acc2 = tl.zeros([BLOCK_P, BLOCK_M], dtype=tl.float32) + b22[None, :]
         for dy in tl.static_range(DW):
             for dx in tl.static_range(DW):
                 if PAD == 0:
@@ -127,11 +143,19 @@ if triton is not None:
             _store_ghost(o_pix, acc2, j0 + 2, c_ok, keep, soc, M, OUP, RELU)
 
     @triton.jit
-    def _bn2(j, c_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, HAS_W2: tl.constexpr, HAS_B2: tl.constexpr,
-             BLOCK_P: tl.constexpr):
-        """BN2 of ghost channels j: (scale, accumulator [BLOCK_P, len(j)] started at the shift)."""
-        scale, shift = tc.folded_bn(j, c_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, HAS_W2, HAS_B2)
-        return scale, tl.zeros([BLOCK_P, j.shape[0]], dtype=tl.float32) + shift[None, :]
+    def _bn_both(c, j0, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2,
+                 HAS_W1: tl.constexpr, HAS_B1: tl.constexpr, HAS_W2: tl.constexpr, HAS_B2: tl.constexpr,
+                 RATIO: tl.constexpr):
+        """BN1 of channels c and BN2 of their ghost channels j0 + k, k < r - 1 (unused ones: BN2 of j0)."""
+        scale1, shift1 = tc.folded_bn(c, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, HAS_W1, HAS_B1)
+        s20, b20 = tc.folded_bn(j0, c_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, HAS_W2, HAS_B2)
+        s21, b21 = s20, b20
+        s22, b22 = s20, b20
+        if RATIO > 2:
+            s21, b21 = tc.folded_bn(j0 + 1, c_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, HAS_W2, HAS_B2)
+        if RATIO > 3:
+            s22, b22 = tc.folded_bn(j0 + 2, c_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, HAS_W2, HAS_B2)
+        return scale1, shift1, s20, b20, s21, b21, s22, b22
 
     @triton.jit
     def _store_ghost(o_pix, acc, j, c_ok, keep, soc, M: tl.constexpr, OUP: tl.constexpr, RELU: tl.constexpr):

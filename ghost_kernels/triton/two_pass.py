@@ -30,29 +30,51 @@ contiguous along the tile; their size enters as HWV * VP with VP a constexpr pow
 it, so the compiler can prove the vectors' alignment). The epilogue stores y1 straight into
 ``out[:, :m]``: any output strides, no cat.
 
-Pass 2, channels_last (``_dw_kernel``): lanes are [pixel groups, channels]. A group is PIXR (4 or 2)
-horizontally adjacent pixels of one row held by one thread, with a 16-byte vector of channels (8
-half or 4 fp32). Per tap row the thread loads PIXR + d - 1 y1 columns -- one predicated LDG.128
-each -- and feeds every column to up to d taps: d * (PIXR + d - 1) / PIXR loads and conversions
-per output instead of d * d. bf16 with ratio 2 reads y1 as uint32 channel pairs, so bf16 -> fp32 is
-one shift (even channel) or one AND (odd channel); the two halves are interleaved back (tl.join)
-for a packed conversion and a 16-byte store. Channel blocks that do not fill their vectors read
-past M_NEED into the same pixel's ghost channels (OVERREAD) instead of masking per channel.
+Pass 2, channels_last (``_dw_kernel``): a row walk. Lanes are [units, channels]: a unit is PIXR (4
+or 2) horizontally adjacent pixels of one row held by one thread, with a 16-byte vector of channels
+(8 half or 4 fp32); units are flattened over (image, column group), so a program's BLOCK_G units
+span several images of a small plane or part of a row of a wide one. The program walks a band of
+output rows top-down. Step o loads ONE input row, o + d//2: PIXR + d - 1 predicated 16-byte vectors
+per thread, each converted once and added into the accumulators of the d output rows it feeds (a
+ring of d rows x PIXR pixels in fp32 registers: output rows o .. o + d - 1); row o is then
+complete, gets BN2 + act and is stored, and the ring turns. Per output: (PIXR + d - 1) / PIXR vector
+loads and conversions (1.5 at PIXR 4; the pixel-tile steps before 2026-12 loaded and converted each
+row for each of its d tap rows: 4.5). The band's first d - 1 input rows are loaded before the loop. A
+band reloads d - 1 halo rows (L2 hits) and computes d - 1 partial rows past its end, so bands are as
+long as the grid allows (``_bands``: the fewest that give PROGS2 programs per SM, >= MIN_ROWS rows
+each). bf16 with ratio 2 reads y1 as uint32 channel pairs, so bf16 -> fp32 is one shift (even
+channel) or one AND (odd channel); the two halves are interleaved back (tl.join) for a packed
+conversion and a 16-byte store. Channel blocks that do not fill their vectors read past M_NEED into
+the same pixel's ghost channels (OVERREAD) instead of masking per channel.
+
+Pass 2's pipeline (both layouts): the row loop is ``tl.range(num_stages=STAGES2)``. Triton turns each
+row's loads into 16-byte cp.async copies (``LDGSTS.E.BYPASS.128``: L2 -> shared memory, no registers
+held) into a ring of STAGES2 - 1 row buffers, issued STAGES2 - 1 steps ahead, and reads a row back
+(one LDS.128 per vector, after the step's cp.async wait and a barrier) in the step that uses it.
+STAGES2 = 4: three rows in flight per program while a step computes (12 KiB of unique y1 each for a
+4-warp program at PIXR 4; 36 KiB of buffers); before, step i+1's loads were issued only after step
+i had computed (two dependent round trips per step, at most ~16 KiB in flight per SM, where Little's
+law asks 16-20 KiB all the time for 70% of copy bandwidth: review of 2026-12-02). Registers: the
+ring (d x PIXR x 8 fp32) and the hoisted weights (9 x 8 fp32) hold most of 168-238 (Triton 3.6 and
+3.8): 2 programs of 4 warps or 4-5 of 2 warps per SM; planes of <= 256 pixels run 2-warp programs
+so that the grid still has >= 2 per SM. STAGES2 = 1: no ring (the lab times it beside the default).
+
 Pass 2, dense NCHW (``_dw_nchw_kernel``): vectors of VW pixels along W (VW a power of two dividing
-W', so a vector never leaves its row); per tap row a thread loads its vector and ceil(PAD / VW)
-vectors on each side -- all in one register layout, so no shuffles or shared memory -- splits them
-into columns (tl.split: register renames) and reuses each column for up to d taps. Other output
-strides take ``_dw_kernel`` with one pixel per group (correct, not fast).
-Both: zero padding is the load mask (y1 is padded after BN1 + act, as in eager; one unsigned
-compare per tap row and per column, shared by the channels of a vector); y1 is read back as
-stored, i.e. rounded to the output dtype exactly like eager's y1; the tap weights live in fp32
-registers for the whole program when d*d*(r-1) <= 9, otherwise a runtime loop over the tap rows
-loads each row's weights (bounded code size and live registers); a program walks a contiguous run
-of >= 8 steps where the grid still has >= 2 programs per SM, so weights and BN2 are amortized and
-consecutive steps read neighbouring rows (the d tap rows mostly hit L1).
+W', so a vector never leaves its row); units are (image, row-vector column); the same row walk, ring
+and pipeline. Per input row a thread loads its vector and ceil(PAD / VW) vectors on each side -- all
+in one register layout, so no shuffles or shared memory -- splits them into columns (tl.split:
+register renames) and adds each column into up to d taps of each ring row. cp.async needs vectors
+of >= 4 bytes: 7x7 planes (VW = 1) load in the step. Other output strides take ``_dw_kernel`` with
+one pixel per group (correct, not fast).
+Both: zero padding is the load mask (y1 is padded after BN1 + act, as in eager; rows outside the
+image by one unsigned compare per row, columns by one per column and program, shared by the
+channels of a vector); y1 is read back as stored, i.e. rounded to the output dtype exactly like
+eager's y1; the tap weights live in fp32 registers for the whole program when d*d*(r-1) <= 9,
+otherwise (the paper's ablation options only) there is no ring: each output row reloads its d input
+rows in a runtime loop with that row's weights (L1 hits; bounded code size and registers).
 
 Coordinates: flattened indices (< 2^30 per launch; the launcher splits larger batches) are split
-into (n, h, w) by multiply-high + shift with host-computed magic numbers (``_udiv``: 3 instructions
+into (n, h, w) -- pass 2: units into (n, column group) -- by multiply-high + shift with host-computed magic numbers (``_udiv``: 3 instructions
 instead of ~8 for a runtime division). Offsets are 64-bit, in-tile indices 32-bit.
 
 Bytes (b per element; floor = x read once + out written once = (Cin + oup) * b per pixel at stride
@@ -99,7 +121,9 @@ HALF = (torch.float16, torch.bfloat16)
 MAX_PIXELS = 1 << 30          # flattened pixels per launch (the magic-number division's range)
 INTERPRETER_SMS = 2           # "SMs" for the grid size under the interpreter: few programs, several steps each
 CAPTURE_SMS = 132             # H100 / H200 SXM, for launches recorded offline (no GPU)
-MIN_STEPS = 8                 # pass 2: pixel steps per program that amortize its weight and BN loads
+MIN_ROWS = 4                  # pass 2 (channels_last): output rows per band, at least (where the plane has them)
+PASS2_PROGS = 3               # pass 2 (channels_last): programs per SM the grid aims at
+PASS2_STAGES = 4              # pass 2 (channels_last): 3 input rows in flight per program (cp.async ring)
 
 # Layout modes of x (pass 1) and out (both passes), constexprs of the kernels: any strides; the
 # (h, w) plane dense (stride-1 x only); dense channels_last; dense NCHW (stride-1 x only).
@@ -115,11 +139,12 @@ class TwoPassConfig(NamedTuple):
     WARPS1: int
     STAGES1: int
     PROGS1: int          # pass 1: programs per SM (each walks a contiguous run of tiles)
-    BLOCK_G: int         # pass 2: pixel groups per step
+    BLOCK_G: int         # pass 2: pixel groups (units) per program (channels_last; NCHW: row vectors per step)
     PIXR: int            # pass 2: pixels per group (horizontally adjacent, held by one thread)
     BLOCK_C: int         # pass 2: intrinsic channels per program (power of two)
     WARPS2: int
-    PROGS2: int          # pass 2: programs per SM
+    PROGS2: int          # pass 2: programs per SM the grid aims at (channels_last: sets the bands of rows)
+    STAGES2: int = 4     # pass 2 (channels_last): row pipeline depth, STAGES2 - 1 rows in flight (1: none)
 
 
 if triton is not None:
@@ -184,9 +209,11 @@ def _block_c(m_need: int, vec: int, channels_last: bool) -> int:
 
 def _pixels_per_group(spec: GhostSpec, wo: int) -> int:
     """PIXR for channels_last: the group width with the fewest instructions per output pixel, from
-    (pixel lanes incl. padding of the last group) x (y1 columns loaded per pixel + taps + overhead)."""
+    (pixel lanes incl. padding of the last group) x (y1 columns loaded and converted per pixel, 2
+    instructions + one LDS each, + taps + overhead), among the widths whose accumulator ring (d rows x
+    PIXR pixels) stays within 12 pixel tiles (registers)."""
     d, p = spec.dw_size, spec.dw_size // 2
-    cost = {r: -(-wo // r) * r * (d * (r + 2 * p) / r + d * d + 4) for r in (4, 2, 1)}
+    cost = {r: -(-wo // r) * r * (3 * (r + 2 * p) / r + d * d + 4) for r in (4, 2, 1) if r == 1 or d * r <= 12}
     return min(cost, key=lambda r: (cost[r], -r))
 
 
@@ -221,12 +248,18 @@ def default_config(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype = torch
         # @14) and spilled under Triton 3.6; 64 pixels: 168-176 registers, 2-4% more instructions
         block_p = 64
     stages = 3 if half else 2
+    if -(-spec.inp // block_k) >= 8:
+        # long K loops (Cin >= 480): one step more in flight (the latency term of the offline model:
+        # 672->160 @7's pass 1 waited ~0.5 DRAM latency per step with 2 ahead, 7.5 -> 3.8 us with 3)
+        stages += 1
     vec = 16 // (2 if half else 4)
     block_c = _block_c(m_need, vec, channels_last)
     warps2 = 4
     if channels_last:
         tpc = max(1, block_c // vec)                    # threads sharing a pixel (16 bytes each)
-        block_g = (32 // tpc) * warps2                  # one group of PIXR pixels per thread and step
+        if ho * wo <= 256:   # small planes: 2-warp programs, so that the grid still has >= 2 per SM
+            warps2 = 2
+        block_g = (32 // tpc) * warps2                  # one group of PIXR pixels per thread
         pixr = _pixels_per_group(spec, wo)
     else:
         block_g, pixr = 256, 1                          # vectors along W
@@ -238,25 +271,31 @@ def default_config(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype = torch
             # where there are several channel blocks anyway
             block_p = 64 if block_n >= 128 else block_p
             block_n = min(block_n, 64) if m > block_n else block_n
-    return TwoPassConfig(block_p, block_n, block_k, 4, stages, 8, block_g, pixr, block_c, warps2, 8)
+    return TwoPassConfig(block_p, block_n, block_k, 4, stages, 8, block_g, pixr, block_c, warps2, PASS2_PROGS,
+                         PASS2_STAGES)
 
 
 def lab_configs(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype = torch.bfloat16,
                 channels_last: bool = True) -> List[TwoPassConfig]:
-    """A small grid around the default for the GPU lab: pass 1's pixel tile and pipeline depth; pass 2's
-    groups per thread (registers vs loads in flight), group width, thread vector and programs per SM."""
+    """A small grid around the default for the GPU lab: pass 1's pixel tile and pipeline depth; pass 2:
+    the old buffering (STAGES2 = 1: no row ring, each row loaded in the step that uses it) against the
+    default's ring, shorter bands (more programs), and channels_last: the group width, the thread
+    vector (registers); NCHW: vectors per thread, channels per program."""
     base = default_config(spec, ho, wo, dtype, channels_last)
     half = dtype in HALF
     out = [base]
-    out.append(base._replace(BLOCK_P=64 if base.BLOCK_P == 128 else 128, STAGES1=4 if half else 3))
-    out.append(base._replace(BLOCK_G=base.BLOCK_G * 2, PROGS2=4))                # 2 groups per thread
+    out.append(base._replace(BLOCK_P=64 if base.BLOCK_P == 128 else 128, STAGES1=base.STAGES1 + 1))
     if channels_last:
+        out.append(base._replace(STAGES2=1))                                   # no prefetch: the old buffering
         out.append(base._replace(PIXR=2 if base.PIXR != 2 else 4))             # other group width
         if half and base.BLOCK_C >= 8:                                         # 8-byte vectors: half the registers
             out.append(base._replace(BLOCK_C=base.BLOCK_C // 2, BLOCK_G=base.BLOCK_G * (2 if base.BLOCK_C > 8 else 1)))
+        out.append(base._replace(PROGS2=2 * base.PROGS2))                      # shorter bands, more programs
     else:
+        out.append(base._replace(STAGES2=1))                                   # no prefetch: the old buffering
+        out.append(base._replace(BLOCK_G=base.BLOCK_G * 2))                    # 2 vectors per thread
         out.append(base._replace(BLOCK_C=min(base.BLOCK_C * 2, 16), BLOCK_G=128))
-    out.append(base._replace(PROGS1=4, PROGS2=16, WARPS2=8, BLOCK_G=base.BLOCK_G * 2))
+        out.append(base._replace(PROGS2=2 * base.PROGS2))                      # shorter bands, more programs
     seen, uniq = set(), []
     for cfg in out:
         if cfg not in seen:
@@ -269,7 +308,7 @@ def _check_config(cfg: TwoPassConfig) -> None:
     pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731
     if not (pow2(cfg.BLOCK_P) and cfg.BLOCK_P >= 16 and pow2(cfg.BLOCK_N) and cfg.BLOCK_N >= 16
             and pow2(cfg.BLOCK_K) and cfg.BLOCK_K >= 16 and pow2(cfg.BLOCK_G) and pow2(cfg.BLOCK_C) and cfg.PIXR >= 1
-            and pow2(cfg.WARPS1) and pow2(cfg.WARPS2) and cfg.PROGS1 >= 1 and cfg.PROGS2 >= 1):
+            and pow2(cfg.WARPS1) and pow2(cfg.WARPS2) and cfg.PROGS1 >= 1 and cfg.PROGS2 >= 1 and cfg.STAGES2 >= 1):
         raise ValueError(f"triton_two_pass: invalid config {cfg} (blocks: powers of two; dot blocks >= 16)")
 
 
@@ -351,60 +390,61 @@ def _launch_pair(x: Tensor, out: Tensor, w1: Tensor, wd: Tensor, params: GhostPa
     m_need = -(-(spec.oup - spec.m) // r1)
     (g2, b2, m2, v2, eps2), (hw2, hb2) = tc.bn_args(params.bn2)
     hoist = r1 * d * d <= 9
+    # the row ring only with hoisted weights: otherwise every step loads d*d*(r-1) weight vectors inside
+    # the loop, which the pipeliner would ring as well (compile time of minutes at d = 7, ratio 4)
+    stages2 = cfg.STAGES2 if hoist else 1
     if o_mode == DENSE_NCHW:
         vw = _pow2_divisor(wo, vec)                      # vectors along W never cross a row
         wv = wo // vw
         block_c = min(cfg.BLOCK_C, tc.next_pow2(m_need))
         n_cb2 = -(-m_need // block_c)
-        g_total = n * ho * wv
-        mg_g, sh_g = _magic(ho * wv)
+        u_total = n * wv                                 # units: (image, row-vector column)
         mg_v, sh_v = _magic(wv)
         block_r = max(1, cfg.BLOCK_G // vw)
-        n_blocks = -(-g_total // block_r)
-        groups, blocks_per_prog = _pass2_grid(n_blocks, n_cb2, sms, cfg.PROGS2)
+        n_ub = -(-u_total // block_r)
+        n_bands, band_rows = _bands(ho, n_ub * n_cb2, sms, cfg.PROGS2)
         tc.launch(
-            _dw_nchw_kernel, (groups * n_cb2,),
+            _dw_nchw_kernel, (n_ub * n_bands * n_cb2,),
             out, wd, g2, b2, m2, v2, eps2,
-            g_total, ho, wv, ho * wv, mg_g, sh_g, mg_v, sh_v,
-            n_blocks, blocks_per_prog,
-            loops=(n_blocks / groups,),
+            u_total, ho, wv, ho * wv, mg_v, sh_v,
+            n_bands, band_rows,
+            loops=(ho / n_bands,) + (() if hoist else (d,)),
             M=spec.m, OUP=spec.oup, RATIO=spec.ratio, DW=d, RELU=spec.act == "relu", HAS_W=hw2, HAS_B=hb2,
-            BLOCK_C=block_c, BLOCK_R=block_r, VW=vw, W_HOIST=hoist, num_warps=cfg.WARPS2,
+            BLOCK_C=block_c, BLOCK_R=block_r, VW=vw, W_HOIST=hoist, STAGES=stages2, num_warps=cfg.WARPS2,
         )
         return
     pixr = cfg.PIXR if o_mode == DENSE_CL else 1
     n_cb2 = -(-m_need // cfg.BLOCK_C)
     wg = -(-wo // pixr)                              # pixel groups per row
-    g_total = n * ho * wg
-    mg_g, sh_g = _magic(ho * wg)
+    u_total = n * wg                                 # units: (image, group column)
     mg_wg, sh_wg = _magic(wg)
-    n_blocks = -(-g_total // cfg.BLOCK_G)
-    groups, blocks_per_prog = _pass2_grid(n_blocks, n_cb2, sms, cfg.PROGS2)
+    n_ub = -(-u_total // cfg.BLOCK_G)
+    n_bands, band_rows = _bands(ho, n_ub * n_cb2, sms, cfg.PROGS2)
     pairs = (dtype == torch.bfloat16 and spec.ratio == 2 and o_mode == DENSE_CL and spec.oup % 2 == 0
              and cfg.BLOCK_C >= 2 and out.data_ptr() % 4 == 0)
     overread = o_mode == DENSE_CL and n_cb2 * cfg.BLOCK_C <= spec.oup
     tc.launch(
-        _dw_kernel, (groups * n_cb2,),
+        _dw_kernel, (n_ub * n_bands * n_cb2,),
         out, wd, g2, b2, m2, v2, eps2,
-        g_total, ho, wo, ho * wg, wg, mg_g, sh_g, mg_wg, sh_wg,
+        u_total, ho, wo, ho * wo, wg, mg_wg, sh_wg,
         *out.stride(),
-        n_blocks, blocks_per_prog,
-        loops=(n_blocks / groups,),
+        n_bands, band_rows,
+        loops=(ho / n_bands,) + (() if hoist else (d,)),   # rows per program (the last band may be shorter); taps
         M=spec.m, OUP=spec.oup, RATIO=spec.ratio, DW=d, RELU=spec.act == "relu",
         HAS_W=hw2, HAS_B=hb2, O_MODE=o_mode,
         BLOCK_G=cfg.BLOCK_G, BLOCK_C=cfg.BLOCK_C, PIXR=pixr, W_HOIST=hoist,
-        PAIRS=pairs, OVERREAD=overread, num_warps=cfg.WARPS2,
+        PAIRS=pairs, OVERREAD=overread, STAGES=stages2, num_warps=cfg.WARPS2,
     )
 
 
-def _pass2_grid(n_blocks: int, n_cb: int, sms: int, progs_per_sm: int):
-    """(pixel-range programs per channel block, steps per program): at most ``progs_per_sm`` programs
-    per SM; at least MIN_STEPS steps per program (weights and BN amortized) while that keeps >= 2
-    programs per SM."""
-    groups = min(n_blocks, max(1, sms * progs_per_sm // n_cb))
-    groups = min(groups, max(n_blocks // MIN_STEPS, -(-2 * sms // n_cb), 1))
-    blocks_per_prog = -(-n_blocks // groups)
-    return -(-n_blocks // blocks_per_prog), blocks_per_prog
+def _bands(ho: int, programs_per_band: int, sms: int, progs_per_sm: int):
+    """(bands, rows per band) of pass 2 (channels_last): the fewest bands that give the grid
+    ``progs_per_sm`` programs per SM, with at least MIN_ROWS rows each (each band reloads d - 1 halo
+    rows and computes d - 1 partial rows past its end: fewer, longer bands amortize them)."""
+    want = -(-sms * progs_per_sm // max(1, programs_per_band))
+    bands = max(1, min(want, ho // MIN_ROWS))
+    rows = -(-ho // bands)
+    return -(-ho // rows), rows
 
 
 def extra_hbm_bytes(spec: GhostSpec, n: int, h: int, w: int, elem: int, channels_last: bool) -> int:

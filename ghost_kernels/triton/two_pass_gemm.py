@@ -14,21 +14,6 @@ if triton is not None:
         return q.to(tl.int32, bitcast=True)
 
     @triton.jit
-    def _run_of_blocks(grp, blocks_per_prog, n_blocks):
-        """[begin, end) of the contiguous run of pixel blocks program ``grp`` walks (pass 2)."""
-        begin = grp * blocks_per_prog
-        return begin, tl.minimum(begin + blocks_per_prog, n_blocks)
-
-    @triton.jit
-    def _image_row_col(g, HW, W, mg_hw, sh_hw, mg_w, sh_w):
-        """(image, index in the image, row, column) of flattened index ``g`` over images of HW = H x W
-        entries (magic numbers of HW and W from ``_magic``)."""
-        n = _udiv(g, mg_hw, sh_hw)
-        q = g - n * HW
-        h = _udiv(q, mg_w, sh_w)
-        return n, q, h, q - h * W
-
-    @triton.jit
     def _tap_weights(wd_ptr, j, j_ok, DD: tl.constexpr):
         """The DD tap weights of ghost channels ``j`` in fp32, as a tuple of [BLOCK_C] vectors."""
         ws = ()

@@ -6,7 +6,7 @@ from . import common as tc
 from .common import tl, triton
 
 if triton is not None:
-    from .two_pass_gemm import _act, _image_row_col, _run_of_blocks, _tap_weights
+    from .two_pass_gemm import _act, _tap_weights, _udiv
 
     @triton.jit
     def _row_weights(wd_ptr, jj, jok, dy, DW: tl.constexpr, NG: tl.constexpr):
@@ -33,23 +33,18 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _cl_row(accs, wrow, y_ptr, pix, row_step, cy, col_step, h, HO_U, col_ok, c_ok, dy,
-                PAD: tl.constexpr, DW: tl.constexpr, NCOL: tl.constexpr, NG: tl.constexpr, PIXR: tl.constexpr,
-                PAIRS: tl.constexpr, C_FULL: tl.constexpr, CENTER: tl.constexpr):
-        """One tap row of ``_dw_kernel``: load the NCOL y1 columns of row h + dy - PAD (one predicated
-        vector each), convert, and add their d taps into the PIXR accumulators of each group.
-        CENTER: dy is the compile-time centre row (no row test)."""
-        if not CENTER:
-            r_ok = (h + (dy - PAD)).to(tl.uint32, bitcast=True) < HO_U
-        r_ptr = y_ptr + (pix + (dy - PAD) * row_step)
-        lo = ()   # the NCOL columns of this tap row in fp32 (PAIRS: even channels)
-        hi = ()   # PAIRS: odd channels
+    def _cl_load_row(y_ptr, pix, r, row_step, cy, col_step, HO_U, col_ok, c_ok,
+                     PAD: tl.constexpr, NCOL: tl.constexpr, PAIRS: tl.constexpr, C_FULL: tl.constexpr):
+        """The NCOL y1 columns of row ``r`` (a scalar, any integer: rows outside the image read 0), one
+        predicated 16-byte vector each, in fp32: (lo, hi) tuples (PAIRS: even, odd channels; else hi = ())."""
+        r = tl.cast(r, tl.int32)                           # (the interpreter's loop index is a Python int)
+        r_ok = r.to(tl.uint32, bitcast=True) < HO_U
+        r_ptr = y_ptr + (pix + r.to(tl.int64) * row_step)
+        lo = ()
+        hi = ()
         for k in tl.static_range(NCOL):
-            if CENTER:
-                ok = col_ok[k]
-            else:
-                ok = r_ok & col_ok[k]
             ptrs = r_ptr[:, None] + ((k - PAD) * col_step + cy)[None, :]
+            ok = r_ok & col_ok[k]
             if C_FULL:
                 v = tl.load(ptrs, mask=ok[:, None], other=0)
             else:
@@ -59,6 +54,12 @@ if triton is not None:
                 hi = hi + (((v >> 16) << 16).to(tl.float32, bitcast=True),)
             else:
                 lo = lo + (v.to(tl.float32),)
+        return lo, hi
+
+    @triton.jit
+    def _row_taps(accs, lo, hi, wrow, DW: tl.constexpr, NG: tl.constexpr, PIXR: tl.constexpr, PAIRS: tl.constexpr):
+        """``accs`` (NG x PIXR [BLOCK_G, BV] fp32 tiles, [t * PIXR + r]) plus one tap row (weights ``wrow``)
+        of the input columns ``lo``/``hi``: output pixel r, tap dx reads column r + dx."""
         new = ()
         for t in tl.static_range(NG):
             for r in tl.static_range(PIXR):
@@ -71,25 +72,72 @@ if triton is not None:
                 new = new + (a,)
         return new
 
-    @triton.jit(do_not_specialize=["G_TOTAL", "HO", "WO", "HWG", "WG", "mg_hw", "sh_hw", "mg_w", "sh_w",
-                                   "n_blocks", "blocks_per_prog"])
+    @triton.jit
+    def _ring_taps(ring, lo, hi, wts, J_END: tl.constexpr, DY_J: tl.constexpr,
+                   DW: tl.constexpr, NG: tl.constexpr, PIXR: tl.constexpr, PAIRS: tl.constexpr):
+        """Add one input row (columns ``lo``/``hi``) into the accumulators of the output rows it feeds:
+        ring entry j < J_END (output row o + j) takes tap row dy = DY_J - j (hoisted weights ``wts``).
+        ``ring``: DW entries of NG x PIXR tiles, entry j at [j * NG * PIXR + t * PIXR + r]."""
+        new = ()
+        for j in tl.static_range(DW):
+            entry = ()
+            for i in tl.static_range(NG * PIXR):
+                entry = entry + (ring[j * NG * PIXR + i],)
+            if j < J_END:
+                entry = _row_taps(entry, lo, hi, _hoisted_row(wts, DY_J - j, DW, NG), DW, NG, PIXR, PAIRS)
+            for i in tl.static_range(NG * PIXR):
+                new = new + (entry[i],)
+        return new
+
+    @triton.jit
+    def _cl_store_row(accs, orow, ocol, cgs, col_ok, ss, bs, jok, cc_ok, out_ptr,
+                      PAD: tl.constexpr, NG: tl.constexpr, PIXR: tl.constexpr, PAIRS: tl.constexpr,
+                      RELU: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+        """BN2 + act of one output row's accumulators (the first NG * PIXR tiles of ``accs``), stored."""
+        dt = out_ptr.dtype.element_ty
+        for r in tl.static_range(PIXR):
+            p_ok = col_ok[PAD + r]
+            if PAIRS:
+                y_even = _act(accs[r] * ss[0][None, :] + bs[0][None, :], RELU)
+                y_odd = _act(accs[PIXR + r] * ss[1][None, :] + bs[1][None, :], RELU)
+                y = tl.reshape(tl.join(y_even, y_odd), [BLOCK_G, BLOCK_C])
+                tl.store(out_ptr + (orow + r * ocol)[:, None] + cgs[0][None, :], y.to(dt),
+                         mask=p_ok[:, None] & cc_ok[None, :])
+            else:
+                for t in tl.static_range(NG):
+                    y = _act(accs[t * PIXR + r] * ss[t][None, :] + bs[t][None, :], RELU)
+                    tl.store(out_ptr + (orow + r * ocol)[:, None] + cgs[t][None, :], y.to(dt),
+                             mask=p_ok[:, None] & jok[t][None, :])
+
+    @triton.jit(do_not_specialize=["U_TOTAL", "HO", "WO", "HWO", "WG", "mg_wg", "sh_wg", "n_bands", "band_rows"])
     def _dw_kernel(
         out_ptr, wd_ptr, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2,
-        G_TOTAL, HO, WO, HWG, WG, mg_hw, sh_hw, mg_w, sh_w,
+        U_TOTAL, HO, WO, HWO, WG, mg_wg, sh_wg,
         son, soc, soh, sow,
-        n_blocks, blocks_per_prog,
+        n_bands, band_rows,
         M: tl.constexpr, OUP: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, RELU: tl.constexpr,
         HAS_W: tl.constexpr, HAS_B: tl.constexpr, O_MODE: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, PIXR: tl.constexpr,
-        W_HOIST: tl.constexpr, PAIRS: tl.constexpr, OVERREAD: tl.constexpr,
+        W_HOIST: tl.constexpr, PAIRS: tl.constexpr, OVERREAD: tl.constexpr, STAGES: tl.constexpr,
     ):
         """Pass 2: ``out[p, M + j] = act(sum_taps y1[p + tap, j // (r-1)] * wd[j, tap] * scale2[j] + shift2[j])``
         for the kept ghost channels j < OUP - M, y1 = ``out[:, :M]``.
 
-        Lanes: a [BLOCK_G, BLOCK_C] tile of (pixel group, channel); a pixel group is PIXR horizontally
-        adjacent pixels of one row (w = wg * PIXR + r), so each thread holds PIXR pixels of its channel
-        vector and each y1 column it loads (PIXR + d - 1 per tap row, not PIXR * d) serves up to d taps.
-        Groups are flattened over (image, row, wg); a program walks BLOCK_G of them at a time.
+        A program = (channel block, band of ``band_rows`` output rows, block of BLOCK_G units). A unit is
+        a column group of one image: PIXR horizontally adjacent pixels (w = wg * PIXR + i), units
+        flattened over (image, wg), so a block spans several images of a small plane or part of a row
+        of a wide one. Lanes: [BLOCK_G units, BV channel (pair) vectors]; a thread holds PIXR pixels of
+        its 16-byte channel vector.
+
+        The program walks its band top-down, one output row per step. Step o loads ONE input row,
+        o + d//2 (PIXR + d - 1 predicated vectors per thread: each y1 column serves up to d taps), and
+        adds it into the accumulators of the d output rows it feeds (a ring: output rows o..o+d-1); row
+        o is then complete and stored, and the ring turns. The first d - 1 input rows of the band are
+        loaded before the loop. The loop is software-pipelined (``tl.range(num_stages=STAGES)``): Triton
+        turns each row's loads into 16-byte cp.async copies into a ring of STAGES - 1 shared-memory
+        buffers, issued STAGES - 1 steps ahead, and reads them back with one LDS per vector (design
+        note: "Pass 2's pipeline"). That is with hoisted weights (W_HOIST); with many taps a step
+        reloads its d input rows instead (a window in a runtime loop, no ring, no pipeline).
 
         Accumulator groups: group t of channel vector c holds ghost channels ``j = c * (r-1) + t``, all
         reading y1 channel c. PAIRS (bf16, ratio 2, dense channels_last, even OUP): y1 is read as
@@ -101,18 +149,20 @@ if triton is not None:
         R1: tl.constexpr = RATIO - 1
         DD: tl.constexpr = DW * DW
         PAD: tl.constexpr = DW // 2
-        NCOL: tl.constexpr = PIXR + 2 * PAD                # y1 columns per tap row
+        NCOL: tl.constexpr = PIXR + 2 * PAD                # y1 columns per input row
         KEPT: tl.constexpr = OUP - M                       # ghost channels that survive the slice
         M_NEED: tl.constexpr = (KEPT + R1 - 1) // R1       # intrinsic channels that feed them
         N_CB: tl.constexpr = (M_NEED + BLOCK_C - 1) // BLOCK_C
         C_FULL: tl.constexpr = (M_NEED % BLOCK_C == 0) or OVERREAD
         NG: tl.constexpr = 2 if PAIRS else R1              # accumulator groups
         BV: tl.constexpr = BLOCK_C // 2 if PAIRS else BLOCK_C
-        dt = out_ptr.dtype.element_ty
+        ENTRY: tl.constexpr = NG * PIXR                    # accumulator tiles of one output row
 
         pid = tl.program_id(0)
-        cb = pid % N_CB                                    # channel block fastest
-        grp = pid // N_CB
+        cb = pid % N_CB                                    # channel block fastest, then band
+        t = pid // N_CB
+        band = t % n_bands
+        ub = t // n_bands
         cv = cb * BV + tl.arange(0, BV)                    # channel (pair) vector
         if PAIRS:
             c_ok = 2 * cv < M_NEED
@@ -134,31 +184,44 @@ if triton is not None:
             bs = bs + (bt,)
             jj = jj + (jt,)
             jok = jok + (jt_ok,)
+        wts = ()
         if W_HOIST:  # d*d*(r-1) <= 9 vectors of fp32 weights stay in registers for the whole program
-            wts = ()
             for t in tl.static_range(NG):
                 wts = wts + (_tap_weights(wd_ptr, jj[t], jok[t], DD),)
 
-        # addressing: y1 reads (in elements, or uint32 pairs for PAIRS) and ghost stores
-        if PAIRS:
-            y_ptr = out_ptr.to(tl.pointer_type(tl.uint32))
-            PS: tl.constexpr = OUP // 2                   # pixel stride in pairs
+        # the program's units: image n, first pixel column w0 (both fixed while it walks the rows)
+        u = ub * BLOCK_G + tl.arange(0, BLOCK_G)
+        u_ok = u < U_TOTAL
+        n = _udiv(u, mg_wg, sh_wg)
+        w0 = (u - n * WG) * PIXR
+        n64 = n.to(tl.int64)
+        # addressing at row 0: y1 reads (in elements, or uint32 pairs for PAIRS) and ghost stores
+        if O_MODE == 2:
+            o_pix = (n64 * HWO + w0) * OUP
+            o_row = tl.cast(WO, tl.int64) * OUP
+            if PAIRS:
+                y_ptr = out_ptr.to(tl.pointer_type(tl.uint32))
+                PS: tl.constexpr = OUP // 2                # pixel stride in pairs
+                pix = (n64 * HWO + w0) * PS
+                row_step = tl.cast(WO, tl.int64) * PS
+                col_step: tl.constexpr = PS
+            else:
+                y_ptr = out_ptr
+                pix = o_pix
+                row_step = o_row
+                col_step: tl.constexpr = OUP
             cy = cv
-            row_step = tl.cast(WO, tl.int64) * PS
-            col_step: tl.constexpr = PS
-        elif O_MODE == 2:
-            y_ptr = out_ptr
-            cy = cv
-            row_step = tl.cast(WO, tl.int64) * OUP
-            col_step: tl.constexpr = OUP
         else:
             y_ptr = out_ptr
-            cy = cv.to(tl.int64) * soc
+            o_pix = n64 * son + w0.to(tl.int64) * sow
+            pix = o_pix
             if O_MODE == 1:
                 row_step = tl.cast(WO, tl.int64) * sow
             else:
-                row_step = soh
+                row_step = tl.cast(soh, tl.int64)
+            o_row = row_step
             col_step = sow
+            cy = cv.to(tl.int64) * soc
         if PAIRS:
             cc = cb * BLOCK_C + tl.arange(0, BLOCK_C)      # the channels of the interleaved store
             cgs = (M + cc,)
@@ -177,64 +240,52 @@ if triton is not None:
             ocol = sow
         HO_U = tl.cast(HO, tl.uint32)
         WO_U = tl.cast(WO, tl.uint32)
-
-        blk_begin, blk_end = _run_of_blocks(grp, blocks_per_prog, n_blocks)
-        for blk in range(blk_begin, blk_end):
-            g = blk * BLOCK_G + tl.arange(0, BLOCK_G)
-            g_ok = g < G_TOTAL
-            n, q, h, wg = _image_row_col(g, HWG, WG, mg_hw, sh_hw, mg_w, sh_w)
-            w0 = wg * PIXR                                  # first pixel column of the group
-            if O_MODE == 2:
-                if PIXR == 1:
-                    p0 = g.to(tl.int64)
-                else:
-                    p0 = (n.to(tl.int64) * HO + h) * WO + w0
-                o_pix = p0 * OUP
-                if PAIRS:
-                    pix = p0 * PS
-                else:
-                    pix = o_pix
-            elif O_MODE == 1:
-                pix = n.to(tl.int64) * son + (h * WO + w0).to(tl.int64) * sow
-                o_pix = pix
+        # column masks, shared by every row: 0 <= w0 + k - PAD < WO (one unsigned compare)
+        col_ok = ()
+        for k in tl.static_range(NCOL):
+            if (PIXR == 1) and (k == PAD):
+                col_ok = col_ok + (u_ok,)
             else:
-                pix = n.to(tl.int64) * son + h.to(tl.int64) * soh + w0.to(tl.int64) * sow
-                o_pix = pix
-            # column masks, shared by the tap rows: 0 <= w0 + k - PAD < WO (one unsigned compare)
-            col_ok = ()
-            for k in tl.static_range(NCOL):
-                if (PIXR == 1) and (k == PAD):
-                    col_ok = col_ok + (g_ok,)
-                else:
-                    col_ok = col_ok + (g_ok & ((w0 + (k - PAD)).to(tl.uint32, bitcast=True) < WO_U),)
+                col_ok = col_ok + (u_ok & ((w0 + (k - PAD)).to(tl.uint32, bitcast=True) < WO_U),)
 
-            accs = ()
-            for i in tl.static_range(NG * PIXR):
-                accs = accs + (tl.zeros([BLOCK_G, BV], dtype=tl.float32),)
-            if W_HOIST:
-                for dy in tl.static_range(DW):
-                    accs = _cl_row(accs, _hoisted_row(wts, dy, DW, NG), y_ptr, pix, row_step, cy, col_step, h, HO_U,
-                                   col_ok, c_ok, dy, PAD, DW, NCOL, NG, PIXR, PAIRS, C_FULL, dy == PAD)
-            else:  # many taps: a runtime loop over the tap rows keeps code size and live weights small
+        h0 = band * band_rows
+        h1 = tl.minimum(h0 + band_rows, HO)
+        if not PAIRS:
+            cc_ok = c_ok                                   # (unused without PAIRS)
+        if W_HOIST:
+            # the ring: each input row loaded once, added into the d output rows it feeds
+            ring = ()
+            for i in tl.static_range(DW * ENTRY):
+                ring = ring + (tl.zeros([BLOCK_G, BV], dtype=tl.float32),)
+            # the band's first d - 1 input rows (h0 - PAD .. h0 + PAD - 1) into output rows h0 .. h0 + 2 PAD - 1
+            for i in tl.static_range(2 * PAD):
+                lo, hi = _cl_load_row(y_ptr, pix, h0 + (i - PAD), row_step, cy, col_step, HO_U, col_ok, c_ok,
+                                      PAD, NCOL, PAIRS, C_FULL)
+                ring = _ring_taps(ring, lo, hi, wts, i + 1, i, DW, NG, PIXR, PAIRS)
+            for o in tl.range(h0, h1, num_stages=STAGES):
+                lo, hi = _cl_load_row(y_ptr, pix, o + PAD, row_step, cy, col_step, HO_U, col_ok, c_ok,
+                                      PAD, NCOL, PAIRS, C_FULL)
+                ring = _ring_taps(ring, lo, hi, wts, DW, 2 * PAD, DW, NG, PIXR, PAIRS)
+                # output row o is complete: BN2 + act, store; the ring turns
+                _cl_store_row(ring, o_pix + tl.cast(o, tl.int64) * o_row, ocol, cgs, col_ok, ss, bs, jok, cc_ok,
+                              out_ptr, PAD, NG, PIXR, PAIRS, RELU, BLOCK_G, BLOCK_C)
+                turned = ()
+                for i in tl.static_range(ENTRY, DW * ENTRY):
+                    turned = turned + (ring[i],)
+                for i in tl.static_range(ENTRY):
+                    turned = turned + (tl.zeros([BLOCK_G, BV], dtype=tl.float32),)
+                ring = turned
+        else:
+            # many taps (d*d*(r-1) > 9, the paper's ablations): a window, no ring -- each output row
+            # reloads its d input rows (L1 hits) in a runtime loop with that row's weights (bounded code
+            # size and live registers); the launcher runs it with STAGES = 1
+            for o in tl.range(h0, h1, num_stages=STAGES):
+                accs = ()
+                for i in tl.static_range(ENTRY):
+                    accs = accs + (tl.zeros([BLOCK_G, BV], dtype=tl.float32),)
                 for dy in range(DW):
-                    accs = _cl_row(accs, _row_weights(wd_ptr, jj, jok, dy, DW, NG), y_ptr, pix, row_step, cy, col_step,
-                                   h, HO_U, col_ok, c_ok, dy, PAD, DW, NCOL, NG, PIXR, PAIRS, C_FULL, False)
-
-            for r in tl.static_range(PIXR):
-                if PIXR == 1:
-                    p_ok = g_ok
-                else:
-                    p_ok = col_ok[PAD + r]
-                if PAIRS:
-                    y_even = _act(accs[r] * ss[0][None, :] + bs[0][None, :], RELU)
-                    y_odd = _act(accs[PIXR + r] * ss[1][None, :] + bs[1][None, :], RELU)
-                    y = tl.reshape(tl.join(y_even, y_odd), [BLOCK_G, BLOCK_C])
-                    tl.store(out_ptr + (o_pix + r * ocol)[:, None] + cgs[0][None, :], y.to(dt),
-                             mask=p_ok[:, None] & cc_ok[None, :])
-                else:
-                    for t in tl.static_range(NG):
-                        y = _act(accs[t * PIXR + r] * ss[t][None, :] + bs[t][None, :], RELU)
-                        tl.store(out_ptr + (o_pix + r * ocol)[:, None] + cgs[t][None, :], y.to(dt),
-                                 mask=p_ok[:, None] & jok[t][None, :])
-
-
+                    lo, hi = _cl_load_row(y_ptr, pix, o + dy - PAD, row_step, cy, col_step, HO_U, col_ok, c_ok,
+                                          PAD, NCOL, PAIRS, C_FULL)
+                    accs = _row_taps(accs, lo, hi, _row_weights(wd_ptr, jj, jok, dy, DW, NG), DW, NG, PIXR, PAIRS)
+                _cl_store_row(accs, o_pix + tl.cast(o, tl.int64) * o_row, ocol, cgs, col_ok, ss, bs, jok, cc_ok,
+                              out_ptr, PAD, NG, PIXR, PAIRS, RELU, BLOCK_G, BLOCK_C)
