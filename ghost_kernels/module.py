@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from . import dispatch
 from .core import batch_stats, reference
-from .core.backend import Backend, Request, compute_dtype, is_compiling
+from .core.backend import Backend, Request, is_compiling
+from .core.layout import output_memory_format
 from .core.params import GhostParams
 from .core.spec import GhostSpec
 from .core.structure import official_layers, spec_from_layers, structure_problems
@@ -66,9 +67,11 @@ class _State(NamedTuple):
     fingerprint: tuple
     params: GhostParams
     plans: Dict[tuple, _Plan]
+    replays: Dict[tuple, object]   # per key: a kernel family's LaunchPlan, or None (not replayable)
 
 
 _STATES: "weakref.WeakKeyDictionary[nn.Module, _State]" = weakref.WeakKeyDictionary()
+_NO_REPLAY = object()   # no plan made yet for a key
 _MAX_PLANS = 64   # input signatures kept per module (batch sizes x resolutions x modes)
 
 
@@ -147,17 +150,28 @@ class FusedGhost(nn.Module):
         gate = self.ghost_gate(x)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(state.params)
                                                   or (gate is not None and gate.requires_grad))
-        dtype = compute_dtype(x)
-        key = (x.shape, x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last), self.training,
-               needs_grad, dtype, None if gate is None else gate.shape)
+        device = x.device
+        dtype = _autocast_dtype(device.type) or x.dtype
+        key = (x.shape, x.stride(), x.data_ptr() % 16, x.dtype, device, self.training, needs_grad, dtype,
+               None if gate is None else (gate.shape, gate.stride()))
         plan = state.plans.get(key)
         sync = self._sync() if self.training else (None, None)
         if plan is None or (plan.sync_group, plan.sync_error) != sync:
             plan = self._plan(x, state, key, sync, gate)
         if plan.backend is reference.BACKEND:
             return self.forward_eager(x)
+        replay = state.replays.get(key, _NO_REPLAY)
+        if replay is not None and replay is not _NO_REPLAY:
+            launches, shape, fmt = replay
+            out = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
+            launches.run({"x": x, "out": out, "gate": gate})
+            return out
         req = Request(x, state.params, plan.training, plan.needs_grad, plan.compute_dtype, plan.sync_group,
                       plan.sync_error, gate)
+        if replay is _NO_REPLAY and plan.training is False and not plan.needs_grad:
+            out, launches = plan.backend.launch_and_plan(x, req)
+            state.replays[key] = None if launches is None else (launches, out.shape, output_memory_format(x))
+            return out
         return plan.backend.forward(x, req)
 
     def _plan(self, x: Tensor, state: _State, key: tuple, sync, gate: Optional[Tensor]) -> _Plan:
@@ -168,6 +182,7 @@ class FusedGhost(nn.Module):
         plan = _Plan(backend, req.training, req.needs_grad, req.compute_dtype, req.sync_group, req.sync_error)
         if len(state.plans) >= _MAX_PLANS:
             state.plans.clear()
+            state.replays.clear()
         state.plans[key] = plan
         return plan
 
@@ -179,7 +194,7 @@ class FusedGhost(nn.Module):
         if state is None or len(state.fingerprint) != len(fingerprint) \
                 or not all(map(operator.is_, state.fingerprint, fingerprint)):
             params = self.params().check()
-            state = _State(fingerprint, params, {})
+            state = _State(fingerprint, params, {}, {})
             _STATES[self] = state
         return state
 
@@ -251,6 +266,14 @@ class FusedGhost(nn.Module):
         compiled or exported graph use ``torch.compile`` or ``torch.export``."""
         _warn_torchscript()
         return self
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype for ``device_type`` where torch.autocast is on, else None (the hot path's
+    ``core.backend.compute_dtype``)."""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def _any_requires_grad(params: GhostParams) -> bool:

@@ -215,6 +215,11 @@ class Backend:
             reasons.append("BatchNorm without running statistics cannot be folded")
         return reasons
 
+    def launch_and_plan(self, x: Tensor, req: Request):
+        """(the output of :meth:`forward`, a plan that replays its kernel launches for calls of the
+        same kind, or None): a kernel family's way to skip its launcher's Python on repeat calls."""
+        return self.forward(x, req), None
+
     def resolve(self, req: Request) -> "Backend":
         """The backend whose :meth:`forward` runs ``req`` (a group such as ``triton`` returns the member
         it picks): what a module caches for calls like ``req``."""

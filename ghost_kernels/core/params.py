@@ -92,6 +92,11 @@ class GhostParams(NamedTuple):
     def has_running_stats(self) -> bool:
         return has_running_stats(self)
 
+    def tensors(self):
+        """Every tensor of the bundle (None for what is absent)."""
+        bn1, bn2 = self.bn1 or _NO_BN, self.bn2 or _NO_BN
+        return (self.w1, self.wd, self.b1, self.b2, *bn1.tensors(), *bn2.tensors())
+
     def trainable(self):
         """The tensors autograd may differentiate: both conv weights and biases, both BNs' weight and bias."""
         bn1, bn2 = self.bn1 or _NO_BN, self.bn2 or _NO_BN

@@ -63,6 +63,9 @@ class TritonFamily(Backend):
     extra_hbm_bytes: Optional[Callable] = field(default=None, repr=False)
     # ((major, minor), what needs it): the oldest Triton whose language the kernels use
     min_triton: Optional[Tuple[Tuple[int, int], str]] = None
+    # the launcher's launches take only x, out, the gate (or views / TMA descriptors of them), the
+    # module's own tensors and values computed from sizes: a repeat call may replay them (LaunchPlan)
+    replayable: bool = False
 
     def __post_init__(self):
         if self.launcher is not None:
@@ -91,12 +94,28 @@ class TritonFamily(Backend):
         default = self.default_config(spec, ho, wo, dtype, choice.is_channels_last(x))
         return type(default)(**found)
 
-    def launch(self, x: Tensor, req: Request) -> Tensor:
+    def launch(self, x: Tensor, req: Request, out: Optional[Tensor] = None) -> Tensor:
         params, dtype = req.params, req.compute_dtype
         config = self.measured_config(x, params.spec, dtype)
         if req.gate is not None:
-            return self.launcher(x, params, dtype, config=config, gate=req.gate)
-        return self.launcher(x, params, dtype, config=config)
+            return self.launcher(x, params, dtype, out=out, config=config, gate=req.gate)
+        return self.launcher(x, params, dtype, out=out, config=config)
+
+    def launch_and_plan(self, x: Tensor, req: Request) -> Tuple[Tensor, Optional[tc.LaunchPlan]]:
+        """Run the launcher and return, with its output, a :class:`~.common.LaunchPlan` that replays
+        its launches for calls of the same kind (None where the family is not replayable)."""
+        spec = req.spec
+        out = empty_output(x, spec.oup, spec.stride, req.compute_dtype)
+        if not self.replayable:
+            return self.launch(x, req, out), None
+        with tc.record_launches() as launches:
+            self.launch(x, req, out)
+        try:
+            plan = tc.LaunchPlan(launches, {"x": x, "out": out, "gate": req.gate},
+                                 [t for t in req.params.tensors() if t is not None])
+        except tc.NotReplayable:
+            plan = None
+        return out, plan
 
 
 def prepare_output(x: Tensor, spec: GhostSpec, dtype: torch.dtype, out: Optional[Tensor]) -> Tensor:
