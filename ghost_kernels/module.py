@@ -107,6 +107,10 @@ class FusedGhost(nn.Module):
         """Whether :meth:`ghost_gate` gives a gate (GhostNetV2's attention)."""
         return False
 
+    def _gate_requires_grad(self) -> bool:
+        """Whether autograd would differentiate the gate (a parameter of its branch requires grad)."""
+        return False
+
     def ghost_spec(self) -> GhostSpec:
         return spec_from_layers(self.ghost_layers(), self.ghost_oup())
 
@@ -147,22 +151,21 @@ class FusedGhost(nn.Module):
         state = self._state()
         if not isinstance(x, Tensor):
             dispatch.validate_input(x, state.params)   # the clear TypeError
-        gate = self.ghost_gate(x)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(state.params)
-                                                  or (gate is not None and gate.requires_grad))
+                                                  or self._gate_requires_grad())
         device = x.device
         dtype = _autocast_dtype(device.type) or x.dtype
-        key = (x.shape, x.stride(), x.data_ptr() % 16, x.dtype, device, self.training, needs_grad, dtype,
-               None if gate is None else (gate.shape, gate.stride()))
+        key = (x.shape, x.stride(), x.data_ptr() % 16, x.dtype, device, self.training, needs_grad, dtype)
         plan = state.plans.get(key)
         sync = self._sync() if self.training else (None, None)
         if plan is None or (plan.sync_group, plan.sync_error) != sync:
-            plan = self._plan(x, state, key, sync, gate)
+            plan = self._plan(x, state, key, sync)
         if plan.backend is reference.BACKEND:
             return self.forward_eager(x)
+        gate = self.ghost_gate(x) if self.gated else None
         replay = state.replays.get(key, _NO_REPLAY)
-        if replay is not None and replay is not _NO_REPLAY:
-            launches, shape, fmt = replay
+        if replay is not None and replay is not _NO_REPLAY and (gate is None or gate.stride() == replay[3]):
+            launches, shape, fmt, _ = replay
             out = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
             launches.run({"x": x, "out": out, "gate": gate})
             return out
@@ -170,14 +173,15 @@ class FusedGhost(nn.Module):
                       plan.sync_error, gate)
         if replay is _NO_REPLAY and plan.training is False and not plan.needs_grad:
             out, launches = plan.backend.launch_and_plan(x, req)
-            state.replays[key] = None if launches is None else (launches, out.shape, output_memory_format(x))
+            state.replays[key] = None if launches is None else (
+                launches, out.shape, output_memory_format(x), None if gate is None else gate.stride())
             return out
         return plan.backend.forward(x, req)
 
-    def _plan(self, x: Tensor, state: _State, key: tuple, sync, gate: Optional[Tensor]) -> _Plan:
+    def _plan(self, x: Tensor, state: _State, key: tuple, sync) -> _Plan:
         """Validate x, choose the backend (raising as ``dispatch.choose`` does) and remember it."""
         dispatch.validate_input(x, state.params)
-        req = Request.make(x, state.params, self.training, *sync, gate=gate)
+        req = Request.make(x, state.params, self.training, *sync, gate=self.ghost_gate(x) if self.gated else None)
         backend = dispatch.choose(self.backend, req).backend.resolve(req)
         plan = _Plan(backend, req.training, req.needs_grad, req.compute_dtype, req.sync_group, req.sync_error)
         if len(state.plans) >= _MAX_PLANS:
@@ -218,7 +222,7 @@ class FusedGhost(nn.Module):
         """The full, uncached request (explain, and the traced path)."""
         params = self.params()
         dispatch.validate_input(x, params)
-        return Request.make(x, params, self.training, *self._sync(), gate=self.ghost_gate(x))
+        return Request.make(x, params, self.training, *self._sync(), gate=self.ghost_gate(x) if self.gated else None)
 
     def explain(self, x: Tensor) -> str:
         """Which backend runs ``x`` now (given train/eval mode and grad mode), the measurement behind

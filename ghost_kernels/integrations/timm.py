@@ -41,6 +41,9 @@ class FusedGhostV2(FusedGhost):
     def gated(self) -> bool:
         return True
 
+    def _gate_requires_grad(self) -> bool:
+        return any(p.requires_grad for p in self.short_conv.parameters())
+
     def forward_eager(self, x: Tensor) -> Tensor:
         res = self.short_conv(F.avg_pool2d(x, kernel_size=2, stride=2))
         x1 = self.primary_conv(x)
@@ -71,6 +74,9 @@ class FusedGhostV3(FusedGhost):
     @property
     def gated(self) -> bool:
         return self.mode == "shortcut"
+
+    def _gate_requires_grad(self) -> bool:
+        return self.gated and any(p.requires_grad for p in self.short_conv.parameters())
 
     def forward_eager(self, x: Tensor) -> Tensor:
         x1 = self.primary_conv(x)
