@@ -3,7 +3,9 @@
 Entry points:
 
 * :class:`GhostModule` -- drop-in for the official and timm modules (same constructor, same state_dict).
-* :func:`convert` -- swap the Ghost modules of an existing model in place (and say what it did).
+* :func:`convert` -- swap the Ghost modules of an existing model in place (and say what it did): timm's
+  GhostNet v1/v2/v3 modules, Ultralytics / YOLOv5 / YOLOv7 ``GhostConv``, the official code's
+  (:class:`FusedGhostV2`, :class:`FusedGhostV3`, :class:`FusedGhostConv`; all :class:`FusedGhost`).
 * :func:`sync_batch_stats` -- SyncBatchNorm semantics for the converted Ghost modules (DDP on any device).
 * :func:`ghost_forward` -- the functional forward on a :class:`GhostParams` bundle, with
   ``backend="auto"`` or any name of :func:`available_backends`.
@@ -25,7 +27,9 @@ from .dispatch import (
     ghost_forward,
     not_supported_reasons,
 )
-from .module import GhostModule
+from .integrations.timm import FusedGhostV2, FusedGhostV3
+from .integrations.ultralytics import FusedGhostConv
+from .module import FusedGhost, GhostModule
 
 
 def ghost_module(*args, **kwargs):
@@ -37,7 +41,8 @@ def ghost_module(*args, **kwargs):
 
 
 __all__ = [
-    "BACKEND_CHOICES", "BackendNotSupported", "BatchNormState", "ConversionReport", "FoldedGhost", "GhostModule",
+    "BACKEND_CHOICES", "BackendNotSupported", "BatchNormState", "ConversionReport", "FoldedGhost", "FusedGhost",
+    "FusedGhostConv", "FusedGhostV2", "FusedGhostV3", "GhostModule",
     "GhostParams", "GhostSpec", "Request", "available_backends", "choose", "convert", "explain", "fold_ghost",
     "ghost_forward", "ghost_reference", "ghostnet_100_modules", "is_ghost_module", "not_supported_reasons",
     "sync_batch_stats",

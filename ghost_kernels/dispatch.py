@@ -167,25 +167,26 @@ def explain(requested: str, req: Request) -> str:
 
 
 @torch.library.custom_op("ghost_kernels::forward", mutates_args=())
-def forward_op(x: Tensor, w1: Tensor, bn1_weight: Optional[Tensor], bn1_bias: Optional[Tensor],
-               bn1_mean: Tensor, bn1_var: Tensor, bn1_eps: float, wd: Tensor,
-               bn2_weight: Optional[Tensor], bn2_bias: Optional[Tensor], bn2_mean: Tensor, bn2_var: Tensor,
-               bn2_eps: float, oup: int, stride: int, ratio: int, dw_size: int, relu: bool,
-               dtype: torch.dtype, backend: str) -> Tensor:
+def forward_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], bn1_weight: Optional[Tensor],
+               bn1_bias: Optional[Tensor], bn1_mean: Optional[Tensor], bn1_var: Optional[Tensor],
+               bn1_eps: float, wd: Tensor, b2: Optional[Tensor], bn2_weight: Optional[Tensor],
+               bn2_bias: Optional[Tensor], bn2_mean: Optional[Tensor], bn2_var: Optional[Tensor],
+               bn2_eps: float, oup: int, kernel_size: int, stride: int, ratio: int, dw_size: int, act: str,
+               gate: Optional[Tensor], dtype: torch.dtype, backend: str) -> Tensor:
     """Eval-mode Ghost module forward through ``backend`` ("auto" or "triton"), computing in ``dtype``,
     with the backend (and Triton family) chosen per call from the real input sizes: what a compiled
     or exported graph holds where the choice depends on sizes that were symbolic at trace time."""
-    params = params_from_op(x, w1, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, wd, bn2_weight, bn2_bias,
-                            bn2_mean, bn2_var, bn2_eps, oup, stride, ratio, dw_size, relu)
-    req = Request.for_inference(x, params, dtype)
+    params = params_from_op(x, w1, b1, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, wd, b2, bn2_weight, bn2_bias, bn2_mean,
+                            bn2_var, bn2_eps, oup, kernel_size, stride, ratio, dw_size, act)
+    req = Request.for_inference(x, params, dtype, gate)
     out = choose(backend, req).backend.forward(x, req)
     # every backend returns eager's memory format; this keeps the fake's promise should one not
     return out.contiguous(memory_format=output_memory_format(x))
 
 
 @forward_op.register_fake
-def _(x, w1, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, wd, bn2_weight, bn2_bias, bn2_mean, bn2_var,
-      bn2_eps, oup, stride, ratio, dw_size, relu, dtype, backend):
+def _(x, w1, b1, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, wd, b2, bn2_weight, bn2_bias, bn2_mean, bn2_var,
+      bn2_eps, oup, kernel_size, stride, ratio, dw_size, act, gate, dtype, backend):
     return empty_output(x, oup, stride, dtype)
 
 
@@ -196,7 +197,7 @@ class ChosenPerCall(Backend):
     requested: str = "auto"
 
     def forward(self, x: Tensor, req: Request) -> Tensor:
-        return forward_op(x, *op_args(req.params), req.compute_dtype, self.requested)
+        return forward_op(x, *op_args(req.params), req.gate, req.compute_dtype, self.requested)
 
 
 CHOSEN_PER_CALL = {name: ChosenPerCall(f"{name} (chosen per call)", f"ghost_kernels::forward(backend={name!r})",

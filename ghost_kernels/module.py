@@ -21,17 +21,18 @@ from __future__ import annotations
 import operator
 import warnings
 import weakref
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import dispatch
 from .core import batch_stats, reference
-from .core.backend import Backend, Request, compute_dtype, is_compiling
-from .core.params import BatchNormState, GhostParams
+from .core.backend import Backend, Request, is_compiling
+from .core.layout import output_memory_format
+from .core.params import GhostParams
 from .core.spec import GhostSpec
-from .core.structure import spec_of, structure_problems
+from .core.structure import official_layers, spec_from_layers, structure_problems
 
 _UNSET = object()
 
@@ -66,9 +67,11 @@ class _State(NamedTuple):
     fingerprint: tuple
     params: GhostParams
     plans: Dict[tuple, _Plan]
+    replays: Dict[tuple, object]   # per key: a kernel family's LaunchPlan, or None (not replayable)
 
 
 _STATES: "weakref.WeakKeyDictionary[nn.Module, _State]" = weakref.WeakKeyDictionary()
+_NO_REPLAY = object()   # no plan made yet for a key
 _MAX_PLANS = 64   # input signatures kept per module (batch sizes x resolutions x modes)
 
 
@@ -77,11 +80,12 @@ class FusedGhost(nn.Module):
     the per-module cache, ``backend`` (validated on assignment), ``explain``, SyncBatchNorm, and
     TorchScript (which scripts the PyTorch path, leaving the module as it is).
 
-    Subclasses provide :meth:`ghost_layers` (the six submodules: primary conv, its BatchNorm, its
-    activation, cheap conv, its BatchNorm, its activation), :meth:`forward_eager` (the original
-    module's forward, TorchScript-compatible) and the ``oup`` attribute."""
+    Subclasses provide :meth:`ghost_layers` (the six submodules: primary conv, its BatchNorm or None,
+    its activation, cheap conv, its BatchNorm or None, its activation), :meth:`forward_eager` (the
+    original module's forward, TorchScript-compatible), :meth:`ghost_oup` (the output channels,
+    ``oup`` by default) and, for GhostNetV2's attention, :meth:`ghost_gate`."""
 
-    __jit_unused_properties__ = ["backend", "spec", "out_chs"]   # TorchScript does not compile them
+    __jit_unused_properties__ = ["backend", "spec", "out_chs", "gated"]   # TorchScript does not compile them
 
     # -- subclass interface -----------------------------------------------------------------------
     def ghost_layers(self) -> Tuple[nn.Module, nn.Module, nn.Module, nn.Module, nn.Module, nn.Module]:
@@ -89,6 +93,26 @@ class FusedGhost(nn.Module):
 
     def forward_eager(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def ghost_oup(self) -> int:
+        """Output channels (the slice of the concatenation)."""
+        return self.oup
+
+    def ghost_gate(self, x: Tensor) -> Optional[Tensor]:
+        """GhostNetV2's attention for input ``x`` (through its sigmoid, at its own resolution), or None."""
+        return None
+
+    @property
+    def gated(self) -> bool:
+        """Whether :meth:`ghost_gate` gives a gate (GhostNetV2's attention)."""
+        return False
+
+    def _gate_requires_grad(self) -> bool:
+        """Whether autograd would differentiate the gate (a parameter of its branch requires grad)."""
+        return False
+
+    def ghost_spec(self) -> GhostSpec:
+        return spec_from_layers(self.ghost_layers(), self.ghost_oup())
 
     # -- backend --------------------------------------------------------------------------------
     @property
@@ -103,13 +127,11 @@ class FusedGhost(nn.Module):
 
     @property
     def spec(self) -> GhostSpec:
-        return spec_of(self)
+        return self.ghost_spec()
 
     def params(self) -> GhostParams:
         """This module's parameters and buffers (shared, not copied) as one bundle."""
-        conv1, bn1, _, conv2, bn2, _ = self.ghost_layers()
-        return GhostParams(conv1.weight, BatchNormState.from_module(bn1), conv2.weight,
-                           BatchNormState.from_module(bn2), self.spec)
+        return GhostParams.from_module(self, self.ghost_spec())
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -129,28 +151,42 @@ class FusedGhost(nn.Module):
         state = self._state()
         if not isinstance(x, Tensor):
             dispatch.validate_input(x, state.params)   # the clear TypeError
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(state.params))
-        dtype = compute_dtype(x)
-        key = (x.shape, x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last), self.training,
-               needs_grad, dtype)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(state.params)
+                                                  or self._gate_requires_grad())
+        device = x.device
+        dtype = _autocast_dtype(device.type) or x.dtype
+        key = (x.shape, x.stride(), x.data_ptr() % 16, x.dtype, device, self.training, needs_grad, dtype)
         plan = state.plans.get(key)
         sync = self._sync() if self.training else (None, None)
         if plan is None or (plan.sync_group, plan.sync_error) != sync:
             plan = self._plan(x, state, key, sync)
         if plan.backend is reference.BACKEND:
             return self.forward_eager(x)
+        gate = self.ghost_gate(x) if self.gated else None
+        replay = state.replays.get(key, _NO_REPLAY)
+        if replay is not None and replay is not _NO_REPLAY and (gate is None or gate.stride() == replay[3]):
+            launches, shape, fmt, _ = replay
+            out = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
+            launches.run({"x": x, "out": out, "gate": gate})
+            return out
         req = Request(x, state.params, plan.training, plan.needs_grad, plan.compute_dtype, plan.sync_group,
-                      plan.sync_error)
+                      plan.sync_error, gate)
+        if replay is _NO_REPLAY and plan.training is False and not plan.needs_grad:
+            out, launches = plan.backend.launch_and_plan(x, req)
+            state.replays[key] = None if launches is None else (
+                launches, out.shape, output_memory_format(x), None if gate is None else gate.stride())
+            return out
         return plan.backend.forward(x, req)
 
     def _plan(self, x: Tensor, state: _State, key: tuple, sync) -> _Plan:
         """Validate x, choose the backend (raising as ``dispatch.choose`` does) and remember it."""
         dispatch.validate_input(x, state.params)
-        req = Request.make(x, state.params, self.training, *sync)
+        req = Request.make(x, state.params, self.training, *sync, gate=self.ghost_gate(x) if self.gated else None)
         backend = dispatch.choose(self.backend, req).backend.resolve(req)
         plan = _Plan(backend, req.training, req.needs_grad, req.compute_dtype, req.sync_group, req.sync_error)
         if len(state.plans) >= _MAX_PLANS:
             state.plans.clear()
+            state.replays.clear()
         state.plans[key] = plan
         return plan
 
@@ -162,7 +198,7 @@ class FusedGhost(nn.Module):
         if state is None or len(state.fingerprint) != len(fingerprint) \
                 or not all(map(operator.is_, state.fingerprint, fingerprint)):
             params = self.params().check()
-            state = _State(fingerprint, params, {})
+            state = _State(fingerprint, params, {}, {})
             _STATES[self] = state
         return state
 
@@ -171,10 +207,12 @@ class FusedGhost(nn.Module):
         tensor is a different object, even when equal): the six submodules, the convs' and
         BatchNorms' tensors, the BatchNorm options (activations with tensors run on PyTorch anyway)."""
         conv1, bn1, act1, conv2, bn2, act2 = self.ghost_layers()
-        return (self.oup, conv1, bn1, act1, conv2, bn2, act2, conv1.weight.dtype,
-                *conv1._parameters.values(), *bn1._parameters.values(), *bn1._buffers.values(),
-                *conv2._parameters.values(), *bn2._parameters.values(), *bn2._buffers.values(),
-                bn1.eps, bn1.momentum, bn1.track_running_stats, bn2.eps, bn2.momentum, bn2.track_running_stats)
+        out = [self.ghost_oup(), conv1, bn1, act1, conv2, bn2, act2, conv1.weight.dtype,
+               *conv1._parameters.values(), *conv2._parameters.values()]
+        for bn in (bn1, bn2):
+            if bn is not None:
+                out += (*bn._parameters.values(), *bn._buffers.values(), bn.eps, bn.momentum, bn.track_running_stats)
+        return tuple(out)
 
     def _apply(self, fn, *args, **kwargs):
         _STATES.pop(self, None)   # .to(), .half(), .cuda(): tensors may change in place (param.data)
@@ -184,7 +222,7 @@ class FusedGhost(nn.Module):
         """The full, uncached request (explain, and the traced path)."""
         params = self.params()
         dispatch.validate_input(x, params)
-        return Request.make(x, params, self.training, *self._sync())
+        return Request.make(x, params, self.training, *self._sync(), gate=self.ghost_gate(x) if self.gated else None)
 
     def explain(self, x: Tensor) -> str:
         """Which backend runs ``x`` now (given train/eval mode and grad mode), the measurement behind
@@ -208,6 +246,8 @@ class FusedGhost(nn.Module):
             return None, None
         layers = self.ghost_layers()
         bn1, bn2 = layers[1], layers[4]
+        if bn1 is None and bn2 is None:
+            return None, None
         synced = isinstance(bn1, nn.SyncBatchNorm), isinstance(bn2, nn.SyncBatchNorm)
         if getattr(self, "_sync_stats", False):
             group = self._sync_group
@@ -230,6 +270,14 @@ class FusedGhost(nn.Module):
         compiled or exported graph use ``torch.compile`` or ``torch.export``."""
         _warn_torchscript()
         return self
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype for ``device_type`` where torch.autocast is on, else None (the hot path's
+    ``core.backend.compute_dtype``)."""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def _any_requires_grad(params: GhostParams) -> bool:
@@ -316,7 +364,9 @@ class GhostModule(FusedGhost):
 
     def ghost_layers(self):
         pc, co = self._modules["primary_conv"]._modules, self._modules["cheap_operation"]._modules
-        return pc["0"], pc["1"], pc["2"], co["0"], co["1"], co["2"]
+        if len(pc) == 3 and len(co) == 3:
+            return pc["0"], pc["1"], pc["2"], co["0"], co["1"], co["2"]
+        return (*official_layers(self.primary_conv), *official_layers(self.cheap_operation))
 
     def forward_eager(self, x: Tensor) -> Tensor:
         """The "torch" backend: the official module's forward, through the submodules themselves."""

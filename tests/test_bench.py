@@ -234,3 +234,15 @@ def test_info_help(capsys):
     assert code == 0 and out.startswith("usage: python -m ghost_kernels.info") and "backend" in out
     code, _, err = _exit(info.main, ["--json"], capsys)
     assert code == 2 and "unrecognized arguments: --json" in err
+
+
+def test_overhead_mode_measures_the_module_call_beside_a_conv():
+    """``--overhead`` (issue 15, host path): per backend, the module call with its launches stubbed
+    (the recorded launches are what the kernels would get) beside an nn.Conv2d call. Plumbing only:
+    a benchmark measures, tests do not judge times."""
+    from ghost_kernels.bench import overhead
+    rows = overhead.measure(("triton", "triton_two_pass"), calls=20, repeats=1)
+    assert [r["backend"] for r in rows] == ["triton", "triton_two_pass"]
+    assert all(r["us"] > 0 and r["conv_us"] > 0 and r["ratio"] == r["us"] / r["conv_us"] for r in rows)
+    assert rows[1]["launches"] == 2            # the two passes, recorded once per call
+    assert "| triton_two_pass | 2 |" in overhead.table(rows)

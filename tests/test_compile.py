@@ -53,7 +53,7 @@ def test_triton_forward_op_passes_opcheck(fam, i, ratio, dw, stride):
         p.bn1 = p.bn1._replace(weight=None, bias=None)
         p.bn2 = p.bn2._replace(weight=None, bias=None)
     x = make_x(2, spec.inp, 5 + i % 3, 4 + i % 4, torch.float32, layout)
-    args = (x, *op_args(p.params), torch.float32, fam)
+    args = (x, *op_args(p.params), None, torch.float32, fam)
     torch.library.opcheck(torch.ops.ghost_kernels.triton_forward.default, args)
 
 
@@ -296,7 +296,7 @@ def test_forward_op_passes_opcheck(requested, i, ratio, dw, stride):
         p.bn1 = p.bn1._replace(weight=None, bias=None)
         p.bn2 = p.bn2._replace(weight=None, bias=None)
     x = make_x(2, spec.inp, 5 + i % 3, 4 + i % 4, torch.float32, layout)
-    torch.library.opcheck(torch.ops.ghost_kernels.forward.default, (x, *op_args(p.params), torch.float32, requested))
+    torch.library.opcheck(torch.ops.ghost_kernels.forward.default, (x, *op_args(p.params), None, torch.float32, requested))
 
 
 def test_explicit_family_checks_its_size_limits_at_run_time():
@@ -306,7 +306,7 @@ def test_explicit_family_checks_its_size_limits_at_run_time():
     spec = gk.GhostSpec(4, 8)
     p = RandomGhost(spec, DEVICE)
     x = torch.randn(1, 4, 1, band.MAX_LANES + 1, device=DEVICE)
-    args = (x, *op_args(p.params), torch.float32, "triton_band")
+    args = (x, *op_args(p.params), None, torch.float32, "triton_band")
     with pytest.raises(gk.BackendNotSupported, match="backend='triton_band' cannot run this input: output 1x"):
         torch.ops.ghost_kernels.triton_forward(*args)
 

@@ -49,8 +49,8 @@ def changed(snap):
 def op_cases(spec, x, p):
     """(op name, label, args) for every registered op on one small input, eval and train mode."""
     args = op_args(p.params)
-    cases = [("forward", backend, (x, *args, torch.float32, backend)) for backend in ("auto", "triton")]
-    cases += [("triton_forward", fam, (x, *args, torch.float32, fam)) for fam in FAMILIES]
+    cases = [("forward", backend, (x, *args, None, torch.float32, backend)) for backend in ("auto", "triton")]
+    cases += [("triton_forward", fam, (x, *args, None, torch.float32, fam)) for fam in FAMILIES]
     weights = (p.w1, p.bn1.weight, p.bn1.bias, p.wd, p.bn2.weight, p.bn2.bias)
     tail = (1e-5, 1e-5, spec.oup, spec.stride, spec.ratio, spec.dw_size, spec.act == "relu", -1)
     running = (p.bn1.running_mean, p.bn1.running_var, p.bn2.running_mean, p.bn2.running_var)

@@ -51,7 +51,7 @@ def test_unknown_backend_names():
     (dict(stride=3), "stride=3"),
     (dict(ratio=5), "ratio=5"),
     (dict(dw_size=9), "dw_size=9"),
-    (dict(act_layer=nn.Hardswish), "activation other than ReLU"),
+    (dict(act_layer=nn.ReLU6), "activation 'other'"),
 ])
 def test_unsupported_option_on_explicit_backend_raises_and_auto_falls_back(ctor, expected):
     fused = randomize(gk.GhostModule(8, 12, backend="triton", **ctor)).to(DEVICE).eval()

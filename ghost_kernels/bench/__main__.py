@@ -19,8 +19,8 @@ import time
 
 
 # Options that only one of the two modes reads: given to the other, they are an error, not ignored.
-TIMING_ONLY = ("--ops", "--impls", "--secondary-shapes", "--quick", "--compile-budget", "--max-autotune-budget",
-               "--model-compile-budget", "--no-model", "--model-batch", "--no-plots", "--junit")
+TIMING_ONLY = ("--ops", "--impls", "--secondary-shapes", "--quick", "--overhead", "--compile-budget",
+               "--max-autotune-budget", "--model-compile-budget", "--no-model", "--model-batch", "--no-plots", "--junit")
 OFFLINE_ONLY = ("--families", "--workers", "--import", "--strict", "--quiet")
 
 
@@ -45,6 +45,9 @@ def build_parser():
                         help="shapes for the dtype/layout pairs after the first one ('quick' keeps a full "
                              "dtype x layout matrix affordable); torch.compile rows run for the first pair only")
     timing.add_argument("--quick", action="store_true", help="quick shapes, shorter timing, no max-autotune")
+    timing.add_argument("--overhead", action="store_true",
+                        help="no kernel runs: the package's Python per eager Ghost-module call, kernel launches "
+                             "stubbed, beside one nn.Conv2d call in the same loop (CPU; bench/overhead.py)")
     timing.add_argument("--compile-budget", type=seconds, metavar="S", default=240.0,
                         help="seconds of torch.compile time for the compile rows (the rest are skipped)")
     timing.add_argument("--max-autotune-budget", type=seconds, metavar="S", default=60.0,
@@ -125,6 +128,9 @@ def main(argv=None) -> int:
     if args.offline:
         from .offline.cli import run_reporting
         return run_reporting(args, "python -m ghost_kernels.bench --offline")
+    if args.overhead:
+        from .overhead import main as overhead_main
+        return overhead_main([])
     import torch
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):

@@ -62,18 +62,21 @@ class Request:
     compute_dtype: torch.dtype          # x's dtype, or the autocast dtype under torch.autocast
     sync_group: Optional[int] = None    # SyncBatchNorm process group (batch_stats.register_group), or None
     sync_error: Optional[str] = None    # why synchronized statistics are impossible (e.g. one BN synced)
+    gate: Optional[Tensor] = None       # GhostNetV2's attention, multiplied into the output (reference.apply_gate)
 
     @classmethod
     def make(cls, x: Tensor, params: GhostParams, training: bool, sync_group: Optional[int] = None,
-             sync_error: Optional[str] = None) -> "Request":
+             sync_error: Optional[str] = None, gate: Optional[Tensor] = None) -> "Request":
         needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(p is not None and p.requires_grad for p in params.trainable()))
-        return cls(x, params, training, needs_grad, compute_dtype(x), sync_group, sync_error)
+            x.requires_grad or any(p is not None and p.requires_grad for p in params.trainable())
+            or (gate is not None and gate.requires_grad))
+        return cls(x, params, training, needs_grad, compute_dtype(x), sync_group, sync_error, gate)
 
     @classmethod
-    def for_inference(cls, x: Tensor, params: GhostParams, dtype: torch.dtype) -> "Request":
+    def for_inference(cls, x: Tensor, params: GhostParams, dtype: torch.dtype,
+                      gate: Optional[Tensor] = None) -> "Request":
         """An eval-mode call without autograd computing in ``dtype`` (inside the inference ops)."""
-        return cls(x, params, False, False, dtype)
+        return cls(x, params, False, False, dtype, gate=gate)
 
     @property
     def spec(self) -> GhostSpec:
@@ -116,9 +119,12 @@ class Support:
     ratios: Optional[Tuple[int, ...]] = (2, 3, 4)
     dw_sizes: Optional[Tuple[int, ...]] = (1, 3, 5, 7)
     acts: Tuple[str, ...] = ("relu", "none")
+    conv_bias: bool = False       # convs with a bias (deployed forms: GhostNetV3, Ultralytics after fuse())
+    without_bn: bool = False      # convs without a BatchNorm (deployed forms)
+    gate: bool = False            # GhostNetV2's attention multiplied into the output
 
     def reasons(self, req: Request) -> List[str]:
-        """Every reason this table does not admit ``req``: its spec's options and the compute dtype."""
+        """Every reason this table does not admit ``req``: the module's options and the compute dtype."""
         x, dtype = req.x, req.compute_dtype
         out = []
         if dtype not in self.dtypes or x.dtype not in self.dtypes:
@@ -126,11 +132,22 @@ class Support:
             out.append(f"dtype {x.dtype if x.dtype not in self.dtypes else dtype} (supported: {names})")
         elif dtype == torch.bfloat16 and x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
             out.append("bfloat16 needs compute capability 8.0 or newer")
-        return out + self.spec_reasons(req.spec)
+        return out + self.module_reasons(req.params, req.gate is not None)
+
+    def module_reasons(self, params: GhostParams, gated: bool = False) -> List[str]:
+        """The reasons that depend on the module alone (its options and form), never on an input: a
+        module with any of them can never run on a backend with this table (``convert()`` skips it)."""
+        out = self.spec_reasons(params.spec)
+        if not self.conv_bias and (params.b1 is not None or params.b2 is not None):
+            out.append("a conv with a bias (a deployed module)")
+        if not self.without_bn and (params.bn1 is None or params.bn2 is None):
+            out.append("a conv without a BatchNorm (a deployed module)")
+        if not self.gate and gated:
+            out.append("GhostNetV2's attention gate")
+        return out
 
     def spec_reasons(self, spec: GhostSpec) -> List[str]:
-        """The reasons that depend on the module alone (its options), never on an input: a module with
-        any of them can never run on a backend with this table (``convert()`` skips it)."""
+        """The reasons that depend on the spec alone."""
         out = []
         for name, value, allowed in (("kernel_size", spec.kernel_size, self.kernel_sizes),
                                      ("stride", spec.stride, self.strides), ("ratio", spec.ratio, self.ratios),
@@ -138,7 +155,7 @@ class Support:
             if allowed is not None and value not in allowed:
                 out.append(f"{name}={value} (supported: {allowed})")
         if spec.act not in self.acts:
-            out.append("activation other than ReLU or identity")
+            out.append(f"activation {spec.act!r} (supported: {', '.join(self.acts)})")
         return out
 
 
@@ -175,10 +192,11 @@ class Backend:
         """The reasons that depend on the input's N, H or W (e.g. a maximum image width)."""
         return self.extra_reasons(req) if self.extra_reasons is not None else []
 
-    def spec_reasons(self, spec: GhostSpec) -> List[str]:
-        """Every reason this backend can never run a module with ``spec``, whatever the input and
-        machine (``convert()`` skips such modules for an explicitly named backend)."""
-        return self.support.spec_reasons(spec) if self.support is not None else []
+    def module_reasons(self, params: GhostParams, gated: bool = False) -> List[str]:
+        """Every reason this backend can never run the module of ``params`` (gated: with GhostNetV2's
+        attention), whatever the input and machine (``convert()`` skips such modules for an
+        explicitly named backend)."""
+        return self.support.module_reasons(params, gated) if self.support is not None else []
 
     def training_reasons(self, req: Request) -> List[str]:
         """Reasons this backend cannot run a call that is not plain inference (train-mode BN,
@@ -196,6 +214,11 @@ class Backend:
         if not has_running_stats(req.params):
             reasons.append("BatchNorm without running statistics cannot be folded")
         return reasons
+
+    def launch_and_plan(self, x: Tensor, req: Request):
+        """(the output of :meth:`forward`, a plan that replays its kernel launches for calls of the
+        same kind, or None): a kernel family's way to skip its launcher's Python on repeat calls."""
+        return self.forward(x, req), None
 
     def resolve(self, req: Request) -> "Backend":
         """The backend whose :meth:`forward` runs ``req`` (a group such as ``triton`` returns the member

@@ -1,7 +1,9 @@
 """Eval-mode BatchNorm folding: the one place BN becomes a per-channel affine map in PyTorch.
 
 In eval mode both BNs are affine maps per channel, ``BN(z) = z * scale + shift`` with
-``scale = gamma / sqrt(running_var + eps)`` and ``shift = beta - running_mean * scale``, so:
+``scale = gamma / sqrt(running_var + eps)`` and ``shift = beta - running_mean * scale`` (a conv bias
+``b`` moves into the shift, ``beta + (b - running_mean) * scale``; without a BatchNorm, a deployed
+module, ``scale = 1`` and ``shift = b``), so:
 
 * primary: ``BN1(conv(x, w1)) = conv(x, w1) * scale1 + shift1``. ``w1`` stays as the module stores it
   (cast to the compute dtype) and ``scale1`` is applied to the fp32 accumulator: the same function as
@@ -16,7 +18,7 @@ the CUDA C++ kernel and ``torch_folded``.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -34,15 +36,25 @@ class FoldedGhost(NamedTuple):
     shift2: Tensor  # [m * (ratio - 1)], fp32: BN2 shift
 
 
-def fold_batch_norm(bn: BatchNormState, dtype: torch.dtype = torch.float32):
-    """Eval-mode BN as ``y * scale + shift`` per channel, computed in ``dtype`` (float32 or wider)."""
+def fold_batch_norm(bn: Optional[BatchNormState], dtype: torch.dtype = torch.float32,
+                    conv_bias: Optional[Tensor] = None, channels: int = 0, device=None):
+    """Eval-mode BN after a conv with ``conv_bias`` as ``y * scale + shift`` per channel (``y`` the conv
+    without its bias), computed in ``dtype`` (float32 or wider): ``BN(y + b) = y * scale + (b - mean)
+    * scale + beta``. No BatchNorm (``bn`` None, a deployed module): ``scale = 1``, ``shift = b``
+    (``channels`` and ``device`` give their size and place)."""
+    if bn is None:
+        ones = torch.ones(channels, dtype=dtype, device=device)
+        return ones, (conv_bias.to(dtype) if conv_bias is not None else torch.zeros_like(ones))
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("fold_batch_norm: BatchNorm without running statistics "
                          "(track_running_stats=False) normalizes with batch statistics and cannot be folded")
     scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.to(dtype)
-    shift = -bn.running_mean.to(dtype) * scale
+    mean = bn.running_mean.to(dtype)
+    if conv_bias is not None:
+        mean = mean - conv_bias.to(dtype)
+    shift = -mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias.to(dtype)
     return scale, shift
@@ -50,11 +62,11 @@ def fold_batch_norm(bn: BatchNormState, dtype: torch.dtype = torch.float32):
 
 def fold_ghost(params: GhostParams, compute_dtype: torch.dtype) -> FoldedGhost:
     """Fold both eval-mode BatchNorms (see the module docstring). Runs under ``torch.no_grad``."""
-    w1, bn1, wd, bn2, spec = params
+    w1, bn1, wd, bn2, spec, b1, b2 = params
     with torch.no_grad():
         acc = torch.float64 if w1.dtype == torch.float64 else torch.float32
-        scale1, shift1 = fold_batch_norm(bn1, acc)
-        scale2, shift2 = fold_batch_norm(bn2, acc)
+        scale1, shift1 = fold_batch_norm(bn1, acc, b1, spec.m, w1.device)
+        scale2, shift2 = fold_batch_norm(bn2, acc, b2, spec.new, w1.device)
         w1f = w1.detach().reshape(spec.m, -1).to(compute_dtype).contiguous()
         wdf = (wd.detach().reshape(spec.new, -1).to(acc) * scale2[:, None]).contiguous()
         return FoldedGhost(w1f, scale1.contiguous(), shift1.contiguous(), wdf, shift2.contiguous())
@@ -63,10 +75,10 @@ def fold_ghost(params: GhostParams, compute_dtype: torch.dtype) -> FoldedGhost:
 def folded_conv_weights(params: GhostParams, dtype: torch.dtype):
     """``(w1 * scale1, shift1, wd * scale2, shift2)`` as conv weights and biases in ``dtype``: BN
     folded into the convs themselves, as a deployment export would (``torch_folded``)."""
-    w1, bn1, wd, bn2, spec = params
+    w1, bn1, wd, bn2, spec, b1, b2 = params
     with torch.no_grad():
         acc = torch.float64 if w1.dtype == torch.float64 else torch.float32
-        scale1, shift1 = fold_batch_norm(bn1, acc)
-        scale2, shift2 = fold_batch_norm(bn2, acc)
+        scale1, shift1 = fold_batch_norm(bn1, acc, b1, spec.m, w1.device)
+        scale2, shift2 = fold_batch_norm(bn2, acc, b2, spec.new, w1.device)
         return ((w1.to(acc) * scale1[:, None, None, None]).to(dtype), shift1.to(dtype),
                 (wd.to(acc) * scale2[:, None, None, None]).to(dtype), shift2.to(dtype))

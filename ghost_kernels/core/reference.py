@@ -11,7 +11,7 @@ BatchNorm follows ``nn.BatchNorm2d`` exactly, train mode included (see :func:`ba
 """
 from __future__ import annotations
 
-from typing import Callable, List, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,15 +45,24 @@ def batch_norm(x: Tensor, bn: BatchNormState, training: bool) -> Tensor:
     )
 
 
+_ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "hardswish": F.hardswish, "none": lambda y: y}
+
+
 def activation(y: Tensor, act: Activation) -> Tensor:
-    """Apply ``act``: ``"relu"``, ``"none"`` or any callable (an ``nn.Module`` such as ``nn.Hardswish``)."""
-    if act == "relu":
-        return F.relu(y)
-    if act == "none":
-        return y
-    if callable(act):
-        return act(y)
-    raise ValueError(f"activation: expected 'relu', 'none' or a callable, got {act!r}")
+    """Apply ``act``: ``"relu"``, ``"silu"``, ``"hardswish"``, ``"none"`` or any callable (an
+    ``nn.Module`` such as ``nn.GELU``)."""
+    fn = _ACTIVATIONS.get(act) if isinstance(act, str) else act
+    if fn is None or not callable(fn):
+        raise ValueError(f"activation: expected one of {tuple(_ACTIVATIONS)} or a callable, got {act!r}")
+    return fn(y)
+
+
+def apply_gate(out: Tensor, gate: Optional[Tensor]) -> Tensor:
+    """GhostNetV2's attention: ``out * interpolate(gate, size=out's H x W, mode="nearest")``, the gate
+    (already through its sigmoid) at a lower resolution."""
+    if gate is None:
+        return out
+    return out * F.interpolate(gate, size=out.shape[-2:], mode="nearest")
 
 
 def ghost_reference(
@@ -62,29 +71,32 @@ def ghost_reference(
     *legacy,
     training: bool = False,
     act: Union[None, Activation, Tuple[Activation, Activation]] = None,
+    gate: Optional[Tensor] = None,
 ) -> Tensor:
     """The Ghost module's forward, exactly as the official and timm modules compute it.
 
     ``act`` defaults to ``params.spec.act``; pass a callable (or a pair: primary, cheap) for
-    activations other than ReLU/identity. Works for every dtype and device PyTorch's conv2d
-    supports, with autograd. (The 0.1 form ``ghost_reference(x, w1, bn1, wd, bn2, spec)`` still
+    activations the spec does not name. Conv biases (``params.b1``/``b2``) and absent BatchNorms
+    (``params.bn1``/``bn2`` None: a deployed module) are honoured; ``gate`` is GhostNetV2's attention
+    (:func:`apply_gate`). Works for every dtype and device PyTorch's conv2d supports, with autograd.
+    (The 0.1 form ``ghost_reference(x, w1, bn1, wd, bn2, spec)`` still
     works, with a DeprecationWarning.)
     """
     params = legacy_params(params, legacy, "ghost_reference")
-    w1, bn1, wd, bn2, spec = params
+    w1, bn1, wd, bn2, spec, b1, b2 = params
     act = spec.act if act is None else act
     act1, act2 = act if isinstance(act, tuple) else (act, act)
     if spec.kernel_size == 1 and spec.stride > 1:
         # A 1x1 conv with stride s reads every s-th row and column: sample first, convolve with stride
         # 1. Same function; it also keeps the reference clear of PyTorch 2.14.1's oneDNN bug, which
         # returns a wrong weight gradient for some 1x1 stride-2 channels_last CPU inputs.
-        y1 = F.conv2d(x[:, :, ::spec.stride, ::spec.stride], w1)
+        y1 = F.conv2d(x[:, :, ::spec.stride, ::spec.stride], w1, b1)
     else:
-        y1 = F.conv2d(x, w1, None, spec.stride, spec.kernel_size // 2)
-    y1 = activation(batch_norm(y1, bn1, training), act1)
-    y2 = F.conv2d(y1, wd, None, 1, spec.dw_size // 2, 1, spec.m)
-    y2 = activation(batch_norm(y2, bn2, training), act2)
-    return torch.cat([y1, y2], dim=1)[:, : spec.oup]
+        y1 = F.conv2d(x, w1, b1, spec.stride, spec.kernel_size // 2)
+    y1 = activation(y1 if bn1 is None else batch_norm(y1, bn1, training), act1)
+    y2 = F.conv2d(y1, wd, b2, 1, spec.dw_size // 2, 1, spec.m)
+    y2 = activation(y2 if bn2 is None else batch_norm(y2, bn2, training), act2)
+    return apply_gate(torch.cat([y1, y2], dim=1)[:, : spec.oup], gate)
 
 
 def legacy_params(first, rest: tuple, fname: str) -> GhostParams:
@@ -106,7 +118,7 @@ class TorchBackend(Backend):
     SyncBatchNorm, hooks and custom activations behave as in the original)."""
 
     def forward(self, x: Tensor, req: Request) -> Tensor:
-        return ghost_reference(x, req.params, training=req.training)
+        return ghost_reference(x, req.params, training=req.training, gate=req.gate)
 
     def not_supported_reasons(self, req: Request) -> List[str]:
         return []

@@ -10,7 +10,9 @@ import math
 from dataclasses import dataclass
 from typing import List, Tuple
 
-ACTIVATIONS = ("relu", "none")
+# The activations the fused kernels know (nn.ReLU, nn.SiLU, nn.Hardswish, identity); "other" marks
+# any other activation module: only the PyTorch path runs it.
+ACTIVATIONS = ("relu", "silu", "hardswish", "none")
 
 
 @dataclass(frozen=True)
@@ -20,8 +22,9 @@ class GhostSpec:
     ``m = ceil(oup / ratio)`` intrinsic channels come from a ``kernel_size`` x ``kernel_size`` conv with
     ``stride``; ``m * (ratio - 1)`` ghost channels come from a ``dw_size`` x ``dw_size`` conv with
     channel multiplier ``ratio - 1``; the output is the first ``oup`` channels of their concatenation.
-    ``act`` is ``"relu"`` or ``"none"``; ``"other"`` marks a module with an activation that only the
-    PyTorch path can run.
+    ``act`` is one of :data:`ACTIVATIONS` (``"relu"``, ``"silu"``, ``"hardswish"``, ``"none"``);
+    ``"other"`` marks a module with an activation that only the PyTorch path can run. Whether the convs
+    have biases and BatchNorms is a property of the tensors (:class:`GhostParams`), not of the spec.
     """
 
     inp: int
@@ -51,9 +54,10 @@ class GhostSpec:
             raise ValueError(f"GhostSpec.act must be one of {ACTIVATIONS + ('other',)}, got {self.act!r}")
 
     @classmethod
-    def from_op_args(cls, inp: int, oup: int, stride: int, ratio: int, dw_size: int, relu: bool) -> "GhostSpec":
-        """The spec described by the fused ops' arguments (their primary conv is 1x1)."""
-        return cls(inp, oup, 1, ratio, dw_size, stride, "relu" if relu else "none")
+    def from_op_args(cls, inp: int, oup: int, kernel_size: int, stride: int, ratio: int, dw_size: int,
+                     act: str) -> "GhostSpec":
+        """The spec described by the inference ops' arguments."""
+        return cls(inp, oup, kernel_size, ratio, dw_size, stride, act)
 
     @property
     def m(self) -> int:

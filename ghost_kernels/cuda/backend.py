@@ -109,7 +109,7 @@ def forward_folded(x: Tensor, folded: FoldedGhost, spec: GhostSpec) -> Tensor:
 
 
 # Must equal csrc/ghost_forward.cuh's kSupported* tables (tests/test_cuda_backend.py checks).
-SUPPORT = Support(strides=(1, 2), ratios=(2, 3, 4), dw_sizes=(1, 3, 5, 7))
+SUPPORT = Support(strides=(1, 2), ratios=(2, 3, 4), dw_sizes=(1, 3, 5, 7), conv_bias=True, without_bn=True)
 
 
 class CudaBackend(Backend):

@@ -17,9 +17,8 @@ from torch import Tensor
 
 from ..core import choice
 from ..core.backend import Backend, Request, Support, is_compiling
-from ..core.params import has_running_stats
+from ..core.params import GhostParams, has_running_stats
 from ..core.reference import ghost_reference
-from ..core.spec import GhostSpec
 from .family import TritonFamily, triton_environment_reason
 from .train_ops import ghost_train
 
@@ -84,9 +83,10 @@ class TritonBackend(Backend):
             return ghost_reference(x, req.params, training=req.training)
         return ghost_train(x, req.params, req.training, req.compute_dtype, req.sync_group)
 
-    def spec_reasons(self, spec: GhostSpec) -> List[str]:
-        """Reasons no Triton path (no inference family, nor the training ops) can ever run ``spec``."""
-        per_path = [TRAINING_SUPPORT.spec_reasons(spec)] + [f.spec_reasons(spec) for f in self.families]
+    def module_reasons(self, params: GhostParams, gated: bool = False) -> List[str]:
+        """Reasons no Triton path (no inference family, nor the training ops) can ever run the module."""
+        per_path = [TRAINING_SUPPORT.module_reasons(params, gated)] + [f.module_reasons(params, gated)
+                                                                        for f in self.families]
         if any(not r for r in per_path):
             return []
         return sorted(set(r for reasons in per_path for r in reasons))

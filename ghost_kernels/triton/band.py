@@ -414,4 +414,4 @@ BACKEND = TritonFamily(
     "triton_band", "single pass, full-width row bands (or whole small images) per program, depthwise stencil by "
     "in-register shifts (tl.gather), no scratch", support=Support(), launcher=forward, extra_reasons=extra_reasons,
     default_config=default_config, lab_configs=lab_configs,
-    min_triton=((3, 3), "tl.gather, and tl.dot with 8 output channels"))
+    min_triton=((3, 3), "tl.gather, and tl.dot with 8 output channels"), replayable=True)

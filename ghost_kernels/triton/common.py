@@ -9,6 +9,8 @@ extra launch per call to refold.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import os
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
@@ -65,6 +67,7 @@ class Launch(NamedTuple):
 
 
 _CAPTURE: Optional[List[Launch]] = None
+_RECORD: Optional[List[Launch]] = None
 
 
 def launch(kernel, grid, *args, loops: Optional[Sequence[float]] = None, **kwargs):
@@ -72,10 +75,98 @@ def launch(kernel, grid, *args, loops: Optional[Sequence[float]] = None, **kwarg
 
     ``loops``: for the offline model, the average trip count of each runtime (non-unrolled) loop of
     the kernel, in source order, per entry into the loop."""
+    if _RECORD is not None:
+        _RECORD.append(Launch(kernel, tuple(grid), args, dict(kwargs), None if loops is None else tuple(loops)))
     if _CAPTURE is not None:
         _CAPTURE.append(Launch(kernel, tuple(grid), args, dict(kwargs), None if loops is None else tuple(loops)))
         return None
     return kernel[tuple(grid)](*args, **kwargs)
+
+
+class LaunchPlan:
+    """The launches a family's launcher made for one kind of call, replayable for another call of the
+    same kind (same sizes, strides, dtypes, alignment, parameters): ``x``, ``out`` and the gate are
+    slots, rebound per call (with any view or TMA descriptor of them); every other argument (the
+    module's own tensors, whose current data a launch reads, and the scalars and constexprs the
+    launcher computed) is replayed as it was. What a repeat call then skips is the launcher's
+    Python: configs, grids, strides, BatchNorm arguments (issue 15: host overhead)."""
+
+    def __init__(self, launches: Sequence[Launch], bound: Dict[str, Tensor], constants: Sequence[Tensor]):
+        """``bound``: this call's tensors by slot name; ``constants``: the tensors a replay may pass as
+        they are (the module's own). Raises :class:`NotReplayable` for any other tensor argument (a
+        copy of x, say): replaying it would compute from stale data."""
+        keep = {id(t) for t in constants if t is not None}
+        self.launches = []
+        for lc in launches:
+            slots = [_slot(a, bound, keep) for a in lc.args]
+            dynamic = tuple((i, s) for i, s in enumerate(slots) if callable(s))
+            self.launches.append((lc.kernel, lc.grid, slots, dynamic, lc.kwargs, lc.loops))
+
+    def run(self, bound: Dict[str, Tensor]) -> None:
+        x = bound["x"]
+        if x.is_cuda and x.device.index != torch.cuda.current_device():   # the launcher's device context
+            with torch.cuda.device(x.device):
+                return self.run(dict(bound))
+        for kernel, grid, slots, dynamic, kwargs, loops in self.launches:
+            args = list(slots)
+            for i, rebuild in dynamic:
+                args[i] = rebuild(bound)
+            launch(kernel, grid, *args, loops=loops, **kwargs)
+
+
+class NotReplayable(Exception):
+    """A launch argument derived from x / out / the gate in a way a plan cannot rebind."""
+
+
+def _slot(arg, bound: Dict[str, Tensor], keep: set):
+    """The argument as it was, or a function of this call's tensors that rebuilds it."""
+    if isinstance(arg, Tensor):
+        for name, t in bound.items():
+            if t is None:
+                continue
+            if arg is t:
+                return lambda b, name=name: b[name]
+            if arg.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() and t.numel() > 0:
+                perm = _permutation(t, arg)
+                return lambda b, name=name, perm=perm: b[name].permute(perm)
+        if id(arg) not in keep:
+            raise NotReplayable(f"a launch argument is a tensor the launcher made ({tuple(arg.shape)})")
+        return arg
+    if dataclasses.is_dataclass(arg) and isinstance(getattr(arg, "base", None), Tensor):   # a TMA descriptor
+        base = _slot(arg.base, bound, keep)
+        if callable(base):
+            return lambda b, arg=arg, base=base: _rebased(arg, base(b))
+    return arg
+
+
+def _rebased(desc, base: Tensor):
+    """``desc`` over ``base``, a tensor of the same shape and strides as its own (validated when
+    ``desc`` was made: a copy of its fields, not a new instance with its checks)."""
+    new = object.__new__(type(desc))
+    new.__dict__.update(desc.__dict__)
+    new.base = base
+    return new
+
+
+def _permutation(t: Tensor, view: Tensor) -> tuple:
+    if view.data_ptr() == t.data_ptr() and view.dim() == t.dim():
+        for perm in itertools.permutations(range(t.dim())):
+            if tuple(view.shape) == tuple(t.shape[p] for p in perm) and \
+                    tuple(view.stride()) == tuple(t.stride(p) for p in perm):
+                return perm
+    raise NotReplayable(f"a launch argument views x/out differently than by a permutation ({tuple(view.shape)})")
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Record, and run, every launch made through :func:`launch` (yields the list): what a
+    :class:`LaunchPlan` is made from."""
+    global _RECORD
+    previous, _RECORD = _RECORD, []
+    try:
+        yield _RECORD
+    finally:
+        _RECORD = previous
 
 
 @contextlib.contextmanager

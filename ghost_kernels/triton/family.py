@@ -63,6 +63,9 @@ class TritonFamily(Backend):
     extra_hbm_bytes: Optional[Callable] = field(default=None, repr=False)
     # ((major, minor), what needs it): the oldest Triton whose language the kernels use
     min_triton: Optional[Tuple[Tuple[int, int], str]] = None
+    # the launcher's launches take only x, out, the gate (or views / TMA descriptors of them), the
+    # module's own tensors and values computed from sizes: a repeat call may replay them (LaunchPlan)
+    replayable: bool = False
 
     def __post_init__(self):
         if self.launcher is not None:
@@ -76,7 +79,9 @@ class TritonFamily(Backend):
         return reason
 
     def forward(self, x: Tensor, req: Request) -> Tensor:
-        return run_family(self.name, x, req.params, req.compute_dtype)
+        if is_compiling():    # an opaque call with a fake implementation
+            return triton_forward_op(x, *op_args(req.params), req.gate, req.compute_dtype, self.name)
+        return self.launch(x, req)   # eager: no op-dispatch overhead on the hot path
 
     def measured_config(self, x: Tensor, spec: GhostSpec, dtype: torch.dtype):
         """The configuration measured fastest for this shape on this GPU (choice.py), or None."""
@@ -89,16 +94,28 @@ class TritonFamily(Backend):
         default = self.default_config(spec, ho, wo, dtype, choice.is_channels_last(x))
         return type(default)(**found)
 
-    def launch(self, x: Tensor, params: GhostParams, dtype: torch.dtype) -> Tensor:
-        return self.launcher(x, params, dtype, config=self.measured_config(x, params.spec, dtype))
+    def launch(self, x: Tensor, req: Request, out: Optional[Tensor] = None) -> Tensor:
+        params, dtype = req.params, req.compute_dtype
+        config = self.measured_config(x, params.spec, dtype)
+        if req.gate is not None:
+            return self.launcher(x, params, dtype, out=out, config=config, gate=req.gate)
+        return self.launcher(x, params, dtype, out=out, config=config)
 
-
-def run_family(family: str, x: Tensor, params: GhostParams, dtype: torch.dtype) -> Tensor:
-    """The family's launcher in eager mode (no op-dispatch overhead on the hot path), the op under
-    torch.compile (an opaque call with a fake implementation)."""
-    if is_compiling():
-        return triton_forward_op(x, *op_args(params), dtype, family)
-    return FAMILIES[family].launch(x, params, dtype)
+    def launch_and_plan(self, x: Tensor, req: Request) -> Tuple[Tensor, Optional[tc.LaunchPlan]]:
+        """Run the launcher and return, with its output, a :class:`~.common.LaunchPlan` that replays
+        its launches for calls of the same kind (None where the family is not replayable)."""
+        spec = req.spec
+        out = empty_output(x, spec.oup, spec.stride, req.compute_dtype)
+        if not self.replayable:
+            return self.launch(x, req, out), None
+        with tc.record_launches() as launches:
+            self.launch(x, req, out)
+        try:
+            plan = tc.LaunchPlan(launches, {"x": x, "out": out, "gate": req.gate},
+                                 [t for t in req.params.tensors() if t is not None])
+        except tc.NotReplayable:
+            plan = None
+        return out, plan
 
 
 def prepare_output(x: Tensor, spec: GhostSpec, dtype: torch.dtype, out: Optional[Tensor]) -> Tensor:
@@ -115,24 +132,27 @@ def prepare_output(x: Tensor, spec: GhostSpec, dtype: torch.dtype, out: Optional
 
 
 @torch.library.custom_op("ghost_kernels::triton_forward", mutates_args=())
-def triton_forward_op(x: Tensor, w1: Tensor, bn1_weight: Optional[Tensor], bn1_bias: Optional[Tensor],
-                      bn1_mean: Tensor, bn1_var: Tensor, bn1_eps: float, wd: Tensor,
-                      bn2_weight: Optional[Tensor], bn2_bias: Optional[Tensor], bn2_mean: Tensor, bn2_var: Tensor,
-                      bn2_eps: float, oup: int, stride: int, ratio: int, dw_size: int, relu: bool,
-                      dtype: torch.dtype, family: str) -> Tensor:
-    """Eval-mode Ghost module forward by the Triton kernel family ``family``, computing in ``dtype``.
-    The family's size-dependent limits are checked here, with the real sizes (at trace time they may
-    be symbolic: ``Backend.not_supported_reasons``)."""
-    params = params_from_op(x, w1, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, wd, bn2_weight, bn2_bias,
-                            bn2_mean, bn2_var, bn2_eps, oup, stride, ratio, dw_size, relu)
+def triton_forward_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], bn1_weight: Optional[Tensor],
+                      bn1_bias: Optional[Tensor], bn1_mean: Optional[Tensor], bn1_var: Optional[Tensor],
+                      bn1_eps: float, wd: Tensor, b2: Optional[Tensor], bn2_weight: Optional[Tensor],
+                      bn2_bias: Optional[Tensor], bn2_mean: Optional[Tensor], bn2_var: Optional[Tensor],
+                      bn2_eps: float, oup: int, kernel_size: int, stride: int, ratio: int, dw_size: int, act: str,
+                      gate: Optional[Tensor], dtype: torch.dtype, family: str) -> Tensor:
+    """Eval-mode Ghost module forward by the Triton kernel family ``family``, computing in ``dtype``
+    (arguments: ``core.params.op_args``; ``gate``: GhostNetV2's attention or None). The family's
+    size-dependent limits are checked here, with the real sizes (at trace time they may be symbolic:
+    ``Backend.not_supported_reasons``)."""
+    params = params_from_op(x, w1, b1, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, wd, b2, bn2_weight, bn2_bias, bn2_mean,
+                            bn2_var, bn2_eps, oup, kernel_size, stride, ratio, dw_size, act)
     fam = FAMILIES[family]
-    reasons = fam.size_reasons(Request.for_inference(x, params, dtype))
+    req = Request.for_inference(x, params, dtype, gate)
+    reasons = fam.size_reasons(req)
     if reasons:
         raise BackendNotSupported(f"backend={family!r} cannot run this input: " + "; ".join(reasons))
-    return fam.launch(x, params, dtype)
+    return fam.launch(x, req)
 
 
 @triton_forward_op.register_fake
-def _(x, w1, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, wd, bn2_weight, bn2_bias, bn2_mean, bn2_var,
-      bn2_eps, oup, stride, ratio, dw_size, relu, dtype, family):
+def _(x, w1, b1, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, wd, b2, bn2_weight, bn2_bias, bn2_mean, bn2_var,
+      bn2_eps, oup, kernel_size, stride, ratio, dw_size, act, gate, dtype, family):
     return empty_output(x, oup, stride, dtype)

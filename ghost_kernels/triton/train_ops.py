@@ -103,7 +103,7 @@ def train_forward_op(x: Tensor, w1: Tensor, bn1_weight: Optional[Tensor], bn1_bi
                      running_var2: Optional[Tensor], eps1: float, eps2: float, oup: int, stride: int, ratio: int,
                      dw_size: int, relu: bool, sync_group: int
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    spec = GhostSpec.from_op_args(x.shape[1], oup, stride, ratio, dw_size, relu)
+    spec = GhostSpec.from_op_args(x.shape[1], oup, 1, stride, ratio, dw_size, "relu" if relu else "none")
     s1 = None if running_mean1 is None else (running_mean1, running_var1)
     s2 = None if running_mean2 is None else (running_mean2, running_var2)
     return train_forward(x, w1, bn1_weight, bn1_bias, wd, bn2_weight, bn2_bias, s1, s2, eps1, eps2, spec, _group(sync_group))
@@ -125,7 +125,7 @@ def train_backward_op(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[
                       batch_stats2: bool, sync_group: int
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of x, w1, bn1 weight/bias, wd, bn2 weight/bias (an empty tensor for an absent affine)."""
-    spec = GhostSpec.from_op_args(x.shape[1], oup, stride, ratio, dw_size, relu)
+    spec = GhostSpec.from_op_args(x.shape[1], oup, 1, stride, ratio, dw_size, "relu" if relu else "none")
     grads = train_backward(grad, x, w1, bn1_weight, bn1_bias, wd, bn2_weight, bn2_bias, mean1, invstd1, mean2,
                            invstd2, spec, batch_stats1, batch_stats2, _group(sync_group))
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
@@ -168,7 +168,7 @@ def ghost_train(x: Tensor, params: GhostParams, training: bool, compute_dtype: t
 
     Equivalent PyTorch: ``reference.ghost_reference(x, params, training=training)``.
     """
-    w1, bn1, wd, bn2, spec = params
+    w1, bn1, wd, bn2, spec = params[:5]   # no conv biases, both BatchNorms (TRAINING_SUPPORT)
 
     def mode(bn):
         batch = training or not bn_has_running_stats(bn)

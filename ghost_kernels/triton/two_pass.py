@@ -459,4 +459,4 @@ def extra_hbm_bytes(spec: GhostSpec, n: int, h: int, w: int, elem: int, channels
 BACKEND = TritonFamily(
     "triton_two_pass", "two passes: a pixel-major GEMM (BN1 + act) writing out[:, :m], then a depthwise "
     "stencil reading it back into out[:, m:oup]; BN folded in the kernels", support=Support(), launcher=forward,
-    default_config=default_config, lab_configs=lab_configs, extra_hbm_bytes=extra_hbm_bytes)
+    default_config=default_config, lab_configs=lab_configs, extra_hbm_bytes=extra_hbm_bytes, replayable=True)

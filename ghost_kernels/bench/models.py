@@ -1,0 +1,99 @@
+"""The Ghost modules of the models users run, as benchmark cases: ``--model`` and explicit shapes.
+
+* :func:`build_model`: a model built from its config (no weights): timm's ``ghostnet_100``,
+  ``ghostnetv2_100``, ``ghostnetv3_100`` (re-parameterized: its deployed form), Ultralytics'
+  ``yolov8n-ghost``. A package that is not installed raises :class:`ModelUnavailable` saying so.
+* :func:`model_shapes`: the distinct Ghost modules of such a model at an image size, each with how many
+  of the model's modules have it, read off one forward pass on the CPU (batch 1) with hooks on the
+  converted modules: their spec (activation, primary kernel and stride, cheap kernel) and input size.
+* :func:`parse_shape`: one module written out, ``CIN->OUP@HxW[:kKsS][:ACT][:dwD][:rR]``, e.g.
+  ``16->32@320x320:k3s2:silu:dw5`` (defaults: k1s1, relu, dw3, r2).
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Dict, List, Tuple
+
+from ..core.spec import ACTIVATIONS, GhostSpec, ModuleShape
+
+# name -> (the package it needs, the image size its users run it at)
+MODELS: Dict[str, Tuple[str, int]] = {
+    "ghostnet_100": ("timm", 224), "ghostnetv2_100": ("timm", 224), "ghostnetv3_100": ("timm", 224),
+    "yolov8n-ghost": ("ultralytics", 640),
+}
+
+_SHAPE = re.compile(r"^(\d+)->(\d+)@(\d+)x(\d+)((?::[a-z0-9]+)*)$")
+
+
+class ModelUnavailable(RuntimeError):
+    """The package a model is built with is not installed here."""
+
+
+def parse_shape(text: str) -> ModuleShape:
+    """``CIN->OUP@HxW[:kKsS][:ACT][:dwD][:rR]`` as a :class:`ModuleShape` (ValueError if malformed)."""
+    m = _SHAPE.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a shape: expected CIN->OUP@HxW[:kKsS][:ACT][:dwD][:rR], "
+                         f"e.g. 16->32@320x320:k3s2:silu:dw5")
+    inp, oup, h, w, opts = int(m[1]), int(m[2]), int(m[3]), int(m[4]), m[5]
+    fields = dict(kernel_size=1, stride=1, act="relu", dw_size=3, ratio=2)
+    for opt in filter(None, opts.split(":")):
+        ks = re.fullmatch(r"k(\d+)(?:s(\d+))?", opt)
+        if ks:
+            fields["kernel_size"], fields["stride"] = int(ks[1]), int(ks[2] or 1)
+        elif re.fullmatch(r"dw\d+", opt):
+            fields["dw_size"] = int(opt[2:])
+        elif re.fullmatch(r"r\d+", opt):
+            fields["ratio"] = int(opt[1:])
+        elif opt in ACTIVATIONS:
+            fields["act"] = opt
+        else:
+            raise ValueError(f"{text!r}: unknown option {opt!r} (kKsS, dwD, rR, or one of {', '.join(ACTIVATIONS)})")
+    return ModuleShape(text.strip(), GhostSpec(inp, oup, **fields), h, w)
+
+
+def build_model(name: str):
+    """The model ``name`` (:data:`MODELS`) on the CPU in eval mode, random weights, not converted."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}")
+    package = MODELS[name][0]
+    try:
+        if package == "timm":
+            import timm
+            model = timm.create_model(name, pretrained=False).eval()
+            if name == "ghostnetv3_100":
+                from timm.utils.model import reparameterize_model
+                model = reparameterize_model(model)
+            return model
+        from ultralytics.nn.tasks import DetectionModel
+        return DetectionModel(f"{name}.yaml", verbose=False).eval()
+    except ImportError as exc:
+        raise ModelUnavailable(f"{name} needs the {package} package, which is not importable here ({exc})") from None
+
+
+def model_shapes(name: str, image_size: int = 0) -> List[Tuple[ModuleShape, int]]:
+    """[(module shape, how many of the model's Ghost modules have it)], distinct, in network order."""
+    import torch
+
+    from .. import convert
+    from ..module import FusedGhost
+
+    model = convert(build_model(name), backend="torch")
+    size = image_size or MODELS[name][1]
+    seen: List[ModuleShape] = []
+    hooks = [mod.register_forward_pre_hook(
+        lambda mod, args, qual=qual: seen.append(ModuleShape(qual, mod.spec, args[0].shape[2], args[0].shape[3])))
+        for qual, mod in model.named_modules() if isinstance(mod, FusedGhost)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    counts = Counter((s.spec, s.h, s.w) for s in seen)
+    out, done = [], set()
+    for s in seen:
+        key = (s.spec, s.h, s.w)
+        if key not in done:
+            done.add(key)
+            out.append((s, counts[key]))
+    return out
