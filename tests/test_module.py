@@ -547,17 +547,18 @@ def test_replayed_launches_compute_each_new_input(backend):
     """A repeat call of the same kind replays the family's recorded launches (LaunchPlan: issue 15,
     host overhead) with this call's x and out: new data each call, a view at another offset (x's
     alignment is part of the key: it decides the TMA path), channels_last and NCHW, and an in-place
-    weight edit between calls, each equal to the reference."""
+    weight edit between calls, each equal to the reference. 40 input channels: a K loop (fp32: 16 a
+    step), where band reads w1 through a TMA descriptor of a view of the weight."""
     from ghost_kernels import module as gm
-    mod = randomize(gk.GhostModule(8, 12, backend=backend)).to(DEVICE).eval()
+    mod = randomize(gk.GhostModule(40, 12, backend=backend)).to(DEVICE).eval()
     ref = copy.deepcopy(mod).double()
     ref.backend = "torch"
-    big = torch.randn(3, 8, 6, 7, device=DEVICE)
-    flat = torch.randn(2 * 8 * 6 * 7 + 1, device=DEVICE)
-    inputs = [torch.randn(2, 8, 6, 7, device=DEVICE), torch.randn(2, 8, 6, 7, device=DEVICE), big[1:],
-              flat[1:].view(2, 8, 6, 7), flat[:-1].view(2, 8, 6, 7),
-              torch.randn(2, 8, 6, 7, device=DEVICE).contiguous(memory_format=torch.channels_last),
-              torch.randn(2, 8, 6, 7, device=DEVICE).contiguous(memory_format=torch.channels_last)]
+    big = torch.randn(3, 40, 6, 7, device=DEVICE)
+    flat = torch.randn(2 * 40 * 6 * 7 + 1, device=DEVICE)
+    inputs = [torch.randn(2, 40, 6, 7, device=DEVICE), torch.randn(2, 40, 6, 7, device=DEVICE), big[1:],
+              flat[1:].view(2, 40, 6, 7), flat[:-1].view(2, 40, 6, 7),
+              torch.randn(2, 40, 6, 7, device=DEVICE).contiguous(memory_format=torch.channels_last),
+              torch.randn(2, 40, 6, 7, device=DEVICE).contiguous(memory_format=torch.channels_last)]
     with torch.no_grad():
         for i, x in enumerate(inputs):
             if i == 2:

@@ -93,9 +93,9 @@ class LaunchPlan:
 
     def __init__(self, launches: Sequence[Launch], bound: Dict[str, Tensor], constants: Sequence[Tensor]):
         """``bound``: this call's tensors by slot name; ``constants``: the tensors a replay may pass as
-        they are (the module's own). Raises :class:`NotReplayable` for any other tensor argument (a
+        they are, and views of them (the module's own; w1 seen as m x Cin by a TMA box). Raises :class:`NotReplayable` for any other tensor argument (a
         copy of x, say): replaying it would compute from stale data."""
-        keep = {id(t) for t in constants if t is not None}
+        keep = {t.untyped_storage().data_ptr() for t in constants if t is not None and t.numel() > 0}
         self.launches = []
         for lc in launches:
             slots = [_slot(a, bound, keep) for a in lc.args]
@@ -129,7 +129,7 @@ def _slot(arg, bound: Dict[str, Tensor], keep: set):
             if arg.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() and t.numel() > 0:
                 perm = _permutation(t, arg)
                 return lambda b, name=name, perm=perm: b[name].permute(perm)
-        if id(arg) not in keep:
+        if arg.numel() > 0 and arg.untyped_storage().data_ptr() not in keep:   # views of the module's own pass
             raise NotReplayable(f"a launch argument is a tensor the launcher made ({tuple(arg.shape)})")
         return arg
     if dataclasses.is_dataclass(arg) and isinstance(getattr(arg, "base", None), Tensor):   # a TMA descriptor
