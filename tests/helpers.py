@@ -24,6 +24,10 @@ REDUCED = {112: 12, 56: 9, 28: 6, 14: 5, 7: 3}
 # ratio x dw_size x stride x act: the option sweep
 SWEEP = list(itertools.product([2, 3, 4], [1, 3, 5, 7], [1, 2], ["relu", "none"]))
 
+# The affine forms after each conv (RandomGhost keywords): BN (the training form), conv bias + BN,
+# conv bias without BN (deployed: GhostNetV3, Ultralytics after fuse()), neither
+FORMS = {"bn": dict(), "bias+bn": dict(conv_bias=True), "bias": dict(conv_bias=True, bn=False), "plain": dict(bn=False)}
+
 # Error floor per dtype (relative L2), below which differences are rounding noise whatever eager
 # does; the real bound is "at most about twice eager's error at the same dtype".
 ERR_FLOOR = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3, torch.float64: 1e-12}
@@ -43,25 +47,29 @@ class RandomGhost:
     """Random weights and BN states of a Ghost module (``.params``: a ``gk.GhostParams``), castable to
     any dtype."""
 
-    def __init__(self, spec: gk.GhostSpec, device, dtype=torch.float32):
+    def __init__(self, spec: gk.GhostSpec, device, dtype=torch.float32, conv_bias: bool = False, bn: bool = True):
+        """``conv_bias``: both convs with a bias; ``bn=False``: no BatchNorms (a deployed module)."""
         self.spec = spec
         k, d = spec.kernel_size, spec.dw_size
         self.w1 = torch.randn(spec.m, spec.inp, k, k, device=device, dtype=dtype) / (spec.inp * k * k) ** 0.5
         self.wd = torch.randn(spec.new, 1, d, d, device=device, dtype=dtype) / d
-        self.bn1 = random_bn(spec.m, device, dtype)
-        self.bn2 = random_bn(spec.new, device, dtype)
+        self.bn1 = random_bn(spec.m, device, dtype) if bn else None
+        self.bn2 = random_bn(spec.new, device, dtype) if bn else None
+        self.b1 = torch.randn(spec.m, device=device, dtype=dtype) * 0.5 if conv_bias else None
+        self.b2 = torch.randn(spec.new, device=device, dtype=dtype) * 0.5 if conv_bias else None
 
     @property
     def params(self) -> gk.GhostParams:
-        return gk.GhostParams(self.w1, self.bn1, self.wd, self.bn2, self.spec)
+        return gk.GhostParams(self.w1, self.bn1, self.wd, self.bn2, self.spec, self.b1, self.b2)
 
     def to(self, dtype) -> "RandomGhost":
         new = RandomGhost.__new__(RandomGhost)
         new.spec = self.spec
         new.w1, new.wd = self.w1.to(dtype), self.wd.to(dtype)
-        cast = lambda bn: bn._replace(**{f: getattr(bn, f).to(dtype) for f in  # noqa: E731
-                                         ("weight", "bias", "running_mean", "running_var")
-                                         if getattr(bn, f) is not None})
+        new.b1, new.b2 = (None if b is None else b.to(dtype) for b in (self.b1, self.b2))
+        cast = lambda bn: None if bn is None else bn._replace(**{  # noqa: E731
+            f: getattr(bn, f).to(dtype) for f in ("weight", "bias", "running_mean", "running_var")
+            if getattr(bn, f) is not None})
         new.bn1, new.bn2 = cast(self.bn1), cast(self.bn2)
         return new
 
@@ -204,9 +212,10 @@ def nan_filled_allocations():
         torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
-def check(spec, n, h, w, dtype, layout, what, backend="triton_halo"):
-    """One NaN-poisoned run of a fused kernel against the float64 reference, with eager's strides."""
-    params = RandomGhost(spec, DEVICE)
+def check(spec, n, h, w, dtype, layout, what, backend="triton_halo", **form):
+    """One NaN-poisoned run of a fused kernel against the float64 reference, with eager's strides
+    (``form``: RandomGhost's conv_bias / bn)."""
+    params = RandomGhost(spec, DEVICE, **form)
     x = make_x(n, spec.inp, h, w, dtype, layout)
     out = run_poisoned(x, params, spec, backend)
     eager, ref = eager_and_ref(params, x)

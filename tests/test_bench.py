@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import ghost_kernels as gk
 from ghost_kernels import info
 from ghost_kernels.bench import report
 from ghost_kernels.bench.__main__ import main, parse_args, select_shapes
@@ -106,8 +107,38 @@ def test_shape_selection_and_network_sum():
     assert len(select_shapes("quick", quick=False)) == 5  # one per resolution: 112, 56, 28, 14, 7
     assert [m.name for m, _ in select_shapes("blocks.6.3.ghost1,0", quick=False)] == ["blocks.6.3.ghost1",
                                                                                        "blocks.0.0.ghost1"]
-    with pytest.raises(ValueError, match="'blocks.99.0.ghost1' is not a GhostNet 1.0x Ghost module"):
+    with pytest.raises(ValueError, match="'blocks.99.0.ghost1' names no Ghost module of GhostNet 1.0x"):
         select_shapes("blocks.99.0.ghost1", quick=False)
+
+
+def test_shapes_of_other_models_and_explicit_shapes():
+    """Issue 16.4: --model's distinct Ghost module shapes with their counts (yolov8n-ghost at 640: 26
+    GhostConv in 14 shapes, 6 with a 3x3 stride-2 primary conv), its module names and indices, and
+    explicit shapes beside GhostNet's names."""
+    pytest.importorskip("ultralytics")
+    yolo = select_shapes("all", quick=False, model="yolov8n-ghost")
+    assert len(yolo) == 14 and sum(c for _, c in yolo) == 26
+    assert sum(c for m, c in yolo if m.spec.kernel_size == 3 and m.spec.stride == 2) == 6
+    assert {m.spec.act for m, _ in yolo} == {"silu", "none"} and {m.spec.dw_size for m, _ in yolo} == {5}
+    first = yolo[0][0]
+    assert (first.name, first.h, first.w, first.spec.inp, first.spec.oup) == ("model.1", 320, 320, 16, 32)
+    picked = select_shapes("model.8.m.0.conv.0,0,16->32@320x320:k3s2:silu:dw5", quick=False, model="yolov8n-ghost")
+    assert [c for _, c in picked] == [2, 1, 1] and picked[1][0] == first
+    assert picked[2][0].spec == first.spec and (picked[2][0].h, picked[2][0].w) == (320, 320)
+    mixed = select_shapes("blocks.1.0.ghost1,40->80@9x7:hardswish:dw5:r3", quick=False)
+    assert mixed[1][0].spec == gk.GhostSpec(40, 80, ratio=3, dw_size=5, act="hardswish") and mixed[1][0].h == 9
+
+
+def test_offline_model_reports_what_a_family_does_not_run():
+    """An explicit shape a family does not take (3x3 stride-2 primary conv: triton_band) is a row saying
+    so, not a launch with options the kernel would ignore; the family that runs it is modelled."""
+    from ghost_kernels.bench.models import parse_shape
+    from ghost_kernels.bench.offline.runner import model as offline_model
+    rows, _ = offline_model(["triton_band", "triton_two_pass"], [parse_shape("16->32@20x20:k3s2:silu:dw5")],
+                            batch=2)
+    band, two_pass = rows
+    assert "does not run this module: kernel_size=3" in band["error"], band
+    assert not two_pass.get("error") and two_pass["predicted_us"] > 0 and two_pass["spills"] == 0, two_pass
 
 
 def test_junit_counts(tmp_path):
@@ -162,6 +193,9 @@ BAD_BENCH_ARGS = [   # (argv, option, bad value, one of the accepted values name
     (["--offline", "--shapes", "blocks.9.9"], "--shapes", "blocks.9.9", "blocks.0.0.ghost1"),
     (["--shapes", "0,99"], "--shapes", "99", "0-21"),
     (["--secondary-shapes", "nope"], "--secondary-shapes", "nope", "quick"),
+    (["--shapes", "16->32@320x320:k3s2:gelu"], "--shapes", "16->32@320x320:k3s2:gelu", "unknown option 'gelu'"),
+    (["--offline", "--shapes", "16->32@320"], "--shapes", "16->32@320", "CIN->OUP@HxW"),
+    (["--model", "yolov9"], "--model", "yolov9", "yolov8n-ghost"),
     (["--layouts", "nhwc"], "--layouts", "nhwc", "channels_last, nchw"),
     (["--ops", "forward,backward"], "--ops", "backward", "forward, train"),
     (["--impls", "eager,trition"], "--impls", "trition", "triton_band"),

@@ -5,15 +5,28 @@ fullgraph=True and zero graph breaks in eval and train mode; export works for in
 On the CPU the compiled graphs run the kernels in the Triton interpreter with the aot_eager backend
 (Inductor would compile C++ for minutes on two cores); on a GPU the backend is Inductor."""
 import copy
+import dataclasses
 import itertools
 
 import pytest
 import torch
-from helpers import DEVICE, FAMILIES, LAYOUTS, OfficialGhost, RandomGhost, make_x, randomize, rel_err, small_ghost_net
+from helpers import (
+    DEVICE,
+    FAMILIES,
+    FORMS,
+    LAYOUTS,
+    OfficialGhost,
+    RandomGhost,
+    make_x,
+    randomize,
+    rel_err,
+    small_ghost_net,
+)
 from torch import nn
 
 import ghost_kernels as gk
 from ghost_kernels.core.params import op_args
+from ghost_kernels.core.spec import ACTIVATIONS
 
 timm = pytest.importorskip("timm")
 COMPILER = "inductor" if DEVICE == "cuda" else "aot_eager"
@@ -42,18 +55,32 @@ def sweep_point(i, ratio, dw, stride):
     return spec, LAYOUTS[(i // 2) % 2], (i // 4) % 2 == 0, (i // 3) % 2 == 0   # spec, layout, affine, running
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
-@pytest.mark.parametrize("i,ratio,dw,stride", OP_SWEEP)
-def test_triton_forward_op_passes_opcheck(fam, i, ratio, dw, stride):
-    """The inference op of every family: schema, fake tensor (exact strides), autograd registration
-    and AOT dispatch, over the option sweep."""
+def forward_point(i, ratio, dw, stride, kernel_size=1):
+    """A sweep point of the inference ops: the activation (all four) and the affine form
+    (helpers.FORMS) rotate too: ``(x, RandomGhost)``."""
     spec, layout, affine, _ = sweep_point(i, ratio, dw, stride)
-    p = RandomGhost(spec, DEVICE)
-    if not affine:
+    spec = dataclasses.replace(spec, act=ACTIVATIONS[i % 4], kernel_size=kernel_size)
+    p = RandomGhost(spec, DEVICE, **FORMS[list(FORMS)[(i // 4) % 4]])
+    if not affine and p.bn1 is not None:
         p.bn1 = p.bn1._replace(weight=None, bias=None)
         p.bn2 = p.bn2._replace(weight=None, bias=None)
     x = make_x(2, spec.inp, 5 + i % 3, 4 + i % 4, torch.float32, layout)
-    args = (x, *op_args(p.params), None, torch.float32, fam)
+    return x, p
+
+
+@pytest.mark.parametrize("i,ratio,dw,stride", OP_SWEEP)
+def test_triton_forward_op_passes_opcheck(i, ratio, dw, stride):
+    """The inference op: schema, fake tensor (exact strides), autograd registration and AOT dispatch,
+    over the option sweep, the families taking turns (one op and one fake implementation for all;
+    each family's own sweep runs in test_triton_forward.py); GhostNetV2's gate on half of
+    triton_band's points, a 3x3 primary conv on half of triton_two_pass's."""
+    fam = FAMILIES[i % len(FAMILIES)]
+    x, p = forward_point(i, ratio, dw, stride, 3 if fam == "triton_two_pass" and i % 2 else 1)
+    gate = None
+    if fam == "triton_band" and i % 2:
+        ho, wo = p.spec.out_hw(*x.shape[2:])
+        gate = torch.rand(2, p.spec.oup, (ho + 1) // 2, (wo + 1) // 2, device=DEVICE)
+    args = (x, *op_args(p.params), gate, torch.float32, fam)
     torch.library.opcheck(torch.ops.ghost_kernels.triton_forward.default, args)
 
 
@@ -114,7 +141,7 @@ def ghost_outputs(model):
 def test_converted_ghostnet_compiles_fullgraph_in_train_mode():
     """Train mode: batch statistics, running-statistics updates and the autograd formula in one graph
     (AOTAutograd traces the backward op too): zero graph breaks, and the same activations and running
-    statistics as the uncompiled converted model. Compared where BatchNorm is well conditioned: a
+    statistics as the converted model on the PyTorch path. Compared where BatchNorm is well conditioned: a
     train-mode BN over a handful of values per channel (the 1x1 maps of a 32x32 input at batch 2)
     turns rounding differences into O(1) ones in eager PyTorch itself (float32 against float64 there:
     ~0.7 relative error); on a GPU the input is large enough to compare the logits."""
@@ -122,6 +149,9 @@ def test_converted_ghostnet_compiles_fullgraph_in_train_mode():
     model = randomize(timm.create_model("ghostnet_100", pretrained=False, num_classes=10)).to(DEVICE).train()
     gk.convert(model, backend="triton")
     twin = copy.deepcopy(model)
+    for mod in twin.modules():   # the twin runs the PyTorch path: the oracle, and no interpreter time
+        if isinstance(mod, gk.GhostModule):
+            mod.backend = "torch"
     got, want = ghost_outputs(model), ghost_outputs(twin)
     x = torch.randn(n, 3, hw, hw, device=DEVICE)
     out = compiled(model)(x)
@@ -284,18 +314,13 @@ def test_export_with_dynamic_batch_height_and_width(backend):
     # auto on a CPU runs the PyTorch path (plain aten ops); on a GPU torch_folded or the per-call op
 
 
-@pytest.mark.parametrize("requested", ["triton", "auto"])
 @pytest.mark.parametrize("i,ratio,dw,stride", OP_SWEEP)
-def test_forward_op_passes_opcheck(requested, i, ratio, dw, stride):
+def test_forward_op_passes_opcheck(i, ratio, dw, stride):
     """The op that chooses per call (what compiled and exported graphs hold for auto / triton
     inference): schema, fake tensor (exact strides), autograd registration, AOT dispatch, over the
-    option sweep."""
-    spec, layout, affine, _ = sweep_point(i, ratio, dw, stride)
-    p = RandomGhost(spec, DEVICE)
-    if not affine:
-        p.bn1 = p.bn1._replace(weight=None, bias=None)
-        p.bn2 = p.bn2._replace(weight=None, bias=None)
-    x = make_x(2, spec.inp, 5 + i % 3, 4 + i % 4, torch.float32, layout)
+    option sweep, "triton" and "auto" taking turns, a 3x3 primary conv on every third point."""
+    x, p = forward_point(i, ratio, dw, stride, 3 if i % 3 == 0 else 1)
+    requested = ("triton", "auto")[(i // 2) % 2]
     torch.library.opcheck(torch.ops.ghost_kernels.forward.default, (x, *op_args(p.params), None, torch.float32, requested))
 
 

@@ -47,7 +47,7 @@ def test_unknown_backend_names():
 
 
 @pytest.mark.parametrize("ctor,expected", [
-    (dict(kernel_size=3), "kernel_size=3"),
+    (dict(kernel_size=9), "kernel_size=9"),
     (dict(stride=3), "stride=3"),
     (dict(ratio=5), "ratio=5"),
     (dict(dw_size=9), "dw_size=9"),

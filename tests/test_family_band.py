@@ -166,7 +166,7 @@ def test_non_dense_input_strides():
 
 
 def test_batchnorm_without_affine():
-    """affine=False: no weight or bias in either BN (folded_bn's HAS_W / HAS_B off)."""
+    """affine=False: no weight or bias in either BN (folded_bn's BN_WEIGHT / BN_BIAS flags off)."""
     spec = gk.GhostSpec(10, 14, ratio=2, dw_size=5)
     params = GhostParams(spec, DEVICE)
     params.bn1 = params.bn1._replace(weight=None, bias=None)
@@ -174,11 +174,7 @@ def test_batchnorm_without_affine():
     x = make_x(2, 10, 8, 9, torch.float32, "channels_last")
     out = run_poisoned(x, params, torch.float32)
     eager = params.reference(x)
-    p64 = GhostParams.__new__(GhostParams)
-    p64.spec, p64.w1, p64.wd = spec, params.w1.double(), params.wd.double()
-    cast = lambda bn: bn._replace(**{f: None if getattr(bn, f) is None else getattr(bn, f).double()  # noqa: E731
-                                     for f in ("weight", "bias", "running_mean", "running_var")})
-    p64.bn1, p64.bn2 = cast(params.bn1), cast(params.bn2)
+    p64 = params.to(torch.float64)
     ref = p64.reference(x.double())
     assert_close_to_reference(out, eager, ref, torch.float32, "affine=False")
 

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import DEVICE, randomize
+from helpers import DEVICE, randomize, rel_err
 from torch import nn
 
 import ghost_kernels as gk
@@ -152,3 +152,29 @@ def test_yolov5_ghostconv_forms():
     grouped = GhostConv(8, 16, g=2)
     with pytest.warns(UserWarning, match="primary conv is not a square, dense"):
         assert gk.convert(nn.Sequential(grouped))[0] is grouped
+
+
+@pytest.mark.parametrize("name,layout", [("yolov8n-ghost", "nchw"), ("yolov8n-ghost-fused", "channels_last"),
+                                         ("ghostnetv3_100", "channels_last")])
+def test_fused_kernels_run_the_real_models(name, layout):
+    """backend="triton" (the Triton kernels; the interpreter on a CPU) on the real models, eval mode, a
+    non-square input: SiLU and identity GhostConvs with 5x5 cheap convs, in both Ultralytics forms (BN;
+    after fuse(): biased convs, no BN) and GhostNetV3's deployed modules (biased convs, no BN; 14 with
+    the DFC attention gate of GhostNetV2, multiplied in triton_band's stores), within 2x eager's error
+    against float64; Ultralytics' downsampling GhostConvs (3x3 stride-2 primary convs) on triton_two_pass's
+    implicit GEMM."""
+    model = timm_model(name) if name.startswith("ghostnet") else yolo()   # 26 GhostConv or 32 modules
+    if name.endswith("-fused"):
+        model.fuse(verbose=False)
+    original = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, report = gk.convert(model, backend="triton", return_report=True)
+    assert len(report.converted) == (26 if name.startswith("yolo") else 32) and not report.skipped, report.skipped
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    size = (64, 96) if name.startswith("yolo") else (36, 52)   # YOLO: multiples of 32; V2: >= 2x2 at the end
+    x = torch.randn(1, 3, *size, device=DEVICE).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        out, eager = detections(model(x)), detections(original(x))
+        ref = detections(copy.deepcopy(original).double()(x.double()))
+    assert rel_err(out, ref) <= 2 * rel_err(eager, ref) + 1e-6, (rel_err(out, ref), rel_err(eager, ref))

@@ -142,3 +142,12 @@ def test_committed_table_is_read():
     key = choice.shape_key(gk.GhostSpec(16, 16), 112, 112, torch.bfloat16, True)
     order, why = choice.rank(["torch_folded", "triton_halo", "cuda"], key, "NVIDIA H200", (9, 0), ["torch_folded"])
     assert order == ["torch_folded", "triton_halo", "cuda"] and "measured on NVIDIA H200" in why
+
+
+def test_a_k_by_k_module_never_borrows_a_1x1_measurement():
+    """The table's rows are 1x1 modules: a 3x3 primary conv of the same sizes has no measurement of its
+    own (the heuristic order), never the 1x1 module's."""
+    table = choice.load_table()
+    one, three = (choice.shape_key(gk.GhostSpec(16, 16, kernel_size=k), 112, 112, torch.bfloat16, True) for k in (1, 3))
+    assert choice.measurements(one, "NVIDIA H200", (9, 0), table)[0] is not None
+    assert choice.measurements(three, "NVIDIA H200", (9, 0), table) == (None, None)

@@ -386,7 +386,7 @@ def test_torchscript_script_and_trace_run_the_pytorch_path(mode):
 # ---- issue 18: convert() converts only what the backend can run; papercuts -------------------------
 
 @pytest.mark.parametrize("ctor,expected", [(dict(act_layer=nn.ReLU6), "activation 'other'"),
-                                           (dict(dw_size=9), "dw_size=9"), (dict(kernel_size=3), "kernel_size=3")])
+                                           (dict(dw_size=9), "dw_size=9"), (dict(kernel_size=9), "kernel_size=9")])
 def test_convert_skips_modules_the_named_backend_can_never_run(ctor, expected):
     """convert(..., backend="triton") used to convert a module whose options no Triton path runs (the
     report said converted; the first forward raised): now it is left alone and reported with the

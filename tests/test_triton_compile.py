@@ -92,7 +92,9 @@ def compile_for_sm90(dtype: str, spec: gk.GhostSpec, ho: int, wo: int, kind: str
                 HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
                 IEEE=dtype == "fp32", DOT_F32=False)
     if kind in ("fwd", "fwd_stats"):
-        consts = dict(base, RELU2=kind == "fwd" and spec.act == "relu", STATS=kind == "fwd_stats")
+        consts = {k: v for k, v in base.items() if k != "RELU"}
+        consts.update(ACT=triton_common.act_code(spec.act), STATS=kind == "fwd_stats",
+                      ACT2=triton_common.act_code(spec.act if kind == "fwd" else "none"))
         return _compile(triton_halo._ghost_fwd_kernel, dtype, consts, ("x_ptr", "out_ptr", "w1_ptr", "scratch_ptr"),
                         cfg.num_warps)
     if kind in ("bwd1", "bwd2"):

@@ -9,6 +9,7 @@ from helpers import (
     DEVICE,
     DTYPES,
     FAMILIES,
+    FORMS,
     LAYOUTS,
     REDUCED,
     SWEEP,
@@ -17,13 +18,14 @@ from helpers import (
     check,
     eager_and_ref,
     make_x,
+    poisoned_output,
     rel_err,
     run_poisoned,
 )
 
 import ghost_kernels as gk
 from ghost_kernels import dispatch
-from ghost_kernels.core.spec import distinct_ghostnet_100_specs
+from ghost_kernels.core.spec import ACTIVATIONS, distinct_ghostnet_100_specs
 
 family = pytest.mark.parametrize("fam", FAMILIES)
 
@@ -99,8 +101,71 @@ def test_non_dense_input_strides(fam):
     assert_close_to_reference(out, eager, ref, torch.float32, f"{fam} cropped view")
 
 
+# every activation, each with two of the four affine forms (helpers.FORMS)
+ACT_FORMS = [(act, form) for i, act in enumerate(ACTIVATIONS) for form in list(FORMS)[i % 2::2]]
+
+
 @family
-@pytest.mark.parametrize("act", ["relu", "none"])
+@pytest.mark.parametrize("i,act,form", [(i,) + c for i, c in enumerate(ACT_FORMS)],
+                         ids=[f"{a}-{f}" for a, f in ACT_FORMS])
+def test_activations_and_deployed_forms(fam, i, act, form):
+    """ReLU, SiLU, Hardswish, identity; convs with or without a bias, with or without a BatchNorm (folded
+    in the kernel): dtype, layout, ratio and dw_size rotate (dw 5: Ultralytics' GhostConv)."""
+    spec = gk.GhostSpec(6 + i, 9 + 2 * i, ratio=2 + i % 3, dw_size=(3, 5)[i % 2], act=act)
+    dtype, layout = DTYPES[i % 3], LAYOUTS[(i // 3) % 2]
+    check(spec, 2, 7, 6 + i % 3, dtype, layout, f"{fam} {act} {form} {dtype} {layout}", fam, **FORMS[form])
+
+
+# k x k primary convs (Ultralytics' downsampling GhostConv: 3x3 stride 2, SiLU, 5x5 cheap conv):
+# (inp, oup, k, stride, act, dtype, layout, form); inp 40 has a K loop, oup 70 several channel blocks
+KXK = [(5, 9, 3, 2, "silu", torch.float32, "channels_last", "bn"),
+       (6, 11, 3, 2, "none", torch.float16, "nchw", "bias"),
+       (40, 16, 3, 1, "relu", torch.bfloat16, "channels_last", "bias+bn"),
+       (7, 70, 5, 2, "hardswish", torch.float32, "nchw", "plain"),
+       (12, 20, 3, 2, "silu", torch.bfloat16, "strided", "bn")]
+
+
+@pytest.mark.parametrize("inp,oup,k,stride,act,dtype,layout,form", KXK)
+def test_two_pass_runs_a_k_by_k_primary_conv(inp, oup, k, stride, act, dtype, layout, form):
+    """triton_two_pass's pass 1 as an implicit GEMM over the k x k taps (zero padding k // 2, any
+    stride, any input strides); the families without it decline with the reason."""
+    spec = gk.GhostSpec(inp, oup, kernel_size=k, stride=stride, ratio=2, dw_size=5, act=act)
+    if layout == "strided":   # a cropped channels_last view: no dense mode applies
+        params = RandomGhost(spec, DEVICE, **FORMS[form])
+        x = make_x(2, inp + 3, 11, 10, dtype, "channels_last")[:, 2:inp + 2, 1:, :9]
+        out = run_poisoned(x, params, spec, "triton_two_pass")
+        eager, ref = eager_and_ref(params, x)
+        assert_close_to_reference(out, eager, ref, dtype, "k x k, strided view")
+    else:
+        check(spec, 2, 9, 7, dtype, layout, f"k{k} s{stride} {act} {dtype} {layout} {form}", "triton_two_pass",
+              **FORMS[form])
+    x = make_x(1, inp, 5, 5, dtype, "nchw")
+    for fam in ("triton_band", "triton_halo"):
+        reasons = dispatch.not_supported_reasons(fam, gk.Request.make(x, RandomGhost(spec, DEVICE).params, False))
+        assert any("kernel_size=" in r for r in reasons), (fam, reasons)
+
+
+@pytest.mark.parametrize("hw,stride,dtype,layout", [((8, 6), 1, torch.float32, "channels_last"),
+                                                     ((7, 9), 1, torch.bfloat16, "nchw"),
+                                                     ((11, 10), 2, torch.float16, "channels_last")])
+def test_band_multiplies_the_attention_gate_into_its_stores(hw, stride, dtype, layout):
+    """GhostNetV2's gate (N x oup x H'//2 x W'//2, upsampled nearest: odd sizes pick floor(i * GH / H'))
+    multiplied into y1 and the ghost channels as they are stored; the stencil still reads ungated y1."""
+    spec = gk.GhostSpec(6, 11, ratio=3, dw_size=3, stride=stride, act="relu")
+    params = RandomGhost(spec, DEVICE)
+    x = make_x(2, spec.inp, *hw, dtype, layout)
+    ho, wo = spec.out_hw(*hw)
+    gate = torch.sigmoid(torch.randn(2, spec.oup, ho // 2, wo // 2, device=DEVICE)).to(dtype)
+    out = poisoned_output(x, spec)
+    launcher("triton_band")(x, params.params, dtype, out=out, gate=gate)
+    eager = params.to(dtype).reference(x, gate=gate)
+    ref = params.to(torch.float64).reference(x.double(), gate=gate.double())
+    assert not torch.isnan(out).any()
+    assert_close_to_reference(out, eager, ref, dtype, f"gate {hw} {dtype}")
+
+
+@family
+@pytest.mark.parametrize("act", ACTIVATIONS)
 def test_nan_and_inf_propagate_like_eager(fam, act):
     spec = gk.GhostSpec(8, 12, act=act)
     params = RandomGhost(spec, DEVICE)

@@ -16,7 +16,7 @@ import platform
 import subprocess
 import sys
 import time
-
+from typing import Optional
 
 # Options that only one of the two modes reads: given to the other, they are an error, not ignored.
 TIMING_ONLY = ("--ops", "--impls", "--secondary-shapes", "--quick", "--overhead", "--compile-budget",
@@ -73,7 +73,7 @@ def build_parser():
 
 def parse_args(argv=None):
     """Parsed and checked arguments; a bad one exits with code 2 and a one-line message."""
-    from .args import given
+    from .args import check_shapes, given
     from .offline.cli import check_families
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -84,6 +84,7 @@ def parse_args(argv=None):
     if wrong:
         p.error(f"argument {wrong[0]}: --offline does not read it (it times nothing)" if args.offline else
                 f"argument {wrong[0]}: only --offline reads it")
+    check_shapes(p, args)
     if args.offline:
         check_families(p, args)
     return args
@@ -97,30 +98,12 @@ def _driver() -> str:
         return "unknown"
 
 
-def select_shapes(which: str, quick: bool):
-    """[(module, count)]: the distinct shapes ``which`` names (``all``, ``quick`` or a comma list of module
-    names and indices, checked by :func:`.args.shape_tokens`: ValueError), each with how many of the
-    network's modules have it."""
-    from collections import Counter
-
-    from ..core.spec import distinct_ghostnet_100_specs, ghostnet_100_modules
-    from .args import shape_tokens
-
-    modules = ghostnet_100_modules()
-    counts = Counter((m.spec, m.h, m.w) for m in modules)
-    distinct = distinct_ghostnet_100_specs()
-    toks = shape_tokens(which)
-    if toks == ["quick"] or (quick and toks == ["all"]):
-        per_res, picked = set(), []
-        for m in distinct:
-            if m.h not in per_res:
-                per_res.add(m.h)
-                picked.append(m)
-        distinct = picked
-    elif toks != ["all"]:
-        by_name = {m.name: m for m in modules}
-        distinct = [distinct[int(tok)] if tok.isdigit() else by_name[tok] for tok in toks]
-    return [(m, counts[(m.spec, m.h, m.w)]) for m in distinct]
+def select_shapes(which: str, quick: bool, model: Optional[str] = None):
+    """[(module, count)]: the distinct shapes ``which`` names (``models.shape_cases``: ``all``, ``quick``,
+    or a comma list of module names, indices and explicit shapes; ValueError), of GhostNet 1.0x or
+    ``model``, each with how many of the network's modules have it."""
+    from .models import shape_cases
+    return shape_cases(which, model, quick)
 
 
 def main(argv=None) -> int:
@@ -171,7 +154,7 @@ def main(argv=None) -> int:
         args.max_autotune_budget = 0.0
     budget = {"compile": args.compile_budget, "compile_max_autotune": args.max_autotune_budget,
               "model_compile": args.model_compile_budget}
-    shapes = select_shapes("quick" if not gpu and args.shapes == "all" else args.shapes, args.quick)
+    shapes = select_shapes("quick" if not gpu and args.shapes == "all" else args.shapes, args.quick, args.model)
 
     t_start = time.perf_counter()
     calibration = Calibration(device)
@@ -183,7 +166,7 @@ def main(argv=None) -> int:
           flush=True)
 
     rows = []
-    secondary = {(m.name) for m, _ in select_shapes(args.secondary_shapes, args.quick)}
+    secondary = {(m.name) for m, _ in select_shapes(args.secondary_shapes, args.quick, args.model)}
     jobs = []
     for op in ops:
         for d in dtypes:

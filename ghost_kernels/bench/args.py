@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Dict, List, Optional, Sequence
 
+from .models import MODELS
+
 DTYPES = ("bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
 LAYOUTS = ("channels_last", "nchw")
@@ -59,8 +61,11 @@ def comma_list(accepted: Sequence[str], aliases: Optional[Dict[str, str]] = None
 
 def shape_tokens(text: str) -> List[str]:
     """The tokens of a ``--shapes`` value, each checked: ``all``, ``quick``, or a comma list of indices
-    into GhostNet 1.0x's distinct module shapes and of its Ghost modules' names. Raises ValueError."""
+    into GhostNet 1.0x's distinct module shapes, of its Ghost modules' names, and of explicit shapes
+    (``16->32@320x320:k3s2:silu:dw5``: ``models.parse_shape``). Raises ValueError. (With ``--model``
+    the indices and names are the model's, checked when its shapes are read: :func:`model_shapes_arg`.)"""
     from ..core.spec import distinct_ghostnet_100_specs, ghostnet_100_modules
+    from .models import parse_shape
 
     text = str(text).strip()
     if text in ("all", "quick"):
@@ -69,10 +74,14 @@ def shape_tokens(text: str) -> List[str]:
     n = len(distinct_ghostnet_100_specs())
     toks = [t.strip() for t in text.split(",")]
     for tok in toks:
+        if "->" in tok:
+            parse_shape(tok)          # ValueError saying what is wrong with it
+            continue
         if (tok.isdigit() and int(tok) < n) or tok in names:
             continue
         raise ValueError(f"{tok!r} is not a GhostNet 1.0x Ghost module: expected all, quick, or a comma list of "
-                         f"shape indices 0-{n - 1} and module names ({names[0]} ... {names[-1]})")
+                         f"shape indices 0-{n - 1}, module names ({names[0]} ... {names[-1]}) and shapes "
+                         f"CIN->OUP@HxW[:kKsS][:ACT][:dwD][:rR]")
     return toks
 
 
@@ -83,6 +92,13 @@ def shapes(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return str(text).strip()
+
+
+def model_name(text: str) -> str:
+    """The ``--model`` type: one of ``models.MODELS``."""
+    if text not in MODELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a model here: expected one of {', '.join(MODELS)}")
+    return text
 
 
 def positive_int(text: str) -> int:
@@ -108,15 +124,35 @@ def seconds(text: str) -> float:
 def add_cases(group, batch_default: Optional[int], batch_help: str) -> None:
     """The options that say what runs, shared by the bench's timing and the offline model:
     --shapes, --dtypes, --layouts, --batch."""
-    group.add_argument("--shapes", type=shapes, default="all", metavar="all|quick|LIST",
-                       help="'all' (every distinct Ghost module shape of GhostNet 1.0x at 224x224, 22), 'quick' "
-                            "(one per resolution, 5), or a comma list of module names (blocks.1.0.ghost1) and "
-                            "indices into the distinct shapes (0-21)")
+    group.add_argument("--shapes", type=str, default="all", metavar="all|quick|LIST",
+                       help="'all' (every distinct Ghost module shape of the network: GhostNet 1.0x at 224x224, 22, "
+                            "or --model's), 'quick' (one per resolution), or a comma list of module names "
+                            "(blocks.1.0.ghost1), indices into the distinct shapes (0-21) and explicit shapes "
+                            "CIN->OUP@HxW[:kKsS][:ACT][:dwD][:rR] (e.g. 16->32@320x320:k3s2:silu:dw5)")
+    group.add_argument("--model", type=model_name, default=None, metavar="|".join(MODELS),
+                       help="the Ghost modules of this model (built from its config, random weights, at the image "
+                            "size its users run: " + ", ".join(f"{k} {v[1]}" for k, v in MODELS.items())
+                            + ") instead of GhostNet 1.0x's")
     group.add_argument("--dtypes", type=comma_list(DTYPES, DTYPE_ALIASES), default="bfloat16", metavar="LIST",
                        help=f"comma list of {', '.join(DTYPES)}")
     group.add_argument("--layouts", type=comma_list(LAYOUTS), default="channels_last", metavar="LIST",
                        help=f"comma list of {', '.join(LAYOUTS)}")
     group.add_argument("--batch", type=positive_int, default=batch_default, metavar="N", help=batch_help)
+
+
+def check_shapes(parser: argparse.ArgumentParser, args) -> None:
+    """After parsing: ``--shapes`` checked against the network (GhostNet 1.0x, or ``--model``'s, whose
+    package must be importable): a parse error naming the option and the value otherwise."""
+    from .models import ModelUnavailable, shape_cases
+    try:
+        if getattr(args, "model", None):
+            args.shape_cases = shape_cases(args.shapes, args.model)
+        else:
+            shape_tokens(args.shapes)
+    except ModelUnavailable as exc:
+        parser.error(f"argument --model: {exc}")
+    except ValueError as exc:
+        parser.error(f"argument --shapes: {exc}")
 
 
 def given(argv: Sequence[str]) -> set:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..core.spec import ACTIVATIONS, GhostSpec, ModuleShape
 
@@ -96,4 +96,49 @@ def model_shapes(name: str, image_size: int = 0) -> List[Tuple[ModuleShape, int]
         if key not in done:
             done.add(key)
             out.append((s, counts[key]))
+    return out
+
+
+def shape_cases(which: str = "all", model: Optional[str] = None, quick: bool = False,
+                image_size: int = 0) -> List[Tuple[ModuleShape, int]]:
+    """[(module shape, how many modules of the network have it)] for a ``--shapes`` value: ``all``,
+    ``quick`` (the first shape per input resolution; also ``all`` with ``quick``), or a comma list of
+    indices into the network's distinct shapes, module names and explicit shapes (:func:`parse_shape`,
+    count 1). The network: GhostNet 1.0x at 224 (the stage table, no package needed), or ``model``
+    (:data:`MODELS`, read off the built model). ValueError for a token that names nothing."""
+    from ..core.spec import distinct_ghostnet_100_specs, ghostnet_100_modules
+
+    if model is None:
+        modules = ghostnet_100_modules()
+        counts = Counter((m.spec, m.h, m.w) for m in modules)
+        distinct = [(m, counts[(m.spec, m.h, m.w)]) for m in distinct_ghostnet_100_specs()]
+        names = {m.name: m for m in modules}
+    else:
+        distinct = model_shapes(model, image_size)
+        names = {m.name: m for m, _ in distinct}
+    count_of = {(m.spec, m.h, m.w): c for m, c in distinct}
+    toks = [t.strip() for t in str(which).split(",") if t.strip()]
+    if toks == ["quick"] or (quick and toks == ["all"]):
+        seen, out = set(), []
+        for m, c in distinct:
+            if m.h not in seen:
+                seen.add(m.h)
+                out.append((m, c))
+        return out
+    if toks == ["all"]:
+        return distinct
+    out = []
+    for tok in toks:
+        if "->" in tok:
+            out.append((parse_shape(tok), 1))
+        elif tok.isdigit():
+            if int(tok) >= len(distinct):
+                raise ValueError(f"shape index {tok}: {model or 'GhostNet 1.0x'} has {len(distinct)} distinct shapes")
+            out.append(distinct[int(tok)])
+        elif tok in names:
+            m = names[tok]
+            out.append((m, count_of.get((m.spec, m.h, m.w), 1)))
+        else:
+            raise ValueError(f"{tok!r} names no Ghost module of {model or 'GhostNet 1.0x'}: expected all, quick, or "
+                             f"a comma list of shape indices, module names and shapes CIN->OUP@HxW[:kKsS][:ACT][:dwD][:rR]")
     return out

@@ -42,16 +42,22 @@ TRITON_FAMILIES = ("triton_band", "triton_two_pass", "triton_halo")
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+def _act_key(spec: GhostSpec) -> str:
+    """The key's activation field; a k x k primary conv (never measured yet: the table's rows are 1x1
+    modules) adds its size, so that it never borrows a 1x1 module's measurement."""
+    return spec.act if spec.kernel_size == 1 else f"{spec.act}:k{spec.kernel_size}"
+
+
 def shape_key(spec: GhostSpec, h: int, w: int, dtype: torch.dtype, channels_last: bool) -> Tuple:
     """The table's key of a call: input H x W (not the output's), dtype and layout names."""
-    return (spec.inp, spec.oup, spec.ratio, spec.dw_size, spec.stride, spec.act, int(h), int(w),
+    return (spec.inp, spec.oup, spec.ratio, spec.dw_size, spec.stride, _act_key(spec), int(h), int(w),
             DTYPE_NAMES.get(dtype, str(dtype)), "channels_last" if channels_last else "nchw")
 
 
 def spec_key(spec: GhostSpec, dtype: torch.dtype, channels_last: bool) -> Tuple:
     """The table key's parts that do not depend on the input's sizes (what is static under tracing)."""
-    return (spec.inp, spec.oup, spec.ratio, spec.dw_size, spec.stride, spec.act, DTYPE_NAMES.get(dtype, str(dtype)),
-            "channels_last" if channels_last else "nchw")
+    return (spec.inp, spec.oup, spec.ratio, spec.dw_size, spec.stride, _act_key(spec),
+            DTYPE_NAMES.get(dtype, str(dtype)), "channels_last" if channels_last else "nchw")
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

@@ -4,7 +4,8 @@ no scratch memory, no global round trip of y1.
 
 Design note
 ===========
-Math, for BN folded in fp32 inside the kernel (``common.folded_bn``; ``act`` = ReLU or identity)::
+Math, for BN folded in fp32 inside the kernel (``common.folded_bn``: a conv's bias and BatchNorm, either
+absent; ``act`` = ReLU, SiLU, Hardswish or identity, ``common.act``)::
 
     y1  = act(conv1x1(x, w1, stride) * scale1 + shift1)        # m intrinsic channels
     y2  = act(dwconv(y1, wd * scale2, pad=d//2) + shift2)      # ghost channel j reads y1[j // (r-1)]
@@ -98,17 +99,18 @@ with 72 channels still gets 16-byte vectors.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from ..core.backend import Request, Support
+from ..core.backend import Request
 from ..core.params import GhostParams
 from ..core.spec import GhostSpec
 from . import common as tc
-from .family import TritonFamily, prepare_output
+from .family import INFERENCE_SUPPORT, TritonFamily, prepare_output
 
 triton, tl = tc.triton, tc.tl
 try:
@@ -359,9 +361,24 @@ def n_bands_of(cfg: BandConfig, spec: GhostSpec, ho: int) -> int:
     return -(-ho // r_out)
 
 
+def gate_reasons(req: Request) -> List[str]:
+    """What the kernel needs of GhostNetV2's gate: N x oup x GH x GW (GH, GW >= 1), the compute dtype,
+    x's device."""
+    g = req.gate
+    n, oup = req.x.shape[0], req.spec.oup
+    if g.dim() != 4 or g.shape[0] != n or g.shape[1] != oup or g.shape[2] < 1 or g.shape[3] < 1:
+        return [f"gate of shape {tuple(g.shape)} (expected ({n}, {oup}, GH >= 1, GW >= 1))"]
+    if g.dtype != req.compute_dtype or g.device != req.x.device:
+        return [f"gate of dtype {g.dtype} on {g.device} (expected {req.compute_dtype} on {req.x.device})"]
+    return []
+
+
 def extra_reasons(req: Request) -> List[str]:
     spec = req.spec
     ho, wo = req.out_hw
+    reasons = gate_reasons(req) if req.gate is not None else []
+    if reasons:
+        return reasons
     if ho == 0 or wo == 0:
         return []
     if not geometries(spec, ho, wo):
@@ -372,7 +389,9 @@ def extra_reasons(req: Request) -> List[str]:
 
 
 def forward(x: Tensor, params: GhostParams, dtype: torch.dtype, out: Optional[Tensor] = None,
-            config: Optional[BandConfig] = None) -> Tensor:
+            config: Optional[BandConfig] = None, gate: Optional[Tensor] = None) -> Tensor:
+    """The family's launcher; ``gate``: GhostNetV2's attention (N x oup x GH x GW, the compute dtype),
+    multiplied into the output as it is stored (``reference.apply_gate``)."""
     spec = params.spec
     n, _, h, w = x.shape
     ho, wo = spec.out_hw(h, w)
@@ -385,9 +404,9 @@ def forward(x: Tensor, params: GhostParams, dtype: torch.dtype, out: Optional[Te
     n_groups = -(-n // cfg.IMGS)
     xs, xal = _aligned_strides(x)
     os_, oal = _aligned_strides(out)
-    (g1, b1, m1, v1, eps1), (hw1, hb1) = tc.bn_args(params.bn1)
-    (g2, b2, m2, v2, eps2), (hw2, hb2) = tc.bn_args(params.bn2)
     w1, wd = params.w1, params.wd
+    bn1, flags1 = tc.bn_args(params.bn1, params.b1, w1)
+    bn2, flags2 = tc.bn_args(params.bn2, params.b2, w1)
     x_src = _x_descriptor(x, cfg, spec) if use_tma(x, spec, cfg) else x
     w1_src = (TensorDescriptor(w1.view(w1.shape[0], w1.shape[1]), [w1.shape[0], w1.shape[1]], [w1.shape[1], 1],
                                [cfg.BLOCK_M, cfg.BLOCK_K]) if use_tma_w1(w1, x, cfg) else w1)
@@ -395,15 +414,16 @@ def forward(x: Tensor, params: GhostParams, dtype: torch.dtype, out: Optional[Te
     with (torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()):
         tc.launch(
             _band_kernel, (n_groups * n_bands * n_mb,),
-            x_src, out, w1_src, wd, g1, b1, m1, v1, eps1, g2, b2, m2, v2, eps2,
+            x_src, out, w1_src, wd, *bn1, *bn2,
             n, ho, wo, n_bands,
+            *((gate, *gate.stride(), *gate.shape[2:]) if gate is not None else (out, 0, 0, 0, 0, 1, 1)),
             *xs, *os_,
             w1.stride(0), w1.stride(1), wd.stride(0), wd.stride(2), wd.stride(3),
             loops=(k_steps,) if k_steps > 1 else (),     # a one-step K loop folds away
             C_IN=spec.inp, M=spec.m, OUP=spec.oup, STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size,
-            RELU=spec.act == "relu", HAS_W1=hw1, HAS_B1=hb1, HAS_W2=hw2, HAS_B2=hb2,
+            ACT=tc.act_code(spec.act), BN1=flags1, BN2=flags2,
             W_PAD=cfg.W_PAD, T_ROWS=cfg.T_ROWS, TOP=cfg.TOP, IMGS=cfg.IMGS, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
-            XAL=xal, OAL=oal, X_TMA=x_src is not x, W1_TMA=w1_src is not w1,
+            XAL=xal, OAL=oal, X_TMA=x_src is not x, W1_TMA=w1_src is not w1, GATE=gate is not None,
             IEEE=dtype == torch.float32, DOT_F32=tc.interpreting() and dtype == torch.bfloat16,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -412,6 +432,6 @@ def forward(x: Tensor, params: GhostParams, dtype: torch.dtype, out: Optional[Te
 
 BACKEND = TritonFamily(
     "triton_band", "single pass, full-width row bands (or whole small images) per program, depthwise stencil by "
-    "in-register shifts (tl.gather), no scratch", support=Support(), launcher=forward, extra_reasons=extra_reasons,
+    "in-register shifts (tl.gather), no scratch", support=dataclasses.replace(INFERENCE_SUPPORT, gate=True), launcher=forward, extra_reasons=extra_reasons,
     default_config=default_config, lab_configs=lab_configs,
     min_triton=((3, 3), "tl.gather, and tl.dot with 8 output channels"), replayable=True)

@@ -8,13 +8,6 @@ from .common import tl, triton
 
 if triton is not None:
 
-    @triton.jit
-    def _relu(y):
-        """max(y, 0) that returns NaN for NaN, as eager's ReLU does (max.NaN: one FMNMX.NAN, or fused into
-        the bf16/fp16 conversion as F2FP.RELU; tl.where(y < 0, 0, y) costs FSETP + FSEL and makes LLVM
-        sink the select through the conversion onto 16-bit halves: +6% instructions, measured)."""
-        return tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
-
     # The batch and the band count are not specialized (a batch of 1, 16 or 7 would each compile a
     # variant); H' and W' are (Triton's "== 1" / "% 16": W' = 112 makes the column masks constant over 16
     # lanes: -14% instructions at 112x112), and so are the strides, with their power-of-two factors
@@ -23,16 +16,17 @@ if triton is not None:
     def _band_kernel(
         x_src, out_ptr, w1_src, wd_ptr,    # x_src: x's pointer, or (X_TMA) a TMA descriptor of x as N x H x W x C;
                                            # w1_src: w1's pointer, or (W1_TMA) a TMA descriptor of w1 as m x Cin
-        g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1,
-        g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2,
+        g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, cb1_ptr,    # BN1 and the primary conv's bias (tc.bn_args)
+        g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, cb2_ptr,
         N, HO, WO, n_bands,
+        gate_ptr, sgn, sgc, sgh, sgw, GH, GW,   # GATE: GhostNetV2's attention (N x OUP x GH x GW), upsampled nearest
         sxn, sxc, sxh, sxw,            # strides of x, divided by 2**(digit of XAL): see _aligned_strides
         son, soc, soh, sow,            # the same for out (OAL)
         sw1m, sw1k, swdj, swdy, swdx,
         C_IN: tl.constexpr, M: tl.constexpr, OUP: tl.constexpr,
-        STRIDE: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, RELU: tl.constexpr,
-        HAS_W1: tl.constexpr, HAS_B1: tl.constexpr, HAS_W2: tl.constexpr, HAS_B2: tl.constexpr,
-        XAL: tl.constexpr, OAL: tl.constexpr, X_TMA: tl.constexpr, W1_TMA: tl.constexpr,
+        STRIDE: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, ACT: tl.constexpr,
+        BN1: tl.constexpr, BN2: tl.constexpr,
+        XAL: tl.constexpr, OAL: tl.constexpr, X_TMA: tl.constexpr, W1_TMA: tl.constexpr, GATE: tl.constexpr,
         W_PAD: tl.constexpr, T_ROWS: tl.constexpr, TOP: tl.constexpr, IMGS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
     ):
@@ -67,6 +61,9 @@ if triton is not None:
         in_img = (row >= 0) & (row < HO) & (col < WO) & (n < N)
         keep = in_img & (trow >= TOP) & (trow < TOP + R_OUT)
         n64 = n.to(tl.int64)
+        g_pix = gate_ptr
+        if GATE:   # the gate's pixel of each lane: nearest, floor(row * GH / H') as interpolate(size=...) picks
+            g_pix = gate_ptr + n64 * sgn + ((row * GH) // HO).to(tl.int64) * sgh + ((col * GW) // WO).to(tl.int64) * sgw
 
         c = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         c_ok = c < M
@@ -78,8 +75,8 @@ if triton is not None:
         j0 = c * (RATIO - 1)   # ghost channels j = c * (r - 1) + k, k < r - 1 <= 3
         if BN_EARLY:
             scale1, shift1, s20, b20, s21, b21, s22, b22 = _bn_both(
-                c, j0, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2,
-                HAS_W1, HAS_B1, HAS_W2, HAS_B2, RATIO)
+                c, j0, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, cb1_ptr, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2,
+                cb2_ptr, BN1, BN2, RATIO)
 
         # 1. primary 1x1 conv: acc[pixels, channels] = x[pixels, Cin] @ w1^T[Cin, channels]
         if not X_TMA:
@@ -104,14 +101,14 @@ if triton is not None:
         # 2. BN1 + act in fp32; zero outside the image (the depthwise conv zero-pads y1, not x)
         if not BN_EARLY:
             scale1, shift1, s20, b20, s21, b21, s22, b22 = _bn_both(
-                c, j0, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2,
-                HAS_W1, HAS_B1, HAS_W2, HAS_B2, RATIO)
+                c, j0, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, cb1_ptr, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2,
+                cb2_ptr, BN1, BN2, RATIO)
         y = acc * scale1[None, :] + shift1[None, :]
-        if RELU:
-            y = _relu(y)
+        y = tc.act(y, ACT)
         y1 = y.to(dt)                                      # rounded like eager's y1
         o_pix = out_ptr + n64 * son + row.to(tl.int64) * soh + col.to(tl.int64) * sow
-        tl.store(o_pix[:, None] + c.to(tl.int64)[None, :] * soc, y1, mask=keep[:, None] & c_ok[None, :])
+        tl.store(o_pix[:, None] + c.to(tl.int64)[None, :] * soc, _gated(y1, g_pix, c, keep, c_ok, sgc, GATE),
+                 mask=keep[:, None] & c_ok[None, :])
 
         # 3. depthwise conv by shifts of the y1 tile along its lanes: neighbour (dy, dx) of lane q is
         # lane q + dy * W_PAD + dx (spare columns and out-of-image rows hold zeros)
@@ -136,31 +133,40 @@ if triton is not None:
                     acc1 += v * (tl.load(tap + (j0 + 1) * swdj, mask=c_ok, other=0.0).to(tl.float32) * s21)[None, :]
                 if RATIO > 3:
                     acc2 += v * (tl.load(tap + (j0 + 2) * swdj, mask=c_ok, other=0.0).to(tl.float32) * s22)[None, :]
-        _store_ghost(o_pix, acc0, j0, c_ok, keep, soc, M, OUP, RELU)
+        _store_ghost(o_pix, acc0, j0, c_ok, keep, soc, M, OUP, ACT, g_pix, sgc, GATE)
         if RATIO > 2:
-            _store_ghost(o_pix, acc1, j0 + 1, c_ok, keep, soc, M, OUP, RELU)
+            _store_ghost(o_pix, acc1, j0 + 1, c_ok, keep, soc, M, OUP, ACT, g_pix, sgc, GATE)
         if RATIO > 3:
-            _store_ghost(o_pix, acc2, j0 + 2, c_ok, keep, soc, M, OUP, RELU)
+            _store_ghost(o_pix, acc2, j0 + 2, c_ok, keep, soc, M, OUP, ACT, g_pix, sgc, GATE)
 
     @triton.jit
-    def _bn_both(c, j0, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2,
-                 HAS_W1: tl.constexpr, HAS_B1: tl.constexpr, HAS_W2: tl.constexpr, HAS_B2: tl.constexpr,
-                 RATIO: tl.constexpr):
+    def _bn_both(c, j0, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, cb1_ptr, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2,
+                 cb2_ptr, BN1: tl.constexpr, BN2: tl.constexpr, RATIO: tl.constexpr):
         """BN1 of channels c and BN2 of their ghost channels j0 + k, k < r - 1 (unused ones: BN2 of j0)."""
-        scale1, shift1 = tc.folded_bn(c, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, HAS_W1, HAS_B1)
-        s20, b20 = tc.folded_bn(j0, c_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, HAS_W2, HAS_B2)
+        scale1, shift1 = tc.folded_bn(c, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, cb1_ptr, BN1)
+        s20, b20 = tc.folded_bn(j0, c_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, cb2_ptr, BN2)
         s21, b21 = s20, b20
         s22, b22 = s20, b20
         if RATIO > 2:
-            s21, b21 = tc.folded_bn(j0 + 1, c_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, HAS_W2, HAS_B2)
+            s21, b21 = tc.folded_bn(j0 + 1, c_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, cb2_ptr, BN2)
         if RATIO > 3:
-            s22, b22 = tc.folded_bn(j0 + 2, c_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, HAS_W2, HAS_B2)
+            s22, b22 = tc.folded_bn(j0 + 2, c_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, cb2_ptr, BN2)
         return scale1, shift1, s20, b20, s21, b21, s22, b22
 
     @triton.jit
-    def _store_ghost(o_pix, acc, j, c_ok, keep, soc, M: tl.constexpr, OUP: tl.constexpr, RELU: tl.constexpr):
-        """act, round, store ghost channels j < oup - m into out[:, m + j] (the slice drops the rest)."""
-        if RELU:
-            acc = _relu(acc)
-        tl.store(o_pix[:, None] + (M + j).to(tl.int64)[None, :] * soc, acc.to(o_pix.dtype.element_ty),
-                 mask=keep[:, None] & (c_ok & (j < OUP - M))[None, :])
+    def _store_ghost(o_pix, acc, j, c_ok, keep, soc, M: tl.constexpr, OUP: tl.constexpr, ACT: tl.constexpr,
+                     g_pix, sgc, GATE: tl.constexpr):
+        """act, round, (GATE) times the gate, store ghost channels j < oup - m into out[:, m + j] (the slice
+        drops the rest)."""
+        ok = c_ok & (j < OUP - M)
+        y = _gated(tc.act(acc, ACT).to(o_pix.dtype.element_ty), g_pix, M + j, keep, ok, sgc, GATE)
+        tl.store(o_pix[:, None] + (M + j).to(tl.int64)[None, :] * soc, y, mask=keep[:, None] & ok[None, :])
+
+    @triton.jit
+    def _gated(y, g_pix, ch, keep, ok, sgc, GATE: tl.constexpr):
+        """``y`` (the output dtype, rounded as eager rounds the concatenation) times the gate of channels
+        ``ch`` at each lane's pixel, rounded again: eager's ``out * gate``."""
+        if GATE:
+            g = tl.load(g_pix[:, None] + ch.to(tl.int64)[None, :] * sgc, mask=keep[:, None] & ok[None, :], other=0.0)
+            y = (y.to(tl.float32) * g.to(tl.float32)).to(y.dtype)
+        return y

@@ -25,14 +25,20 @@ import torch
 from torch import Tensor
 
 from ..core import choice
-from ..core.backend import Backend, BackendNotSupported, Request, is_compiling
+from ..core.backend import Backend, BackendNotSupported, Request, Support, is_compiling
 from ..core.layout import empty_output
-from ..core.params import GhostParams, op_args, params_from_op
-from ..core.spec import GhostSpec
+from ..core.params import op_args, params_from_op
+from ..core.spec import ACTIVATIONS, GhostSpec
 from . import common as tc
 
 Launcher = Callable[..., Tensor]
 FAMILIES: Dict[str, "TritonFamily"] = {}   # name -> family, for the op
+
+
+# What the inference families run besides the dtypes and geometry: every activation the package
+# names (``common.act``), convs with or without a bias and with or without a BatchNorm (the deployed
+# forms of GhostNetV3 and of Ultralytics after ``fuse()``: ``common.folded_bn``).
+INFERENCE_SUPPORT = Support(acts=ACTIVATIONS, conv_bias=True, without_bn=True)
 
 
 def triton_environment_reason(device: Optional[torch.device] = None) -> Optional[str]:

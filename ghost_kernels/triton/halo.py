@@ -51,14 +51,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..core.backend import Support
 from ..core.batch_stats import Moments
 from ..core.fold import FoldedGhost, fold_ghost
 from ..core.params import GhostParams
 from ..core.spec import GhostSpec
 from . import common as tc
 from .common import tl, triton
-from .family import TritonFamily, prepare_output
+from .family import INFERENCE_SUPPORT, TritonFamily, prepare_output
 
 if triton is not None:
     from .common import bn_act_tile, pointwise_conv_tile, tile_coords
@@ -71,12 +70,12 @@ if triton is not None:
         sxn, sxc, sxh, sxw,
         son, soc, soh, sow,
         n_tiles_h, n_tiles_w, n_mblocks, total_tiles,
-        STRIDE: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, RELU: tl.constexpr, RELU2: tl.constexpr,
+        STRIDE: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, ACT: tl.constexpr, ACT2: tl.constexpr,
         STATS: tl.constexpr,
         HALO_H: tl.constexpr, HALO_W: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
     ):
-        # RELU2 is the cheap branch's activation (RELU in eval mode). STATS (train mode, see
+        # ACT2 is the cheap branch's activation (ACT in eval mode; codes: common.act). STATS (train mode, see
         # train_kernels.py): the cheap branch runs with raw weights, no shift and no activation, its
         # output z2 is stored as is, and each tile also stores, per ghost channel, the sum and the
         # tile-centred sum of squares of z2 over its interior pixels (plus its pixel count), so that
@@ -109,7 +108,7 @@ if triton is not None:
                                       BLOCK_M, BLOCK_K, BLOCK_P, IEEE, DOT_F32)
 
             # 2. BN1 + act; zero outside the image (dw padding is on y1); interior -> out[:, :m]
-            y1 = bn_act_tile(acc, scale1_ptr, shift1_ptr, c, c_ok, in_img, RELU).to(out_ptr.dtype.element_ty)
+            y1 = bn_act_tile(acc, scale1_ptr, shift1_ptr, c, c_ok, in_img, ACT).to(out_ptr.dtype.element_ty)
             o_pix = n * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow
             keep = interior & in_img
             tl.store(out_ptr + c.to(tl.int64)[:, None] * soc + o_pix[None, :], y1,
@@ -139,8 +138,7 @@ if triton is not None:
                         tl.store(stats_ptr + 2 * total_tiles.to(tl.int64) * (RATIO - 1) * BLOCK_M + tile, cnt)
                 b2 = tl.load(shift2_ptr + j, mask=c_ok, other=0.0)
                 y2 = acc2 + b2[:, None]
-                if RELU2:
-                    y2 = tl.where(y2 < 0.0, 0.0, y2)
+                y2 = tc.act(y2, ACT2)
                 tl.store(out_ptr + (M + j).to(tl.int64)[:, None] * soc + o_pix[None, :],
                          y2.to(out_ptr.dtype.element_ty), mask=j_ok[:, None] & keep[None, :])
 
@@ -170,11 +168,11 @@ def forward_folded(x: Tensor, folded: FoldedGhost, spec: GhostSpec, out: Optiona
     out = prepare_output(x, spec, dtype, out)
     if out.numel() == 0:
         return out
-    launch_forward(x, out, folded, spec, relu2=spec.act == "relu")
+    launch_forward(x, out, folded, spec, act2=spec.act)
     return out
 
 
-def launch_forward(x: Tensor, out: Tensor, folded: FoldedGhost, spec: GhostSpec, relu2: bool,
+def launch_forward(x: Tensor, out: Tensor, folded: FoldedGhost, spec: GhostSpec, act2: str,
                    stats: bool = False) -> Optional[Moments]:
     """Launch ``_ghost_fwd_kernel`` into ``out``. With ``stats`` (train mode, see train_kernels.py) the
     kernel also writes per-tile statistics of the cheap branch (sums, centred sums of squares and
@@ -184,7 +182,7 @@ def launch_forward(x: Tensor, out: Tensor, folded: FoldedGhost, spec: GhostSpec,
     dtype = out.dtype
     cfg = tc.pick_config(spec, ho, wo, dtype)
     n_th, n_tw, n_mb, total = tc.tile_grid(spec, n, ho, wo, cfg, spec.dw_size // 2)
-    variant = ("fwd", x.device.index, x.dtype, dtype, spec.stride, spec.ratio, spec.dw_size, spec.act, relu2,
+    variant = ("fwd", x.device.index, x.dtype, dtype, spec.stride, spec.ratio, spec.dw_size, spec.act, act2,
                stats, cfg)
     programs = tc.persistent_programs(variant, x, total)
     scratch = torch.empty(programs * cfg.BLOCK_M * cfg.HALO_H * cfg.HALO_W, dtype=dtype, device=x.device)
@@ -200,7 +198,7 @@ def launch_forward(x: Tensor, out: Tensor, folded: FoldedGhost, spec: GhostSpec,
             n_th, n_tw, n_mb, total,
             # the tile loop, the K loop, and a dy/dx loop pair per ghost multiplier (static_range copies)
             loops=(total / programs, triton.cdiv(spec.inp, cfg.BLOCK_K)) + (taps, taps) * (spec.ratio - 1),
-            STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size, RELU=spec.act == "relu", RELU2=relu2,
+            STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size, ACT=tc.act_code(spec.act), ACT2=tc.act_code(act2),
             STATS=stats,
             HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
             IEEE=dtype == torch.float32, DOT_F32=tc.interpreting() and dtype == torch.bfloat16,
@@ -226,4 +224,4 @@ def _tile_moments(buf: Tensor, spec: GhostSpec, n_tiles: int, n_mb: int, block_m
 
 BACKEND = TritonFamily(
     "triton_halo", "v1 single pass: 16x16 halo tiles, y1 through a per-program scratch slot in L2; also the "
-    "training ops' forward", support=Support(), launcher=forward)
+    "training ops' forward", support=INFERENCE_SUPPORT, launcher=forward)

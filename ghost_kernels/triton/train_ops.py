@@ -76,12 +76,12 @@ def train_forward(x: Tensor, w1: Tensor, bn1_weight: Optional[Tensor], bn1_bias:
         scale2, shift2 = bn_affine(mean2, invstd2, bn2_weight, bn2_bias)
         folded = FoldedGhost(w1m, scale1, shift1, (wdm * scale2[:, None]).contiguous(), shift2)
         if out.numel():
-            triton_halo.launch_forward(x, out, folded, spec, relu2=spec.act == "relu")
+            triton_halo.launch_forward(x, out, folded, spec, act2=spec.act)
         return out, mean1, invstd1, var1u, mean2, invstd2, torch.zeros_like(mean2)
 
     zero = torch.zeros(spec.new, dtype=torch.float32, device=x.device)
     folded = FoldedGhost(w1m, scale1, shift1, wdm, zero)
-    moments = triton_halo.launch_forward(x, out, folded, spec, relu2=False, stats=True)
+    moments = triton_halo.launch_forward(x, out, folded, spec, act2="none", stats=True)
     mean2, var2u, var2 = moments.finish(sync_group)
     invstd2 = torch.rsqrt(var2 + eps2).float()
     scale2, shift2 = bn_affine(mean2, invstd2, bn2_weight, bn2_bias)

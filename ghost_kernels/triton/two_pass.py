@@ -103,16 +103,16 @@ to 64-pixel tiles for small grids).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..core.backend import Support
 from ..core.params import GhostParams
 from ..core.spec import GhostSpec
 from . import common as tc
-from .family import TritonFamily, prepare_output
+from .family import INFERENCE_SUPPORT, TritonFamily, prepare_output
 from .two_pass_config import (  # noqa: F401
     HALF,
     TwoPassConfig,
@@ -189,8 +189,6 @@ def forward(x: Tensor, params: GhostParams, dtype: torch.dtype, out: Optional[Te
     wider, as under autocast: they are cast as they are loaded). ``x``: N x inp x H x W, any strides.
     ``out``, if given, receives the result (N x oup x H' x W', ``dtype``, x's device, any strides)."""
     spec = params.spec
-    if spec.kernel_size != 1:
-        raise ValueError(f"triton_two_pass: kernel_size must be 1, got {spec.kernel_size}")
     n, _, h, w = x.shape
     ho, wo = spec.out_hw(h, w)
     out = prepare_output(x, spec, dtype, out)
@@ -221,6 +219,8 @@ def _launch_pair(x: Tensor, out: Tensor, w1: Tensor, wd: Tensor, params: GhostPa
     mg_w, sh_w = _magic(wo)
     sms = _sms(x)
     x_mode, o_mode = _mode(x, spec.stride), _mode(out, 1)
+    if spec.kernel_size != 1 and x_mode != DENSE_CL:
+        x_mode = GENERIC     # the taps of a k x k conv address x through its strides
     vec = 16 // out.element_size()
 
     # pass 1
@@ -233,16 +233,17 @@ def _launch_pair(x: Tensor, out: Tensor, w1: Tensor, wd: Tensor, params: GhostPa
     programs = -(-n_tiles // tiles_per_prog)
     vpx = _pow2_divisor(h * w, 16 // x.element_size())
     vpo = _pow2_divisor(ho * wo, vec)
-    (g1, b1, m1, v1, eps1), (hw1, hb1) = tc.bn_args(params.bn1)
+    bn1, flags1 = tc.bn_args(params.bn1, params.b1, params.w1)
     tc.launch(
         _pw_kernel, (programs,),
-        x, w1, out, g1, b1, m1, v1, eps1,
+        x, w1, out, *bn1,
         p_total, h * w, w, ho * wo, wo, qb, h * w // vpx, ho * wo // vpo, mg_hw, sh_hw, mg_w, sh_w,
         *x.stride(), *out.stride(),
         n_tiles, tiles_per_prog,
-        loops=(n_tiles / programs, -(-spec.inp // cfg.BLOCK_K)),
-        C_IN=spec.inp, M=spec.m, OUP=spec.oup, STRIDE=spec.stride, RELU=spec.act == "relu",
-        HAS_W=hw1, HAS_B=hb1, X_MODE=x_mode, O_MODE=o_mode, VPX=vpx, VPO=vpo,
+        loops=(n_tiles / programs,) + ((spec.kernel_size ** 2,) if spec.kernel_size != 1 else ())
+        + (-(-spec.inp // cfg.BLOCK_K),),   # tiles per program, (taps,) K steps
+        C_IN=spec.inp, M=spec.m, OUP=spec.oup, KS=spec.kernel_size, STRIDE=spec.stride, ACT=tc.act_code(spec.act),
+        BN=flags1, X_MODE=x_mode, O_MODE=o_mode, VPX=vpx, VPO=vpo,
         BLOCK_P=cfg.BLOCK_P, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         IEEE=dtype == torch.float32, DOT_F32=tc.interpreting() and dtype == torch.bfloat16,
         num_warps=cfg.WARPS1, num_stages=cfg.STAGES1,
@@ -253,7 +254,7 @@ def _launch_pair(x: Tensor, out: Tensor, w1: Tensor, wd: Tensor, params: GhostPa
     # pass 2
     r1, d = spec.ratio - 1, spec.dw_size
     m_need = -(-(spec.oup - spec.m) // r1)
-    (g2, b2, m2, v2, eps2), (hw2, hb2) = tc.bn_args(params.bn2)
+    bn2, flags2 = tc.bn_args(params.bn2, params.b2, params.w1)
     hoist = r1 * d * d <= 9
     # the row ring only with hoisted weights: otherwise every step loads d*d*(r-1) weight vectors inside
     # the loop, which the pipeliner would ring as well (compile time of minutes at d = 7, ratio 4)
@@ -270,11 +271,11 @@ def _launch_pair(x: Tensor, out: Tensor, w1: Tensor, wd: Tensor, params: GhostPa
         n_bands, band_rows = _bands(ho, n_ub * n_cb2, sms, cfg.PROGS2)
         tc.launch(
             _dw_nchw_kernel, (n_ub * n_bands * n_cb2,),
-            out, wd, g2, b2, m2, v2, eps2,
+            out, wd, *bn2,
             u_total, ho, wv, ho * wv, mg_v, sh_v,
             n_bands, band_rows,
             loops=(ho / n_bands,) + (() if hoist else (d,)),
-            M=spec.m, OUP=spec.oup, RATIO=spec.ratio, DW=d, RELU=spec.act == "relu", HAS_W=hw2, HAS_B=hb2,
+            M=spec.m, OUP=spec.oup, RATIO=spec.ratio, DW=d, ACT=tc.act_code(spec.act), BN=flags2,
             BLOCK_C=block_c, BLOCK_R=block_r, VW=vw, W_HOIST=hoist, STAGES=stages2, num_warps=cfg.WARPS2,
         )
         return
@@ -290,13 +291,13 @@ def _launch_pair(x: Tensor, out: Tensor, w1: Tensor, wd: Tensor, params: GhostPa
     overread = o_mode == DENSE_CL and n_cb2 * cfg.BLOCK_C <= spec.oup
     tc.launch(
         _dw_kernel, (n_ub * n_bands * n_cb2,),
-        out, wd, g2, b2, m2, v2, eps2,
+        out, wd, *bn2,
         u_total, ho, wo, ho * wo, wg, mg_wg, sh_wg,
         *out.stride(),
         n_bands, band_rows,
         loops=(ho / n_bands,) + (() if hoist else (d,)),   # rows per program (the last band may be shorter); taps
-        M=spec.m, OUP=spec.oup, RATIO=spec.ratio, DW=d, RELU=spec.act == "relu",
-        HAS_W=hw2, HAS_B=hb2, O_MODE=o_mode,
+        M=spec.m, OUP=spec.oup, RATIO=spec.ratio, DW=d, ACT=tc.act_code(spec.act),
+        BN=flags2, O_MODE=o_mode,
         BLOCK_G=cfg.BLOCK_G, BLOCK_C=cfg.BLOCK_C, PIXR=pixr, W_HOIST=hoist,
         PAIRS=pairs, OVERREAD=overread, STAGES=stages2, num_warps=cfg.WARPS2,
     )
@@ -323,5 +324,5 @@ def extra_hbm_bytes(spec: GhostSpec, n: int, h: int, w: int, elem: int, channels
 
 BACKEND = TritonFamily(
     "triton_two_pass", "two passes: a pixel-major GEMM (BN1 + act) writing out[:, :m], then a depthwise "
-    "stencil reading it back into out[:, m:oup]; BN folded in the kernels", support=Support(), launcher=forward,
+    "stencil reading it back into out[:, m:oup]; BN folded in the kernels", support=dataclasses.replace(INFERENCE_SUPPORT, kernel_sizes=(1, 3, 5, 7)), launcher=forward,
     default_config=default_config, lab_configs=lab_configs, extra_hbm_bytes=extra_hbm_bytes, replayable=True)

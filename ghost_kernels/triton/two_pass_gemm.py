@@ -22,11 +22,39 @@ if triton is not None:
         return ws
 
     @triton.jit
-    def _act(y, RELU: tl.constexpr):
-        """ReLU that propagates NaN as eager does (one max.NaN instruction), or the identity."""
-        if RELU:
-            y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        return y
+    def _act(y, ACT: tl.constexpr):
+        """The activation of code ``ACT`` (``common.act``)."""
+        return tc.act(y, ACT)
+
+    @triton.jit
+    def _conv_taps(x_ptr, w1_ptr, acc, n64, oh, ow, p_ok, c, c_ok, rk, xk, x_kstep, HW_IN, W_IN, sxn, sxh, sxw,
+                   C_IN: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, X_MODE: tl.constexpr,
+                   BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr, dt: tl.constexpr):
+        """``acc += x_taps @ w1`` of a KS x KS conv (zero padding KS // 2) for output pixels (oh, ow) of
+        image n64 and channels c: tap by tap, a K loop over the input pixels the tap shifts to (out of
+        the image: masked to zero). w1 is dense M x C_IN x KS x KS."""
+        KK: tl.constexpr = KS * KS
+        PAD: tl.constexpr = KS // 2
+        h_in = HW_IN // W_IN
+        for tap in range(KK):
+            kh = tap // KS
+            ih = oh * STRIDE - PAD + kh
+            iw = ow * STRIDE - PAD + (tap - kh * KS)
+            t_ok = p_ok & (ih >= 0) & (ih < h_in) & (iw >= 0) & (iw < W_IN)
+            if X_MODE == 2:
+                x_tap = (n64 * HW_IN + ih * W_IN + iw) * C_IN
+            else:
+                x_tap = n64 * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            x_ptrs = x_ptr + x_tap[:, None] + xk[None, :]
+            w_ptrs = w1_ptr + c[None, :] * (C_IN * KK) + rk[:, None] * KK + tap
+            for k0 in range(0, C_IN, BLOCK_K):
+                k_ok = k0 + rk < C_IN
+                xt = tl.load(x_ptrs, mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(dt)
+                wt = tl.load(w_ptrs, mask=c_ok[None, :] & k_ok[:, None], other=0.0).to(dt)
+                acc = tc.dot_acc(xt, wt, acc, IEEE, DOT_F32)
+                x_ptrs += x_kstep
+                w_ptrs += BLOCK_K * KK
+        return acc
 
     # Sizes and counts are not specialized on (== 1, % 16): a new batch or resolution would otherwise
     # compile a new variant; the alignment the vectors need comes from constexprs (C_IN, OUP, VPX/VPO,
@@ -34,17 +62,20 @@ if triton is not None:
     @triton.jit(do_not_specialize=["P_TOTAL", "HW_IN", "W_IN", "HWO", "WO", "QB", "HWV_X", "HWV_O",
                                    "mg_hw", "sh_hw", "mg_w", "sh_w", "n_tiles", "tiles_per_prog"])
     def _pw_kernel(
-        x_ptr, w1_ptr, out_ptr, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1,
+        x_ptr, w1_ptr, out_ptr, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, cb1_ptr,
         P_TOTAL, HW_IN, W_IN, HWO, WO, QB, HWV_X, HWV_O, mg_hw, sh_hw, mg_w, sh_w,
         sxn, sxc, sxh, sxw, son, soc, soh, sow,
         n_tiles, tiles_per_prog,
-        C_IN: tl.constexpr, M: tl.constexpr, OUP: tl.constexpr, STRIDE: tl.constexpr, RELU: tl.constexpr,
-        HAS_W: tl.constexpr, HAS_B: tl.constexpr, X_MODE: tl.constexpr, O_MODE: tl.constexpr,
+        C_IN: tl.constexpr, M: tl.constexpr, OUP: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
+        ACT: tl.constexpr,
+        BN: tl.constexpr, X_MODE: tl.constexpr, O_MODE: tl.constexpr,
         VPX: tl.constexpr, VPO: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         IEEE: tl.constexpr, DOT_F32: tl.constexpr,
     ):
-        """Pass 1: ``out[pixel, c] = act((x[pixel, :] @ w1[c, :]) * scale1[c] + shift1[c])`` for c < M.
+        """Pass 1: ``out[pixel, c] = act((x[pixel, :] @ w1[c, :]) * scale1[c] + shift1[c])`` for c < M;
+        with a KS x KS primary conv (KS > 1, zero padding KS // 2) an implicit GEMM: a K loop per tap over
+        the tile's input pixels shifted by the tap (x dense channels_last or any strides: X_MODE 2 or 0).
 
         Tiles: both tensors dense channels_last -> BLOCK_P consecutive pixels of the flattened batch
         (offsets p * C, no division at stride 1); otherwise BLOCK_P consecutive pixels of one image
@@ -55,7 +86,8 @@ if triton is not None:
         ONE_K: tl.constexpr = C_IN <= BLOCK_K
         K_MASK: tl.constexpr = C_IN % BLOCK_K != 0
         PER_IMAGE: tl.constexpr = (X_MODE != 2) or (O_MODE != 2)
-        NEED_HW: tl.constexpr = (X_MODE == 0) or (O_MODE == 0) or (STRIDE != 1)
+        SPATIAL: tl.constexpr = (STRIDE != 1) or (KS != 1)     # input pixel != output pixel
+        NEED_HW: tl.constexpr = (X_MODE == 0) or (O_MODE == 0) or SPATIAL
         dt = out_ptr.dtype.element_ty
         pid = tl.program_id(0)
         t_begin = pid * tiles_per_prog
@@ -79,8 +111,8 @@ if triton is not None:
         if N_CB == 1:  # one channel block: BN1 (and w1, if one K step) once per program
             c = rn
             c_ok = c < M
-            scale, shift = tc.folded_bn(c, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, HAS_W, HAS_B)
-            if ONE_K:
+            scale, shift = tc.folded_bn(c, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, cb1_ptr, BN)
+            if ONE_K and KS == 1:
                 wt = tl.load(w1_ptr + c[None, :] * C_IN + rk[:, None],
                              mask=c_ok[None, :] & (rk[:, None] < C_IN), other=0.0).to(dt)
         for tile in range(t_begin, t_end):
@@ -91,7 +123,7 @@ if triton is not None:
                 pb = tile // N_CB
                 c = cb * BLOCK_N + rn
                 c_ok = c < M
-                scale, shift = tc.folded_bn(c, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, HAS_W, HAS_B)
+                scale, shift = tc.folded_bn(c, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, cb1_ptr, BN)
             # pixel coordinates: image n (scalar per tile, or per pixel), q = oh * W' + ow, (oh, ow)
             if PER_IMAGE:
                 n = pb // QB
@@ -105,45 +137,48 @@ if triton is not None:
             else:
                 p = pb * BLOCK_P + rp
                 p_ok = p < P_TOTAL
-                if STRIDE != 1:
+                if SPATIAL:
                     n = _udiv(p, mg_hw, sh_hw)
                     q = p - n * HWO
             if NEED_HW:
                 oh = _udiv(q, mg_w, sh_w)
                 ow = q - oh * WO
-            if PER_IMAGE or (STRIDE != 1):
+            if PER_IMAGE or SPATIAL:
                 n64 = tl.cast(n, tl.int64)
-
-            if X_MODE == 2:        # dense channels_last
-                if STRIDE == 1:
-                    if PER_IMAGE:
-                        x_pix = (n64 * HW_IN + q) * C_IN
-                    else:
-                        x_pix = p.to(tl.int64) * C_IN
-                else:
-                    x_pix = (n64 * HW_IN + (oh * STRIDE * W_IN + ow * STRIDE)) * C_IN
-            elif X_MODE == 3:      # dense NCHW, stride 1
-                x_pix = n64 * C_IN * x_plane + q
-            elif X_MODE == 1:      # plane of x dense (sxh == W * sxw), stride 1
-                x_pix = n64 * sxn + q.to(tl.int64) * sxw
-            else:
-                x_pix = n64 * sxn + (oh * STRIDE).to(tl.int64) * sxh + (ow * STRIDE).to(tl.int64) * sxw
-
             acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-            x_ptrs = x_ptr + x_pix[:, None] + xk[None, :]
-            for k0 in range(0, C_IN, BLOCK_K):
-                if K_MASK:
-                    xt = tl.load(x_ptrs, mask=p_ok[:, None] & (k0 + rk[None, :] < C_IN), other=0.0)
+            if KS != 1:
+                acc = _conv_taps(x_ptr, w1_ptr, acc, n64, oh, ow, p_ok, c, c_ok, rk, xk, x_kstep, HW_IN, W_IN,
+                                 sxn, sxh, sxw, C_IN, KS, STRIDE, X_MODE, BLOCK_K, IEEE, DOT_F32, dt)
+            else:
+                if X_MODE == 2:        # dense channels_last
+                    if STRIDE == 1:
+                        if PER_IMAGE:
+                            x_pix = (n64 * HW_IN + q) * C_IN
+                        else:
+                            x_pix = p.to(tl.int64) * C_IN
+                    else:
+                        x_pix = (n64 * HW_IN + (oh * STRIDE * W_IN + ow * STRIDE)) * C_IN
+                elif X_MODE == 3:      # dense NCHW, stride 1
+                    x_pix = n64 * C_IN * x_plane + q
+                elif X_MODE == 1:      # plane of x dense (sxh == W * sxw), stride 1
+                    x_pix = n64 * sxn + q.to(tl.int64) * sxw
                 else:
-                    xt = tl.load(x_ptrs, mask=p_ok[:, None], other=0.0)
-                xt = xt.to(dt)  # autocast: fp32 x, half compute (a no-op otherwise)
-                if (N_CB != 1) or (not ONE_K):
-                    wt = tl.load(w1_ptr + c[None, :] * C_IN + (k0 + rk[:, None]),
-                                 mask=c_ok[None, :] & (k0 + rk[:, None] < C_IN), other=0.0).to(dt)
-                acc = tc.dot_acc(xt, wt, acc, IEEE, DOT_F32)
-                x_ptrs += x_kstep
+                    x_pix = n64 * sxn + (oh * STRIDE).to(tl.int64) * sxh + (ow * STRIDE).to(tl.int64) * sxw
 
-            y = _act(acc * scale[None, :] + shift[None, :], RELU)
+                x_ptrs = x_ptr + x_pix[:, None] + xk[None, :]
+                for k0 in range(0, C_IN, BLOCK_K):
+                    if K_MASK:
+                        xt = tl.load(x_ptrs, mask=p_ok[:, None] & (k0 + rk[None, :] < C_IN), other=0.0)
+                    else:
+                        xt = tl.load(x_ptrs, mask=p_ok[:, None], other=0.0)
+                    xt = xt.to(dt)  # autocast: fp32 x, half compute (a no-op otherwise)
+                    if (N_CB != 1) or (not ONE_K):
+                        wt = tl.load(w1_ptr + c[None, :] * C_IN + (k0 + rk[:, None]),
+                                     mask=c_ok[None, :] & (k0 + rk[:, None] < C_IN), other=0.0).to(dt)
+                    acc = tc.dot_acc(xt, wt, acc, IEEE, DOT_F32)
+                    x_ptrs += x_kstep
+
+            y = _act(acc * scale[None, :] + shift[None, :], ACT)
             if O_MODE == 2:
                 if PER_IMAGE:
                     o_ptrs = out_ptr + ((n64 * HWO + q) * OUP)[:, None] + c[None, :]

@@ -99,24 +99,24 @@ if triton is not None:
 
     @triton.jit
     def _nchw_store_row(accs, orow, cg, ss, bs, jok, u_ok, e, out_ptr, R1: tl.constexpr, VW: tl.constexpr,
-                        RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+                        ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
         """BN2 + act of one output row's accumulators (the first R1 * VW tiles of ``accs``), stored."""
         dt = out_ptr.dtype.element_ty
         for t in tl.static_range(R1):
             ys = ()
             for i in tl.static_range(VW):
-                ys = ys + (_act(accs[t * VW + i] * ss[t] + bs[t], RELU).to(dt),)
+                ys = ys + (_act(accs[t * VW + i] * ss[t] + bs[t], ACT).to(dt),)
             y = _join_cols(ys, BLOCK_C, BLOCK_R, VW)
             o_ptrs = out_ptr + ((cg[t][:, None] + orow[None, :]) * VW)[:, :, None] + e[None, None, :]
             tl.store(o_ptrs, y, mask=(u_ok[None, :] & jok[t][:, None])[:, :, None])
 
     @triton.jit(do_not_specialize=["U_TOTAL", "HO", "WV", "HWV", "mg_v", "sh_v", "n_bands", "band_rows"])
     def _dw_nchw_kernel(
-        out_ptr, wd_ptr, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2,
+        out_ptr, wd_ptr, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, cb2_ptr,
         U_TOTAL, HO, WV, HWV, mg_v, sh_v,
         n_bands, band_rows,
-        M: tl.constexpr, OUP: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, RELU: tl.constexpr,
-        HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        M: tl.constexpr, OUP: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, ACT: tl.constexpr,
+        BN: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, VW: tl.constexpr, W_HOIST: tl.constexpr,
         STAGES: tl.constexpr,
     ):
@@ -158,7 +158,7 @@ if triton is not None:
         for t in tl.static_range(R1):
             jt = c * R1 + t
             jt_ok = c_ok & (jt < KEPT)
-            st, bt = tc.folded_bn(jt, jt_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, HAS_W, HAS_B)
+            st, bt = tc.folded_bn(jt, jt_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, cb2_ptr, BN)
             ss = ss + (st[:, None],)
             bs = bs + (bt[:, None],)
             jj = jj + (jt,)
@@ -200,7 +200,7 @@ if triton is not None:
                 cols = _nchw_load_row(out_ptr, base, o + PAD, WV, HO_U, side_ok, c_ok, e, NV, VW, BLOCK_C, BLOCK_R,
                                       C_FULL)
                 ring = _nchw_ring_taps(ring, cols, wts, DW, 2 * PAD, PAD, DW, NV, VW, R1)
-                _nchw_store_row(ring, rv0 + tl.cast(o, tl.int64) * WV, cg, ss, bs, jok, u_ok, e, out_ptr, R1, VW, RELU,
+                _nchw_store_row(ring, rv0 + tl.cast(o, tl.int64) * WV, cg, ss, bs, jok, u_ok, e, out_ptr, R1, VW, ACT,
                                 BLOCK_C, BLOCK_R)
                 turned = ()
                 for i in tl.static_range(ENTRY, DW * ENTRY):
@@ -217,5 +217,5 @@ if triton is not None:
                     cols = _nchw_load_row(out_ptr, base, o + dy - PAD, WV, HO_U, side_ok, c_ok, e, NV, VW, BLOCK_C,
                                           BLOCK_R, C_FULL)
                     accs = _nchw_row_taps(accs, cols, _row_weights(wd_ptr, jj, jok, dy, DW, R1), PAD, DW, NV, VW, R1)
-                _nchw_store_row(accs, rv0 + tl.cast(o, tl.int64) * WV, cg, ss, bs, jok, u_ok, e, out_ptr, R1, VW, RELU,
+                _nchw_store_row(accs, rv0 + tl.cast(o, tl.int64) * WV, cg, ss, bs, jok, u_ok, e, out_ptr, R1, VW, ACT,
                                 BLOCK_C, BLOCK_R)

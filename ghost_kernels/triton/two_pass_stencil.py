@@ -92,31 +92,31 @@ if triton is not None:
     @triton.jit
     def _cl_store_row(accs, orow, ocol, cgs, col_ok, ss, bs, jok, cc_ok, out_ptr,
                       PAD: tl.constexpr, NG: tl.constexpr, PIXR: tl.constexpr, PAIRS: tl.constexpr,
-                      RELU: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+                      ACT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
         """BN2 + act of one output row's accumulators (the first NG * PIXR tiles of ``accs``), stored."""
         dt = out_ptr.dtype.element_ty
         for r in tl.static_range(PIXR):
             p_ok = col_ok[PAD + r]
             if PAIRS:
-                y_even = _act(accs[r] * ss[0][None, :] + bs[0][None, :], RELU)
-                y_odd = _act(accs[PIXR + r] * ss[1][None, :] + bs[1][None, :], RELU)
+                y_even = _act(accs[r] * ss[0][None, :] + bs[0][None, :], ACT)
+                y_odd = _act(accs[PIXR + r] * ss[1][None, :] + bs[1][None, :], ACT)
                 y = tl.reshape(tl.join(y_even, y_odd), [BLOCK_G, BLOCK_C])
                 tl.store(out_ptr + (orow + r * ocol)[:, None] + cgs[0][None, :], y.to(dt),
                          mask=p_ok[:, None] & cc_ok[None, :])
             else:
                 for t in tl.static_range(NG):
-                    y = _act(accs[t * PIXR + r] * ss[t][None, :] + bs[t][None, :], RELU)
+                    y = _act(accs[t * PIXR + r] * ss[t][None, :] + bs[t][None, :], ACT)
                     tl.store(out_ptr + (orow + r * ocol)[:, None] + cgs[t][None, :], y.to(dt),
                              mask=p_ok[:, None] & jok[t][None, :])
 
     @triton.jit(do_not_specialize=["U_TOTAL", "HO", "WO", "HWO", "WG", "mg_wg", "sh_wg", "n_bands", "band_rows"])
     def _dw_kernel(
-        out_ptr, wd_ptr, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2,
+        out_ptr, wd_ptr, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, cb2_ptr,
         U_TOTAL, HO, WO, HWO, WG, mg_wg, sh_wg,
         son, soc, soh, sow,
         n_bands, band_rows,
-        M: tl.constexpr, OUP: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, RELU: tl.constexpr,
-        HAS_W: tl.constexpr, HAS_B: tl.constexpr, O_MODE: tl.constexpr,
+        M: tl.constexpr, OUP: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, ACT: tl.constexpr,
+        BN: tl.constexpr, O_MODE: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, PIXR: tl.constexpr,
         W_HOIST: tl.constexpr, PAIRS: tl.constexpr, OVERREAD: tl.constexpr, STAGES: tl.constexpr,
     ):
@@ -171,7 +171,7 @@ if triton is not None:
             c_ok = cv < M_NEED
             j0 = cv * R1
         j0_ok = c_ok & (j0 < KEPT)
-        s0, b0 = tc.folded_bn(j0, j0_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, HAS_W, HAS_B)
+        s0, b0 = tc.folded_bn(j0, j0_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, cb2_ptr, BN)
         ss = (s0,)
         bs = (b0,)
         jj = (j0,)
@@ -179,7 +179,7 @@ if triton is not None:
         for t in tl.static_range(1, NG):
             jt = j0 + t
             jt_ok = c_ok & (jt < KEPT)
-            st, bt = tc.folded_bn(jt, jt_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, HAS_W, HAS_B)
+            st, bt = tc.folded_bn(jt, jt_ok, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, cb2_ptr, BN)
             ss = ss + (st,)
             bs = bs + (bt,)
             jj = jj + (jt,)
@@ -268,7 +268,7 @@ if triton is not None:
                 ring = _ring_taps(ring, lo, hi, wts, DW, 2 * PAD, DW, NG, PIXR, PAIRS)
                 # output row o is complete: BN2 + act, store; the ring turns
                 _cl_store_row(ring, o_pix + tl.cast(o, tl.int64) * o_row, ocol, cgs, col_ok, ss, bs, jok, cc_ok,
-                              out_ptr, PAD, NG, PIXR, PAIRS, RELU, BLOCK_G, BLOCK_C)
+                              out_ptr, PAD, NG, PIXR, PAIRS, ACT, BLOCK_G, BLOCK_C)
                 turned = ()
                 for i in tl.static_range(ENTRY, DW * ENTRY):
                     turned = turned + (ring[i],)
@@ -288,4 +288,4 @@ if triton is not None:
                                           PAD, NCOL, PAIRS, C_FULL)
                     accs = _row_taps(accs, lo, hi, _row_weights(wd_ptr, jj, jok, dy, DW, NG), DW, NG, PIXR, PAIRS)
                 _cl_store_row(accs, o_pix + tl.cast(o, tl.int64) * o_row, ocol, cgs, col_ok, ss, bs, jok, cc_ok,
-                              out_ptr, PAD, NG, PIXR, PAIRS, RELU, BLOCK_G, BLOCK_C)
+                              out_ptr, PAD, NG, PIXR, PAIRS, ACT, BLOCK_G, BLOCK_C)

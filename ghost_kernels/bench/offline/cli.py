@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from ..args import Parser, add_cases, positive_int
+from ..args import Parser, add_cases, check_shapes, positive_int
 from . import report
 from .compiler import MAX_WORKERS
 from .errors import OfflineError
@@ -88,7 +88,11 @@ def run(args) -> int:
     batch = getattr(args, "batch", None) or 256
     out = getattr(args, "out", None) or "offline-out"
     verbose = not getattr(args, "quiet", False)
-    rows, meta = model(families, getattr(args, "shapes", "all") or "all", dtypes, layouts, batch,
+    shapes = getattr(args, "shapes", "all") or "all"
+    if getattr(args, "model", None) or "->" in shapes:      # the model's modules, explicit shapes
+        from ..models import shape_cases
+        shapes = [m for m, _ in (getattr(args, "shape_cases", None) or shape_cases(shapes, args.model))]
+    rows, meta = model(families, shapes, dtypes, layouts, batch,
                        workers=getattr(args, "workers", MAX_WORKERS) or MAX_WORKERS,
                        imports=getattr(args, "imports", None) or (), strict=getattr(args, "strict", False),
                        verbose=verbose)
@@ -122,5 +126,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.request:
         return serve_request(args.request, args.result)
+    check_shapes(parser, args)
     check_families(parser, args)
     return run_reporting(args, "offline model")

@@ -62,6 +62,9 @@ def model(families: Optional[Sequence[str]] = None, shapes="all", dtypes: Sequen
                     dt = _torch_dtype(dn)
                     try:
                         x, params = make_inputs(shape, dt, lay, batch)
+                        unsupported = _unsupported(fam, params)
+                        if unsupported:
+                            raise OfflineError(f"the family does not run this module: {unsupported}")
                         launches = capture(fams[fam], x, params, dt)
                         if not launches:
                             raise OfflineError("the launcher made no launch through triton_common.launch()")
@@ -193,6 +196,17 @@ def _shape_to_json(s) -> dict:
 def _shape_from_json(d):
     from ...core.spec import GhostSpec, ModuleShape
     return ModuleShape(d["name"], GhostSpec(**d["spec"]), d["h"], d["w"])
+
+
+def _unsupported(family: str, params) -> str:
+    """Why ``family``'s declared table refuses the module of ``params`` ("" if it admits it, or if the
+    family declares no table: older trees), so that a shape no kernel takes (a 3x3 primary conv, say) is
+    reported as such instead of being launched with options the kernel ignores."""
+    from ...triton.family import FAMILIES
+    support = getattr(FAMILIES.get(family), "support", None)
+    if support is None or not hasattr(support, "module_reasons"):
+        return ""
+    return "; ".join(support.module_reasons(params))
 
 
 def _model_in_child(families, shapes, dtypes, layouts, batch, workers, imports, strict, verbose):
