@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one-call GPU lab: environment, install and build, then `python -m ghost_kernels.bench.lab`
 # (precompile every Triton variant in a process pool, references, timing of every family x config x
-# the 22 GhostNet shapes beside eager_folded / torch_folded / torch.compile / cuda / auto, ncu on a few
+# the 22 GhostNet shapes (then yolov8n-ghost's 14) beside eager_folded / torch_folded / torch.compile / cuda / auto, ncu on a few
 # kernels per family, the model level: batch 256, then batches 1, 8 and 32 eager, compiled and under
-# reduce-overhead), each phase written under OUTDIR as it finishes. Under 8 minutes on an H200 with
+# reduce-overhead; then yolov8n-ghost at 640, ghostnetv2_100 and ghostnetv3_100 at batches 1, 8 and 32
+# where their packages are installed), each phase written under OUTDIR as it finishes. Under 8 minutes on an H200 with
 # the GPU image's stack (Python 3.12, torch 2.11, Triton 3.6).
 #
 #   benchmarks/gpu_lab.sh OUTDIR [--quick]      LAB_BUDGET_S (default 330) bounds the lab itself

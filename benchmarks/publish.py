@@ -4,11 +4,12 @@
   benchmarks/results/<date>-<gpu>.{json,md} (plots as <date>-<gpu>-*.png) and rewrites
   benchmarks/RESULTS.md with the newest run's tables.
 * An offline model run (``python -m ghost_kernels.bench --offline --out OUTDIR``: OUTDIR/offline.json):
-  copies it to benchmarks/results/<date>-offline-sm90.{json,md} and writes the table's ``offline``
-  section (the predicted times behind ``backend="triton"``'s choice on unmeasured shapes).
+  copies it to benchmarks/results/<date>-offline-sm90[-<network>].{json,md} and writes its rows into
+  the table's ``offline`` section (the predicted times behind ``backend="triton"``'s choice on
+  unmeasured shapes; the rows of other runs, e.g. another network's, stay).
 * A GPU lab run (``gpu_lab.sh``: OUTDIR/timing.json and the other phases' files): copies them to
   benchmarks/results/<date>-<gpu>-lab-<phase>.json, and writes the GPU's entry of the measured choice
-  table (ghost_kernels/choice_table.json, or ``--table PATH``) from the timing rows, so that ``auto``
+  table (ghost_kernels/core/choice_table.json, or ``--table PATH``) from the timing rows, so that ``auto``
   and ``backend="triton"`` choose per shape by these measurements.
 """
 import argparse
@@ -21,6 +22,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LAB_PHASES = ("timing", "references", "precompile", "ncu", "model", "phases")
+DEFAULT_TABLE = os.path.join(ROOT, "ghost_kernels", "core", "choice_table.json")   # choice.TABLE_PATH
 
 
 def _stem(data: dict, suffix: str = "") -> str:
@@ -91,10 +93,16 @@ def publish_offline(out_dir: str, table_path: str, results: str) -> str:
     with open(os.path.join(out_dir, "offline.json")) as f:
         data = json.load(f)
     date = (data.get("meta") or {}).get("date") or __import__("datetime").date.today().isoformat()
-    stem = f"{date}-offline-sm90"
+    network = (data.get("meta") or {}).get("network") or "ghostnet_100"
+    stem = f"{date}-offline-sm90" + ("" if network == "ghostnet_100" else f"-{network}")
     os.makedirs(results, exist_ok=True)
     table = _load_table(table_path)
-    table["offline"] = choice.offline_from_rows(data["rows"], f"benchmarks/results/{stem}.json")
+    new = choice.offline_from_rows(data["rows"], f"benchmarks/results/{stem}.json")
+    old = table.get("offline") or {}
+    keys = {choice.row_key(r) for r in new["rows"]}
+    kept = [r for r in old.get("rows", []) if choice.row_key(r) not in keys]
+    sources = [s for s in str(old.get("source", "")).split("; ") if s and kept and s != new["source"]]
+    table["offline"] = dict(new, rows=kept + new["rows"], source="; ".join(sources + [new["source"]]))
     _write_table(table_path, table)
     # "chosen" as the table just written decides it (the run itself saw the table before)
     import torch
@@ -104,7 +112,7 @@ def publish_offline(out_dir: str, table_path: str, results: str) -> str:
     for cache in (choice._raw, choice.offline_predictions, choice.offline_within_budget, choice.load_table):
         cache.cache_clear()
     for r in data["rows"]:
-        spec = GhostSpec(r["inp"], r["oup"], 1, r["ratio"], r["dw_size"], r["stride"], r["act"])
+        spec = GhostSpec(r["inp"], r["oup"], r.get("kernel_size", 1), r["ratio"], r["dw_size"], r["stride"], r["act"])
         dtype = getattr(torch, r["dtype"])
         r["chosen"] = choice.triton_family(spec, r["h"], r["w"], dtype, r["layout"] == "channels_last") == r["family"]
     with open(os.path.join(results, stem + ".json"), "w") as f:
@@ -117,7 +125,7 @@ def publish_offline(out_dir: str, table_path: str, results: str) -> str:
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")
-    p.add_argument("--table", default=os.path.join(ROOT, "ghost_kernels", "choice_table.json"))
+    p.add_argument("--table", default=DEFAULT_TABLE)
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     args = p.parse_args(argv)
     if os.path.exists(os.path.join(args.out_dir, "timing.json")):

@@ -15,6 +15,8 @@ from ghost_kernels.bench.__main__ import main, parse_args, select_shapes
 from ghost_kernels.bench.offline import cli as offline_cli
 from ghost_kernels.bench.summary import summary
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU suite runs the GPU mode; this is the CPU mode")
 
 
@@ -129,16 +131,58 @@ def test_shapes_of_other_models_and_explicit_shapes():
     assert mixed[1][0].spec == gk.GhostSpec(40, 80, ratio=3, dw_size=5, act="hardswish") and mixed[1][0].h == 9
 
 
-def test_offline_model_reports_what_a_family_does_not_run():
+def test_model_shapes_snapshot_is_what_the_packages_build(monkeypatch):
+    """bench/models.py's snapshot (for the GPU machine, which has no ultralytics) equals the shapes read
+    off the built model; without the package, --model uses it at the model's image size, and says so
+    at another size."""
+    pytest.importorskip("ultralytics")
+    from ghost_kernels.bench import models
+    for name in models.SNAPSHOT_MODELS:
+        built = models.built_model_shapes(name)
+        monkeypatch.setattr(models, "build_model", lambda n: (_ for _ in ()).throw(models.ModelUnavailable(n)))
+        assert models.model_shapes(name) == built, "remake bench/model_shapes.json (bench/models.py's docstring)"
+        with pytest.raises(models.ModelUnavailable):
+            models.model_shapes(name, image_size=320)
+        monkeypatch.undo()
+    assert all(models.parse_shape(models.format_shape(m.spec, m.h, m.w)).spec == m.spec for m, _ in built)
+
+
+def test_offline_model_reports_what_a_family_does_not_run(tmp_path):
     """An explicit shape a family does not take (3x3 stride-2 primary conv: triton_band) is a row saying
-    so, not a launch with options the kernel would ignore; the family that runs it is modelled."""
+    so, not a launch with options the kernel would ignore; the family that runs it is modelled, and
+    publishing the run adds its prediction to the table's offline section under the 3x3 key, beside the
+    rows already there (another network's run)."""
+    import importlib.util
+
     from ghost_kernels.bench.models import parse_shape
+    from ghost_kernels.bench.offline import report as offline_report
     from ghost_kernels.bench.offline.runner import model as offline_model
-    rows, _ = offline_model(["triton_band", "triton_two_pass"], [parse_shape("16->32@20x20:k3s2:silu:dw5")],
-                            batch=2)
+    from ghost_kernels.core import choice
+    rows, meta = offline_model(["triton_band", "triton_two_pass"], [parse_shape("16->32@20x20:k3s2:silu:dw5")],
+                               batch=2)
     band, two_pass = rows
     assert "does not run this module: kernel_size=3" in band["error"], band
     assert not two_pass.get("error") and two_pass["predicted_us"] > 0 and two_pass["spills"] == 0, two_pass
+
+    spec = importlib.util.spec_from_file_location("publish", os.path.join(ROOT, "benchmarks", "publish.py"))
+    publish = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(publish)
+    assert publish.DEFAULT_TABLE == choice.TABLE_PATH     # what the dispatcher reads
+    out = tmp_path / "run"
+    offline_report.write(str(out), rows, dict(meta, network="yolov8n-ghost", date="2026-12-03"))
+    table = tmp_path / "table.json"
+    other = dict(inp=16, oup=16, ratio=2, dw_size=3, stride=1, act="relu", h=112, w=112, dtype="bfloat16",
+                 layout="channels_last", predicted_us={"triton_band": 50.0}, instr_per_byte={"triton_band": 0.2})
+    table.write_text(json.dumps({"gpus": {}, "offline": {"source": "earlier.json", "rows": [other]}}))
+    stem = publish.publish_offline(str(out), str(table), str(tmp_path / "results"))
+    assert stem == "2026-12-03-offline-sm90-yolov8n-ghost"
+    section = json.loads(table.read_text())["offline"]
+    by_key = {choice.row_key(r): r for r in section["rows"]}
+    k3 = choice.shape_key(gk.GhostSpec(16, 32, kernel_size=3, stride=2, dw_size=5, act="silu"), 20, 20,
+                          torch.bfloat16, True)
+    assert set(by_key) == {choice.row_key(other), k3}
+    assert by_key[k3]["predicted_us"] == {"triton_two_pass": two_pass["predicted_us"]}
+    assert section["source"] == "earlier.json; benchmarks/results/2026-12-03-offline-sm90-yolov8n-ghost.json"
 
 
 def test_junit_counts(tmp_path):

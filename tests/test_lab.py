@@ -48,24 +48,32 @@ def test_lab_cpu_check_runs_every_phase_and_publishes(tmp_path):
     assert any(p.name.endswith("-lab-timing.json") for p in results.iterdir())
     data = json.loads(table.read_text())
     entry = data["gpus"]["CPU (lab --cpu-check)"]
-    assert len(entry["rows"]) == 4 and all("torch_folded" in r["ms"] for r in entry["rows"])
+    assert len(entry["rows"]) == 5 and all("torch_folded" in r["ms"] for r in entry["rows"])
+    kxk = [r for r in entry["rows"] if r["act"] == "silu:k3"]   # the 3x3 stride-2 shape: triton_two_pass only
+    assert len(kxk) == 1 and "triton_two_pass" in kxk[0]["ms"] and "triton_band" not in kxk[0]["ms"], kxk
 
 
 def check_model_rows(model):
-    """The model phase's rows under --cpu-check (lab_model's docstring): the lab's batch, then every
-    small batch x {timm, converted} x {eager, compile, reduce-overhead}, each checked twice and timed."""
-    from ghost_kernels.bench.lab_model import CPU_CHECK_BATCHES
+    """The model phase's rows under --cpu-check (lab_model's docstring): GhostNet at the lab's batch, then
+    for every model every small batch x {its package's model, converted} x {eager, compile,
+    reduce-overhead}, each checked twice and timed."""
+    from ghost_kernels.bench.lab_model import CPU_CHECK_BATCHES, DEFAULT_MODELS
+    from ghost_kernels.bench.models import MODELS
     rows = model["rows"]
-    assert model["small_batches"] == list(CPU_CHECK_BATCHES)
-    small = {(r["model"], r["mode"], r["batch"]): r for r in rows if r["section"] == "small_batch"}
-    assert set(small) == {(m, mode, b) for m in ("timm", "convert_auto") for mode in ("eager", "compile", "reduce-overhead")
-                          for b in CPU_CHECK_BATCHES}
-    for r in small.values():
-        assert r["status"] == "ok", r
-        assert r["rel_err"] < 1e-3 and r["rel_err_new_input"] < 1e-3 and r["median_ms"] > 0 and r["images_per_s"] > 0
-        assert r["timing"] == "per call, back to back, host clock"
-    assert small[("convert_auto", "reduce-overhead", 1)]["impl"] == "convert_auto_reduce_overhead"
-    assert small[("timm", "eager", 1)]["impl"] == "timm_eager"
+    assert model["small_batches"] == list(CPU_CHECK_BATCHES) and model["models"] == list(DEFAULT_MODELS)
+    assert {r["net"] for r in rows} == set(DEFAULT_MODELS)
+    for net in DEFAULT_MODELS:
+        base = MODELS[net][0]
+        small = {(r["model"], r["mode"], r["batch"]): r for r in rows if r["section"] == "small_batch" and r["net"] == net}
+        assert set(small) == {(m, mode, b) for m in (base, "convert_auto") for mode in ("eager", "compile", "reduce-overhead")
+                              for b in CPU_CHECK_BATCHES}, net
+        for r in small.values():
+            assert r["status"] == "ok", r
+            assert r["rel_err"] < 1e-3 and r["rel_err_new_input"] < 1e-3 and r["median_ms"] > 0 and r["images_per_s"] > 0
+            assert r["timing"] == "per call, back to back, host clock"
+        assert small[("convert_auto", "reduce-overhead", 1)]["impl"] == "convert_auto_reduce_overhead"
+        assert small[(base, "eager", 1)]["impl"] == f"{base}_eager"
+    assert "yolov8n-ghost small_batch eager@1" in model["x_timm"]
     large = {r["impl"]: r for r in rows if r["section"] == "batch"}
     assert set(large) == {"timm_eager", "convert_auto", "timm_compile", "convert_auto_compile", "convert_triton_compile"}
     assert all(r["status"] == "ok" and r["batch"] == 2 for i, r in large.items() if i != "convert_triton_compile")
@@ -89,10 +97,25 @@ def test_model_phase_budget_skips_what_it_cannot_fit():
     assert Budget(deadline=None).refuses(99) is None
 
 
+def test_model_phase_says_which_model_it_could_not_build(monkeypatch):
+    """The GPU machine has timm but no ultralytics (and no network): YOLO's rows are one row saying
+    so, not an error of the phase."""
+    from ghost_kernels.bench import lab_model
+
+    def unavailable(name):
+        raise lab_model.ModelUnavailable(f"{name} needs the ultralytics package, which is not importable here")
+    monkeypatch.setattr(lab_model, "build_model", unavailable)
+    res = lab_model.model_phase(torch.device("cpu"), 2, None, cpu_check=True, models=("yolov8n-ghost",))
+    assert res["rows"] == [dict(impl="ultralytics", net="yolov8n-ghost", batch=2,
+                                status="skipped: yolov8n-ghost needs the ultralytics package, which is not "
+                                       "importable here")]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--out", "x", "--phases", "timing,modle"], "argument --phases: 'modle' is not one of precompile, references"),
     (["--out", "x", "--budget-s", "-5"], "argument --budget-s: '-5' is not a number of seconds"),
     (["--phases", "model"], "the following arguments are required: --out"),
+    (["--out", "x", "--models", "ghostnet_100,yolov9"], "argument --models: 'yolov9' is not one of ghostnet_100"),
 ])
 def test_lab_bad_arguments_are_one_line_errors(argv, message, capsys):
     from ghost_kernels.bench.lab import parse_args
@@ -151,3 +174,8 @@ def test_a_k_by_k_module_never_borrows_a_1x1_measurement():
     one, three = (choice.shape_key(gk.GhostSpec(16, 16, kernel_size=k), 112, 112, torch.bfloat16, True) for k in (1, 3))
     assert choice.measurements(one, "NVIDIA H200", (9, 0), table)[0] is not None
     assert choice.measurements(three, "NVIDIA H200", (9, 0), table) == (None, None)
+    # a lab row of the 3x3 module is filed under the 3x3 key, never the 1x1 one
+    row = dict(op="forward", impl="triton_two_pass", status="ok", median_ms=0.1, inp=16, oup=16, kernel_size=3,
+               ratio=2, dw_size=3, stride=1, act="relu", h=112, w=112, dtype="bfloat16", layout="channels_last")
+    entry = choice.entry_from_rows([row], "GPU K", (9, 0), "test", "today")
+    assert [choice.row_key(r) for r in entry["rows"]] == [three]

@@ -68,3 +68,20 @@ def test_chosen_family_uses_wide_vectors(rows):
         if ld < want or st < want:
             narrow.append((r["family"], r["name"], r["dtype"], ld, st, want))
     assert not narrow, narrow
+
+
+# Chosen rows the latency term still binds past 1.25x their HBM time (issue 15): (name, dtype) -> why
+LATENCY_KNOWN_MISSES = {
+    ("blocks.6.1.ghost1", "float16"): "two-pass's depthwise pass at 14x14: 1.27x (bf16: 1.24x)",
+}
+
+
+def test_chosen_family_is_within_the_latency_budget(rows):
+    """Issue 15's latency budget: the latency-aware prediction of every chosen row is at most 1.25x its
+    HBM time (the families reach the bandwidth rather than wait on dependent round trips); the known
+    misses must still miss (fixing one should remove it here)."""
+    ratio = {(r["name"], r["dtype"]): r["predicted_us"] / r["hbm_us"] for r in rows}
+    over = {k: round(v, 3) for k, v in ratio.items() if v > 1.25 and k not in LATENCY_KNOWN_MISSES}
+    assert not over, f"latency-bound past 1.25x HBM: {over}"
+    fixed = [k for k in LATENCY_KNOWN_MISSES if ratio[k] <= 1.25]
+    assert not fixed, f"now within the budget (remove from LATENCY_KNOWN_MISSES): {fixed}"

@@ -141,8 +141,11 @@ def test_two_pass_runs_a_k_by_k_primary_conv(inp, oup, k, stride, act, dtype, la
               **FORMS[form])
     x = make_x(1, inp, 5, 5, dtype, "nchw")
     for fam in ("triton_band", "triton_halo"):
-        reasons = dispatch.not_supported_reasons(fam, gk.Request.make(x, RandomGhost(spec, DEVICE).params, False))
+        params = RandomGhost(spec, DEVICE).params
+        reasons = dispatch.not_supported_reasons(fam, gk.Request.make(x, params, False))
         assert any("kernel_size=" in r for r in reasons), (fam, reasons)
+        with pytest.raises(ValueError, match=f"{fam}: kernel_size must be 1, got {k}"):   # its launcher, called directly
+            dispatch.BY_NAME[fam].launcher(x, params, dtype)
 
 
 @pytest.mark.parametrize("hw,stride,dtype,layout", [((8, 6), 1, torch.float32, "channels_last"),

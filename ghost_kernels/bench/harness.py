@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..core.fold import folded_conv_weights
 from ..core.params import GhostParams
+from ..core.reference import activation
 from ..core.spec import GhostSpec, ModuleShape
 from ..dispatch import BACKEND_CHOICES, BY_NAME
 from ..module import GhostModule
@@ -84,7 +85,7 @@ def randomize_(module: nn.Module) -> nn.Module:
 def eager_module(spec: GhostSpec) -> nn.Module:
     """The module users have: timm's GhostModule if timm is installed, else ours on the torch path
     (the same ops: conv, BN, act, depthwise conv, BN, act, cat, slice)."""
-    act = {"relu": nn.ReLU, "none": nn.Identity}[spec.act]
+    act = {"relu": nn.ReLU, "silu": nn.SiLU, "hardswish": nn.Hardswish, "none": nn.Identity}[spec.act]
     try:
         from timm.models.ghostnet import GhostModule as TimmGhost
 
@@ -104,14 +105,11 @@ class FoldedEager(nn.Module):
         self.spec = spec
         self.w1, self.b1, self.wd, self.bd = folded_conv_weights(GhostParams.from_module(module, spec),
                                                                  module.primary_conv[0].weight.dtype)
-        self.relu = spec.act == "relu"
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.spec
-        y1 = F.conv2d(x, self.w1, self.b1, s.stride, s.kernel_size // 2)
-        y1 = F.relu(y1) if self.relu else y1
-        y2 = F.conv2d(y1, self.wd, self.bd, 1, s.dw_size // 2, 1, s.m)
-        y2 = F.relu(y2) if self.relu else y2
+        y1 = activation(F.conv2d(x, self.w1, self.b1, s.stride, s.kernel_size // 2), s.act)
+        y2 = activation(F.conv2d(y1, self.wd, self.bd, 1, s.dw_size // 2, 1, s.m), s.act)
         return torch.cat([y1, y2], 1)[:, : s.oup]
 
 

@@ -38,7 +38,6 @@ import sys
 import time
 from collections import Counter
 
-
 PHASES = ("precompile", "references", "timing", "ncu", "model")
 # The lab's plan, as fractions of --budget-s (each phase's limit is a point in time, so time a phase
 # leaves unused goes to the next): precompile hands out no work after PRECOMPILE_END; timing starts no
@@ -50,6 +49,8 @@ PRECOMPILE_END, TIMING_RESERVE, MODEL_SHARE = 0.25, 0.45, 0.33
 
 def parse_args(argv=None):
     from .args import Parser, comma_list, positive_int, seconds
+    from .lab_model import DEFAULT_MODELS
+    from .models import MODELS
 
     p = Parser(prog="python -m ghost_kernels.bench.lab", description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -67,6 +68,9 @@ def parse_args(argv=None):
                    help="run every phase's plumbing on the CPU (Triton interpreter, small shapes; the model "
                         "phase on a 3-stage GhostNet, the eager model standing in for torch.compile): a test of "
                         "the lab itself, no numbers")
+    p.add_argument("--models", type=comma_list(MODELS), default=",".join(DEFAULT_MODELS), metavar="LIST",
+                   help=f"the model phase's models, in order (comma list of {', '.join(MODELS)}; a model whose "
+                        "package is not installed is a row saying so)")
     p.add_argument("--ncu-child", default=None, help=argparse.SUPPRESS)   # FAMILY:SHAPE_INDEX:DTYPE (under ncu)
     return p.parse_args(argv)
 
@@ -74,14 +78,18 @@ def parse_args(argv=None):
 def jobs(quick: bool, cpu_check: bool = False):
     """(shape, count, dtype, layout, all_configs) in priority order: what matters most runs first."""
     from .__main__ import select_shapes
-    if cpu_check:   # two small shapes (one ghost1, one ghost2) for the interpreter
+    if cpu_check:   # two small shapes (one ghost1, one ghost2) for the interpreter, and one 3x3 stride 2
         import dataclasses
         small = [dataclasses.replace(s, h=6, w=5) for s, _ in select_shapes("blocks.0.0.ghost1,blocks.1.0.ghost2", False)]
-        return [(s, 1, "float32", lay, k == 0) for k, (s, lay) in
-                enumerate((s, lay) for s in small for lay in ("channels_last", "nchw"))]
+        out = [(s, 1, "float32", lay, k == 0) for k, (s, lay) in
+               enumerate((s, lay) for s in small for lay in ("channels_last", "nchw"))]
+        return out + [(s, 1, "float32", "channels_last", False) for s, _ in select_shapes("8->8@6x5:k3s2:silu:dw5", False)]
     everything = select_shapes("quick" if quick else "all", quick)
     few = select_shapes("quick", True)
     out = [(s, c, "bfloat16", "channels_last", not quick) for s, c in everything]
+    # yolov8n-ghost at 640 (bench/model_shapes.json where ultralytics is missing), default configs
+    out += [(s, c, "bfloat16", "channels_last", False)
+            for s, c in select_shapes("quick" if quick else "all", quick, model="yolov8n-ghost")]
     out += [(s, c, "float16", "channels_last", False) for s, c in everything]
     out += [(s, c, "bfloat16", "nchw", False) for s, c in few]
     return out
@@ -176,9 +184,10 @@ class Lab:
         def progress(res):   # model.json after every row: a timeout loses only the row it cut short
             self.write("model.json", dict(self.meta, **res))
         res = model_phase(self.device, self.args.batch, deadline=self.at(1.0), cpu_check=self.args.cpu_check,
-                          progress=progress)
+                          progress=progress, models=self.args.models)
         progress(res)
-        self.say("model: " + "; ".join(f"{r['impl']}@{r['batch']} " + (f"{r['images_per_s']:.0f} img/s" if
+        self.say("model: " + "; ".join(("" if r.get("net", "ghostnet_100") == "ghostnet_100" else f"{r['net']} ")
+                                       + f"{r['impl']}@{r['batch']} " + (f"{r['images_per_s']:.0f} img/s" if
                                        r.get("status") == "ok" else str(r.get("status"))) for r in res["rows"]))
 
 

@@ -1,5 +1,8 @@
 """The lab's model phase: GhostNet 1.0x (timm ``ghostnet_100``, random weights, bf16 under autocast,
-channels_last), timm against the converted model (``convert(backend=...)``).
+channels_last), timm against the converted model (``convert(backend=...)``); then the other models
+users run (``--models``: Ultralytics ``yolov8n-ghost`` at 640x640, timm ``ghostnetv2_100`` and the
+re-parameterized ``ghostnetv3_100`` at 224x224), each its own package's model against the converted
+one. Every row names its model (``net``); a model whose package is not installed is one row saying so.
 
 Rows, in priority order (the phase keeps to its deadline: a row that needs a torch.compile starts only
 while the time left is expected to cover it, :class:`Budget`; the rows it cannot fit are reported as
@@ -16,11 +19,14 @@ skipped, and ``--phases model`` runs them all in a call of its own):
    1 gets its own (0/1 specialization). Every row is checked against float32 eager on its input, then
    again on a new input after the timed calls (a CUDA graph replaying stale inputs, or a kernel on the
    wrong stream, pytorch#157363, shows there);
-3. converted with ``backend="triton"`` (every Ghost module on a fused family) + torch.compile.
+3. converted with ``backend="triton"`` (every Ghost module on a fused family) + torch.compile;
+4. each other model: section 2's rows at its own image size (batches 1, 8, 32: where detection runs),
+   its package's model (``ultralytics_*``, ``timm_*``) against the converted one.
 
 ``--cpu-check`` runs the rows' plumbing on the CPU, where GhostNet is too slow for CI (Dynamo traces
 it in about a minute, the Triton interpreter runs its 32 Ghost modules in minutes): a three-stage
-GhostNet of timm's class (:data:`CPU_CHECK_CFGS`), a 32x32 input in float32, batches
+GhostNet of timm's class (:data:`CPU_CHECK_CFGS`), a 32x32 input in float32 (the other models at
+:data:`CPU_CHECK_IMAGE`), batches
 :data:`CPU_CHECK_BATCHES`, the eager model standing in for torch.compile (the compiled converted
 model is tested in tests/test_compile.py, dynamic shapes too), no ``convert_triton`` row, no
 profile, no budget: no numbers.
@@ -30,18 +36,21 @@ from __future__ import annotations
 import copy
 import time
 from collections import Counter
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from ..convert import convert
 from .harness import randomize_
 from .lab_timing import graph_time
+from .models import MODELS, ModelUnavailable, build_model
 
 COPY_KERNEL_HINTS = ("copy", "clone", "contiguous", "transpose", "permute")
 SMALL_BATCHES = (1, 8, 32)
 CPU_CHECK_BATCHES = (1, 2, 3)
 CPU_CHECK_CFGS = [[[3, 16, 16, 0, 1]], [[3, 48, 24, 0, 2]], [[5, 72, 40, 0.25, 2]]]   # timm GhostNet stages
+CPU_CHECK_IMAGE = 64   # the other models under --cpu-check (YOLO: a multiple of 32)
+DEFAULT_MODELS = ("ghostnet_100", "yolov8n-ghost", "ghostnetv2_100", "ghostnetv3_100")   # the lab's order
 MODES = ("eager", "reduce-overhead", "compile")   # the small batches' order: CUDA graphs matter most there
 # What one torch.compile of GhostNet costs before the phase has measured one (the 2026-11-28 H200 run:
 # 19-23 s per compile of timm's or the converted model, first call included), and what timing a row
@@ -103,20 +112,32 @@ def loop_time(run: Callable, x, device, target_s: float = 0.05, repeats: int = 5
     return times[len(times) // 2], times[int(0.2 * len(times))], times[min(len(times) - 1, int(0.8 * len(times)))]
 
 
-class ModelBench:
-    """The model, its inputs and references, and how rows are made, on one device."""
+def _logits(out):
+    """A model's main output: a detection model returns (predictions, feature maps) in eval mode."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
-    def __init__(self, device, cpu_check: bool):
-        import timm
-        from timm.models.ghostnet import GhostNet
-        self.device, self.cpu_check = device, cpu_check
-        self.image = 32 if cpu_check else 224
+
+class ModelBench:
+    """The model, its inputs and references, and how rows are made, on one device. ``net``: a name of
+    :data:`bench.models.MODELS` (raises ModelUnavailable when its package is not installed)."""
+
+    def __init__(self, device, cpu_check: bool, net: str = "ghostnet_100"):
+        self.device, self.cpu_check, self.net = device, cpu_check, net
+        self.base_impl, image = MODELS[net]    # the package whose model the converted one is timed against
         self.dtype = "float32" if cpu_check else "bfloat16"
         self.small_batches = CPU_CHECK_BATCHES if cpu_check else SMALL_BATCHES
         self.timing = dict(repeats=1, min_calls=1, target_s=0.0) if cpu_check else {}
-        base = GhostNet(CPU_CHECK_CFGS, num_classes=10) if cpu_check else timm.create_model("ghostnet_100")
+        if net == "ghostnet_100":
+            import timm
+            from timm.models.ghostnet import GhostNet
+            self.image = 32 if cpu_check else image
+            base = GhostNet(CPU_CHECK_CFGS, num_classes=10) if cpu_check else timm.create_model(net)
+            self.name = "a 3-stage GhostNet (cpu-check)" if cpu_check else net
+        else:
+            self.image = CPU_CHECK_IMAGE if cpu_check else image
+            base = build_model(net)
+            self.name = net
         self.base = randomize_(base).eval().to(device, memory_format=torch.channels_last)
-        self.name = "a 3-stage GhostNet (cpu-check)" if cpu_check else "ghostnet_100"
 
     def inputs(self, batch: int, seed: int):
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -125,11 +146,11 @@ class ModelBench:
 
     def reference(self, x):
         with torch.no_grad():
-            return self.base(x[:8]).double()
+            return _logits(self.base(x[:8])).double()
 
     def model(self, impl: str, mode: str, dynamic: Optional[bool]):
-        """A fresh copy of timm's model or of the converted one (``impl``: timm, convert_auto,
-        convert_triton), compiled for ``mode`` (eager: not compiled) with ``dynamic``."""
+        """A fresh copy of the package's model or of the converted one (``impl``: timm / ultralytics,
+        convert_auto, convert_triton), compiled for ``mode`` (eager: not compiled) with ``dynamic``."""
         model = copy.deepcopy(self.base)
         if impl.startswith("convert"):
             convert(model, backend=impl.split("_")[1])
@@ -154,10 +175,11 @@ class ModelBench:
         return run
 
     def row(self, impl: str, mode: str, batch: int, section: str) -> dict:
-        """A row; its ``impl``: timm_eager, timm_compile, timm_reduce_overhead, convert_auto (eager),
-        convert_auto_compile, ..., convert_triton_compile."""
-        name = f"{impl}_{mode.replace('-', '_')}" if mode != "eager" else ("timm_eager" if impl == "timm" else impl)
-        row = dict(impl=name, model=impl, mode=mode, section=section, batch=batch, dtype=self.dtype,
+        """A row; its ``impl``: timm_eager, timm_compile, timm_reduce_overhead (ultralytics_... for YOLO),
+        convert_auto (eager), convert_auto_compile, ..., convert_triton_compile."""
+        name = f"{impl}_{mode.replace('-', '_')}" if mode != "eager" else (f"{impl}_eager" if impl == self.base_impl
+                                                                            else impl)
+        row = dict(impl=name, net=self.net, model=impl, mode=mode, section=section, batch=batch, dtype=self.dtype,
                    precision="float32" if self.cpu_check else "amp", layout="channels_last", image_size=self.image)
         if self.cpu_check and mode != "eager":
             row["note"] = "cpu-check: the eager model stands in for torch.compile"
@@ -165,7 +187,7 @@ class ModelBench:
 
 
 def _check(run, x, ref) -> float:
-    out = run(x)
+    out = _logits(run(x))
     return ((out[:8].double() - ref).norm() / ref.norm()).item()
 
 
@@ -211,7 +233,7 @@ def small_batch_rows(bench: ModelBench, budget: Budget, rows: List[dict], emit) 
         for batches in ((1, 2), (0,)):   # indices into bench.small_batches: (8, 32) share a graph, then 1
             batches = tuple(bench.small_batches[k] for k in batches)
             pair_why = budget.refuses(2 * (mode != "eager"))
-            for impl in ("convert_auto", "timm"):
+            for impl in ("convert_auto", bench.base_impl):
                 _small_group(bench, impl, mode, batches, budget, pair_why, rows, emit)
 
 
@@ -255,37 +277,46 @@ def _small_group(bench, impl, mode, batches, budget, why, rows, emit) -> None:
 
 
 def model_phase(device, batch: int, deadline: Optional[float], cpu_check: bool = False,
-                progress: Optional[Callable[[dict], None]] = None) -> dict:
-    """Every row (module docstring); ``progress(result)`` after each. ``deadline``: a perf_counter
-    time (None, or --cpu-check: no limit)."""
+                progress: Optional[Callable[[dict], None]] = None,
+                models: Sequence[str] = DEFAULT_MODELS) -> dict:
+    """Every row (module docstring), model by model in ``models``' order; ``progress(result)`` after
+    each. ``deadline``: a perf_counter time (None, or --cpu-check: no limit)."""
     rows: List[dict] = []
-    meta = {"small_batches": list(CPU_CHECK_BATCHES if cpu_check else SMALL_BATCHES)}
+    meta = {"small_batches": list(CPU_CHECK_BATCHES if cpu_check else SMALL_BATCHES), "models": list(models)}
 
     def result() -> dict:
-        ok = {(r["section"], r["model"], r["mode"], r["batch"]): r["images_per_s"] for r in rows
+        ok = {(r["net"], r["section"], r["model"], r["mode"], r["batch"]): r["images_per_s"] for r in rows
               if r.get("images_per_s")}
-        ratio = {f"{section} {mode}@{b}": v / ok[(section, "timm", mode, b)]
-                 for (section, model, mode, b), v in ok.items() if model == "convert_auto" and (section, "timm", mode, b) in ok}
-        return dict(meta, rows=rows, x_timm=ratio, note="x_timm: convert_auto's images/s over timm's, same section, "
-                                                         "mode and batch")
+        base = {r["net"]: MODELS[r["net"]][0] for r in rows if r.get("net")}
+        ratio = {}
+        for (net, section, model, mode, b), v in ok.items():
+            ref = ok.get((net, section, base[net], mode, b))
+            if model == "convert_auto" and ref:
+                ratio[f"{section} {mode}@{b}" if net == "ghostnet_100" else f"{net} {section} {mode}@{b}"] = v / ref
+        return dict(meta, rows=rows, x_timm=ratio, note="x_timm: convert_auto's images/s over the package's model's "
+                                                         "(timm; ultralytics for YOLO), same model, section, mode and batch")
 
     def emit() -> None:
         if progress:
             progress(result())
-    try:
-        import timm  # noqa: F401
-    except ImportError:
-        rows.append(dict(impl="timm", batch=batch, status="skipped: timm is not installed"))
-        return result()
-    bench = ModelBench(device, cpu_check)
-    meta["model"] = bench.name
     budget = Budget(None if cpu_check else deadline)
-    large_batch_rows(bench, batch, budget, rows, emit)
-    small_batch_rows(bench, budget, rows, emit)
-    if cpu_check:
-        rows.append(dict(bench.row("convert_triton", "compile", batch, "batch"),
-                         status="skipped: cpu-check (the Triton interpreter takes minutes per forward)"))
-    else:
-        x = bench.inputs(batch, 0)
-        _one_large(bench, "convert_triton", "compile", x, bench.reference(x), budget, rows, emit)
+    for net in models:
+        try:
+            bench = ModelBench(device, cpu_check, net)
+        except (ModelUnavailable, ImportError) as exc:
+            rows.append(dict(impl=MODELS[net][0], net=net, batch=batch, status=f"skipped: {exc}"))
+            emit()
+            continue
+        if net != "ghostnet_100":
+            small_batch_rows(bench, budget, rows, emit)
+            continue
+        meta["model"] = bench.name
+        large_batch_rows(bench, batch, budget, rows, emit)
+        small_batch_rows(bench, budget, rows, emit)
+        if cpu_check:
+            rows.append(dict(bench.row("convert_triton", "compile", batch, "batch"),
+                             status="skipped: cpu-check (the Triton interpreter takes minutes per forward)"))
+        else:
+            x = bench.inputs(batch, 0)
+            _one_large(bench, "convert_triton", "compile", x, bench.reference(x), budget, rows, emit)
     return result()

@@ -13,8 +13,8 @@ from .lab_timing import ShapeBench, config_dict, time_impl
 
 def _row(bench: ShapeBench, shape: ModuleShape, count: int, impl: str) -> dict:
     spec = shape.spec
-    return dict(op="forward", impl=impl, name=shape.name, inp=spec.inp, oup=spec.oup, ratio=spec.ratio,
-                dw_size=spec.dw_size, stride=spec.stride, act=spec.act, h=shape.h, w=shape.w, batch=bench.batch,
+    return dict(op="forward", impl=impl, name=shape.name, inp=spec.inp, oup=spec.oup, kernel_size=spec.kernel_size,
+                ratio=spec.ratio, dw_size=spec.dw_size, stride=spec.stride, act=spec.act, h=shape.h, w=shape.w, batch=bench.batch,
                 dtype=bench.dtype_name, layout=bench.layout_name, count=count, bytes=bench.bytes,
                 median_ms=None, p20_ms=None, p80_ms=None, GBps=None, copy_fraction=None, rel_err=None,
                 status="ok", note="")

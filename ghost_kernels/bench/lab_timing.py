@@ -141,6 +141,8 @@ class ShapeBench:
         cl = self.layout == torch.channels_last
         pairs = []
         for fam in TRITON_FAMILIES:
+            if fam.support.module_reasons(self.params):   # e.g. a k x k primary conv: triton_two_pass only
+                continue
             if fam.default_config is None:
                 pairs.append((fam.name, None))
                 continue

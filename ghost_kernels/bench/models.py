@@ -7,10 +7,16 @@
   of the model's modules have it, read off one forward pass on the CPU (batch 1) with hooks on the
   converted modules: their spec (activation, primary kernel and stride, cheap kernel) and input size.
 * :func:`parse_shape`: one module written out, ``CIN->OUP@HxW[:kKsS][:ACT][:dwD][:rR]``, e.g.
-  ``16->32@320x320:k3s2:silu:dw5`` (defaults: k1s1, relu, dw3, r2).
+  ``16->32@320x320:k3s2:silu:dw5`` (defaults: k1s1, relu, dw3, r2); :func:`format_shape` writes one.
+* ``model_shapes.json`` (:data:`SNAPSHOT`): the distinct shapes of the models whose package the GPU
+  machine lacks (ultralytics: no network there), at their users' image size, so that ``--model`` and
+  the lab time them anyway; ``tests/test_bench.py`` holds it equal to what the package builds
+  (remake it with ``python -c "from ghost_kernels.bench.models import write_snapshot; write_snapshot()"``).
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections import Counter
 from typing import Dict, List, Optional, Tuple
@@ -22,6 +28,9 @@ MODELS: Dict[str, Tuple[str, int]] = {
     "ghostnet_100": ("timm", 224), "ghostnetv2_100": ("timm", 224), "ghostnetv3_100": ("timm", 224),
     "yolov8n-ghost": ("ultralytics", 640),
 }
+
+SNAPSHOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_shapes.json")
+SNAPSHOT_MODELS = ("yolov8n-ghost",)
 
 _SHAPE = re.compile(r"^(\d+)->(\d+)@(\d+)x(\d+)((?::[a-z0-9]+)*)$")
 
@@ -53,6 +62,12 @@ def parse_shape(text: str) -> ModuleShape:
     return ModuleShape(text.strip(), GhostSpec(inp, oup, **fields), h, w)
 
 
+def format_shape(spec: GhostSpec, h: int, w: int) -> str:
+    """The text :func:`parse_shape` reads back into ``spec`` at ``h x w``."""
+    return (f"{spec.inp}->{spec.oup}@{h}x{w}:k{spec.kernel_size}s{spec.stride}:{spec.act}:dw{spec.dw_size}"
+            f":r{spec.ratio}")
+
+
 def build_model(name: str):
     """The model ``name`` (:data:`MODELS`) on the CPU in eval mode, random weights, not converted."""
     if name not in MODELS:
@@ -72,8 +87,44 @@ def build_model(name: str):
         raise ModelUnavailable(f"{name} needs the {package} package, which is not importable here ({exc})") from None
 
 
+def _snapshot() -> dict:
+    with open(SNAPSHOT) as f:
+        return json.load(f)
+
+
+def write_snapshot(names=SNAPSHOT_MODELS) -> dict:
+    """Build ``names`` (their packages installed) and write their shapes to :data:`SNAPSHOT`."""
+    data = {}
+    for name in names:
+        data[name] = dict(image_size=MODELS[name][1], shapes=[
+            dict(name=m.name, shape=format_shape(m.spec, m.h, m.w), count=c) for m, c in built_model_shapes(name)])
+    with open(SNAPSHOT, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    return data
+
+
 def model_shapes(name: str, image_size: int = 0) -> List[Tuple[ModuleShape, int]]:
-    """[(module shape, how many of the model's Ghost modules have it)], distinct, in network order."""
+    """[(module shape, how many of the model's Ghost modules have it)], distinct, in network order:
+    read off the built model, or from :data:`SNAPSHOT` at the model's own image size when its package is
+    not installed here."""
+    try:
+        return built_model_shapes(name, image_size)
+    except ModelUnavailable:
+        snap = _snapshot().get(name)
+        if snap is None or image_size not in (0, snap["image_size"]):
+            raise
+        return [(ModuleShape(e["name"], parse_shape(e["shape"]).spec, *_hw(e["shape"])), e["count"])
+                for e in snap["shapes"]]
+
+
+def _hw(text: str) -> Tuple[int, int]:
+    m = parse_shape(text)
+    return m.h, m.w
+
+
+def built_model_shapes(name: str, image_size: int = 0) -> List[Tuple[ModuleShape, int]]:
+    """:func:`model_shapes` from the built model (ModelUnavailable without its package)."""
     import torch
 
     from .. import convert

@@ -65,8 +65,10 @@ def is_channels_last(x: torch.Tensor) -> bool:
 
 
 def row_key(row: dict) -> Tuple:
-    return (row["inp"], row["oup"], row["ratio"], row["dw_size"], row["stride"], row["act"], row["h"], row["w"],
-            row["dtype"], row["layout"])
+    """:func:`shape_key` of a result row (a row of a k x k module carries ``kernel_size``)."""
+    k = row.get("kernel_size", 1)
+    return (row["inp"], row["oup"], row["ratio"], row["dw_size"], row["stride"],
+            row["act"] if k == 1 else f"{row['act']}:k{k}", row["h"], row["w"], row["dtype"], row["layout"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,16 +138,15 @@ TABLE_IMPLS = ("torch_folded", "eager_folded", "cuda") + TRITON_FAMILIES
 
 
 def offline_from_rows(rows: Sequence[dict], source: str) -> dict:
-    """The table's ``offline`` section from the offline model's rows (``offline.json``)."""
-    from .spec import ghostnet_100_modules
-    specs = {m.name: m.spec for m in ghostnet_100_modules()}
+    """The table's ``offline`` section from the offline model's rows (``offline.json``: any network's
+    modules, each row with its options)."""
     by_key: Dict[Tuple, dict] = {}
     for r in rows:
-        if r.get("error") or r.get("predicted_us") is None or r.get("name") not in specs:
+        if r.get("error") or r.get("predicted_us") is None:
             continue
-        spec = specs[r["name"]]
+        spec = GhostSpec(r["inp"], r["oup"], r.get("kernel_size", 1), r["ratio"], r["dw_size"], r["stride"], r["act"])
         row = dict(inp=spec.inp, oup=spec.oup, ratio=spec.ratio, dw_size=spec.dw_size, stride=spec.stride,
-                   act=spec.act, h=r["h"], w=r["w"], dtype=r["dtype"], layout=r["layout"])
+                   act=_act_key(spec), h=r["h"], w=r["w"], dtype=r["dtype"], layout=r["layout"])
         entry = by_key.setdefault(row_key(row), dict(row, predicted_us={}, instr_per_byte={}))
         entry["predicted_us"][r["family"]] = r["predicted_us"]
         entry["instr_per_byte"][r["family"]] = r["instr_per_byte"]

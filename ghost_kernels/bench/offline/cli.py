@@ -96,6 +96,7 @@ def run(args) -> int:
                        workers=getattr(args, "workers", MAX_WORKERS) or MAX_WORKERS,
                        imports=getattr(args, "imports", None) or (), strict=getattr(args, "strict", False),
                        verbose=verbose)
+    meta["network"] = getattr(args, "model", None) or "ghostnet_100"   # whose modules (explicit shapes besides)
     print(report.write(out, rows, meta))
     print(f"{len(rows)} rows, {meta['variants']} compiled variants, {meta['wall_s']} s -> "
           f"{os.path.join(out, 'offline.json')}")

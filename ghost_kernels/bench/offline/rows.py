@@ -172,7 +172,8 @@ def make_row(case, results, batch, chooser, strict) -> dict:
     ho, wo = spec.out_hw(shape.h, shape.w)
     fb = floor_bytes(spec, batch, shape.h, shape.w, elem)
     row = dict(family=case["family"], name=shape.name, inp=spec.inp, oup=spec.oup, h=shape.h, w=shape.w, ho=ho,
-               wo=wo, ratio=spec.ratio, dw_size=spec.dw_size, stride=spec.stride, act=spec.act, dtype=dn,
+               wo=wo, kernel_size=spec.kernel_size, ratio=spec.ratio, dw_size=spec.dw_size, stride=spec.stride,
+               act=spec.act, dtype=dn,
                layout=lay, batch=batch, regs=None, spills=None, smem=None, ld_bits=None, st_bits=None,
                ld_bits_main=None, st_bits_main=None,
                barriers=None, barriers_per_tile=None, mma=None, warp_instr=None, floor_bytes=fb,
