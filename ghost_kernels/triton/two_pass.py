@@ -69,7 +69,8 @@ one pixel per group (correct, not fast).
 Both: zero padding is the load mask (y1 is padded after BN1 + act, as in eager; rows outside the
 image by one unsigned compare per row, columns by one per column and program, shared by the
 channels of a vector); y1 is read back as stored, i.e. rounded to the output dtype exactly like
-eager's y1; the tap weights live in fp32 registers for the whole program when d*d*(r-1) <= 9,
+eager's y1; the tap weights live in fp32 registers for the whole program when d*d*(r-1) <= 25
+(past 9: 8-byte channel blocks, the ring not pipelined; dw 5 at ratio 2 is Ultralytics' GhostConv),
 otherwise (the paper's ablation options only) there is no ring: each output row reloads its d input
 rows in a runtime loop with that row's weights (L1 hits; bounded code size and registers).
 
@@ -255,10 +256,13 @@ def _launch_pair(x: Tensor, out: Tensor, w1: Tensor, wd: Tensor, params: GhostPa
     r1, d = spec.ratio - 1, spec.dw_size
     m_need = -(-(spec.oup - spec.m) // r1)
     bn2, flags2 = tc.bn_args(params.bn2, params.b2, params.w1)
-    hoist = r1 * d * d <= 9
-    # the row ring only with hoisted weights: otherwise every step loads d*d*(r-1) weight vectors inside
-    # the loop, which the pipeliner would ring as well (compile time of minutes at d = 7, ratio 4)
-    stages2 = cfg.STAGES2 if hoist else 1
+    # Weights hoisted into registers up to 25 vectors (dw 5 at ratio 2: Ultralytics' GhostConv; dw 3 at
+    # ratio 3); past 9 with 8-byte channel blocks (default_config) and the row ring not pipelined (no
+    # cp.async ring: STAGES = 1), else they spill. Not hoisted, every step loads d*d*(r-1) weight vectors inside the loop and waits on them (offline,
+    # batch 16: 32->16 @80 dw 5 91 -> 8 us predicted, 240->80 @14 dw 5 126 -> 7 us) and the pipeliner
+    # would ring them too (compile time of minutes at d = 7, ratio 4).
+    hoist = r1 * d * d <= 25
+    stages2 = cfg.STAGES2 if r1 * d * d <= 9 else 1
     if o_mode == DENSE_NCHW:
         vw = _pow2_divisor(wo, vec)                      # vectors along W never cross a row
         wv = wo // vw

@@ -93,6 +93,10 @@ def default_config(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype = torch
         stages += 1
     vec = 16 // (2 if half else 4)
     block_c = _block_c(m_need, vec, channels_last)
+    if channels_last and (spec.ratio - 1) * spec.dw_size ** 2 > 9:
+        # 10-25 hoisted weight vectors (two_pass._launch_pair): 8-byte channel blocks, so that they fit
+        # in registers (16 bytes: 200 registers of weights at dw 5, 300-650 bytes spilled)
+        block_c = min(block_c, vec // 2)
     warps2 = 4
     if channels_last:
         tpc = max(1, block_c // vec)                    # threads sharing a pixel (16 bytes each)

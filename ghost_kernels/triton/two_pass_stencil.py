@@ -136,8 +136,9 @@ if triton is not None:
         loaded before the loop. The loop is software-pipelined (``tl.range(num_stages=STAGES)``): Triton
         turns each row's loads into 16-byte cp.async copies into a ring of STAGES - 1 shared-memory
         buffers, issued STAGES - 1 steps ahead, and reads them back with one LDS per vector (design
-        note: "Pass 2's pipeline"). That is with hoisted weights (W_HOIST); with many taps a step
-        reloads its d input rows instead (a window in a runtime loop, no ring, no pipeline).
+        note: "Pass 2's pipeline"). That is with hoisted weights (W_HOIST: up to 25 weight vectors; the
+        launcher pipelines the ring, STAGES > 1, up to 9); with more taps a step reloads its d input rows
+        instead (a window in a runtime loop, no ring, no pipeline).
 
         Accumulator groups: group t of channel vector c holds ghost channels ``j = c * (r-1) + t``, all
         reading y1 channel c. PAIRS (bf16, ratio 2, dense channels_last, even OUP): y1 is read as
@@ -185,7 +186,7 @@ if triton is not None:
             jj = jj + (jt,)
             jok = jok + (jt_ok,)
         wts = ()
-        if W_HOIST:  # d*d*(r-1) <= 9 vectors of fp32 weights stay in registers for the whole program
+        if W_HOIST:  # d*d*(r-1) <= 25 vectors of fp32 weights stay in registers for the whole program
             for t in tl.static_range(NG):
                 wts = wts + (_tap_weights(wd_ptr, jj[t], jok[t], DD),)
 
@@ -276,7 +277,7 @@ if triton is not None:
                     turned = turned + (tl.zeros([BLOCK_G, BV], dtype=tl.float32),)
                 ring = turned
         else:
-            # many taps (d*d*(r-1) > 9, the paper's ablations): a window, no ring -- each output row
+            # many taps (d*d*(r-1) > 25, the paper's ablations): a window, no ring -- each output row
             # reloads its d input rows (L1 hits) in a runtime loop with that row's weights (bounded code
             # size and live registers); the launcher runs it with STAGES = 1
             for o in tl.range(h0, h1, num_stages=STAGES):
