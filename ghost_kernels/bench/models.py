@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -114,13 +115,7 @@ def model_shapes(name: str, image_size: int = 0) -> List[Tuple[ModuleShape, int]
         snap = _snapshot().get(name)
         if snap is None or image_size not in (0, snap["image_size"]):
             raise
-        return [(ModuleShape(e["name"], parse_shape(e["shape"]).spec, *_hw(e["shape"])), e["count"])
-                for e in snap["shapes"]]
-
-
-def _hw(text: str) -> Tuple[int, int]:
-    m = parse_shape(text)
-    return m.h, m.w
+        return [(dataclasses.replace(parse_shape(e["shape"]), name=e["name"]), e["count"]) for e in snap["shapes"]]
 
 
 def built_model_shapes(name: str, image_size: int = 0) -> List[Tuple[ModuleShape, int]]:

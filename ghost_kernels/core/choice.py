@@ -42,10 +42,14 @@ TRITON_FAMILIES = ("triton_band", "triton_two_pass", "triton_halo")
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def _act_key(spec: GhostSpec) -> str:
+def _act_field(act: str, kernel_size: int) -> str:
     """The key's activation field; a k x k primary conv (never measured yet: the table's rows are 1x1
     modules) adds its size, so that it never borrows a 1x1 module's measurement."""
-    return spec.act if spec.kernel_size == 1 else f"{spec.act}:k{spec.kernel_size}"
+    return act if kernel_size == 1 else f"{act}:k{kernel_size}"
+
+
+def _act_key(spec: GhostSpec) -> str:
+    return _act_field(spec.act, spec.kernel_size)
 
 
 def shape_key(spec: GhostSpec, h: int, w: int, dtype: torch.dtype, channels_last: bool) -> Tuple:
@@ -68,7 +72,7 @@ def row_key(row: dict) -> Tuple:
     """:func:`shape_key` of a result row (a row of a k x k module carries ``kernel_size``)."""
     k = row.get("kernel_size", 1)
     return (row["inp"], row["oup"], row["ratio"], row["dw_size"], row["stride"],
-            row["act"] if k == 1 else f"{row['act']}:k{k}", row["h"], row["w"], row["dtype"], row["layout"])
+            _act_field(row["act"], k), row["h"], row["w"], row["dtype"], row["layout"])
 
 
 @functools.lru_cache(maxsize=None)
