@@ -9,6 +9,8 @@
 #
 #   benchmarks/gpu_lab.sh OUTDIR [--quick]      LAB_BUDGET_S (default 330) bounds the lab itself
 #   benchmarks/gpu_lab.sh OUTDIR --phases model the model phase alone (every row the lab's share skips)
+#   benchmarks/gpu_lab.sh OUTDIR --phases train training: per shape eager / compile / fused train steps
+#                                               with peak memory, GhostNet training images/s under AMP
 #   python benchmarks/publish.py OUTDIR         files the results and writes the measured choice table
 #
 # The GPU test suite is the next call: benchmarks/gpu_suite.sh OUTDIR2 (or pytest tests on the GPU).

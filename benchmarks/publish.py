@@ -7,7 +7,8 @@
   copies it to benchmarks/results/<date>-offline-sm90[-<network>].{json,md} and writes its rows into
   the table's ``offline`` section (the predicted times behind ``backend="triton"``'s choice on
   unmeasured shapes; the rows of other runs, e.g. another network's, stay).
-* A GPU lab run (``gpu_lab.sh``: OUTDIR/timing.json and the other phases' files): copies them to
+* A GPU lab run (``gpu_lab.sh``: OUTDIR/timing.json and the other phases' files; a call of
+  ``--phases train`` or ``--phases model`` alone: its files only, no table): copies them to
   benchmarks/results/<date>-<gpu>-lab-<phase>.json, and writes the GPU's entry of the measured choice
   table (ghost_kernels/core/choice_table.json, or ``--table PATH``) from the timing rows, so that ``auto``
   and ``backend="triton"`` choose per shape by these measurements.
@@ -21,7 +22,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-LAB_PHASES = ("timing", "references", "precompile", "ncu", "model", "phases")
+LAB_PHASES = ("timing", "references", "precompile", "ncu", "model", "train", "phases")
 DEFAULT_TABLE = os.path.join(ROOT, "ghost_kernels", "core", "choice_table.json")   # choice.TABLE_PATH
 
 
@@ -122,6 +123,20 @@ def publish_offline(out_dir: str, table_path: str, results: str) -> str:
     return stem
 
 
+def publish_lab_files(out_dir: str, results: str) -> str:
+    """A lab call without a timing phase (``--phases train`` or ``--phases model`` alone): its files
+    under benchmarks/results/, named after the phase that ran; the choice table is left as it is."""
+    ran = [p for p in ("train", "model") if os.path.exists(os.path.join(out_dir, f"{p}.json"))]
+    with open(os.path.join(out_dir, f"{ran[0]}.json")) as f:
+        stem = _stem(json.load(f), "-lab")
+    os.makedirs(results, exist_ok=True)
+    for phase in LAB_PHASES:
+        src = os.path.join(out_dir, f"{phase}.json")
+        if os.path.exists(src):
+            shutil.copy(src, os.path.join(results, f"{stem}-{phase}.json"))
+    return stem
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")
@@ -132,6 +147,8 @@ def main(argv=None) -> str:
         return publish_lab(args.out_dir, args.table, args.results)
     if os.path.exists(os.path.join(args.out_dir, "offline.json")):
         return publish_offline(args.out_dir, args.table, args.results)
+    if any(os.path.exists(os.path.join(args.out_dir, f"{p}.json")) for p in ("train", "model")):
+        return publish_lab_files(args.out_dir, args.results)
     return publish_suite(args.out_dir)
 
 

@@ -15,6 +15,18 @@ BatchNorm options, so a replaced tensor (``.to()``, ``load_state_dict(assign=Tru
 submodule) or changed option starts a new entry; ``train()``/``eval()``, grad mode, autocast and
 ``requires_grad`` are part of each call's key. Under torch.compile / torch.export nothing is cached:
 the traced path is the same code without the cache.
+
+What a call checks (issue 15: at most 15 us of the package's Python above the launch). Comparing
+every object by identity costs about 4 us a call, so it runs only when something may have been
+replaced: a process-wide count of registrations (``_REGISTRATIONS``, bumped by PyTorch's global
+module, parameter and buffer registration hooks, which every ``setattr`` of a submodule, a
+parameter or a buffer and ``load_state_dict(assign=True)`` pass through) tells a call whether any
+module anywhere registered anything since its module's entry was made; ``.to()`` and its kin drop
+the entry (``_apply``). The options that are plain attributes (``oup``, the BatchNorms' ``eps``,
+``momentum``, ``track_running_stats``) and the conv weights' dtypes (``p.data = p.data.half()``)
+are compared on every call. Not seen: editing a module's ``_parameters`` / ``_buffers`` dictionaries
+directly, or ``del`` of a parameter, which bypass PyTorch's hooks: assign ``module.backend =
+module.backend`` after such surgery to drop the entry.
 """
 from __future__ import annotations
 
@@ -29,7 +41,6 @@ from torch import Tensor, nn
 from . import dispatch
 from .core import batch_stats, reference
 from .core.backend import Backend, Request, is_compiling
-from .core.layout import output_memory_format
 from .core.params import GhostParams
 from .core.spec import GhostSpec
 from .core.structure import official_layers, spec_from_layers, structure_problems
@@ -64,13 +75,29 @@ class _Plan(NamedTuple):
 class _State(NamedTuple):
     """What a module's calls share while its structure and tensors stay the same objects."""
 
-    fingerprint: tuple
+    registrations: int             # _REGISTRATIONS when the fingerprint was last compared
+    fingerprint: tuple             # the objects, compared by identity (FusedGhost._fingerprint)
+    options: tuple                 # the plain-attribute options, compared by value (FusedGhost._options)
     params: GhostParams
     plans: Dict[tuple, _Plan]
-    replays: Dict[tuple, object]   # per key: a kernel family's LaunchPlan, or None (not replayable)
+    replays: Dict[tuple, object]   # per key: (a kernel family's LaunchPlan, out's shape and strides,
+                                   # the gate's strides), or None (not replayable)
 
 
 _STATES: "weakref.WeakKeyDictionary[nn.Module, _State]" = weakref.WeakKeyDictionary()
+_REGISTRATIONS = 0   # registrations of a submodule, parameter or buffer by any module of the process
+
+
+def _count_registration(module, name, value):
+    """PyTorch's global registration hook: count, and let the registration go ahead unchanged."""
+    global _REGISTRATIONS
+    _REGISTRATIONS += 1
+
+
+for _register_hook in (torch.nn.modules.module.register_module_module_registration_hook,
+                       torch.nn.modules.module.register_module_parameter_registration_hook,
+                       torch.nn.modules.module.register_module_buffer_registration_hook):
+    _register_hook(_count_registration)
 _NO_REPLAY = object()   # no plan made yet for a key
 _MAX_PLANS = 64   # input signatures kept per module (batch sizes x resolutions x modes)
 
@@ -144,37 +171,45 @@ class FusedGhost(nn.Module):
         if torch.jit.is_tracing():   # TorchScript records the PyTorch path
             _warn_torchscript()
             return self.forward_eager(x)
-        if is_compiling():           # traced once: the plain path, no cache
+        if _is_compiling():          # traced once: the plain path, no cache
             req = self._request(x)
             backend = dispatch.choose(self.backend, req).backend
             return self.forward_eager(x) if backend is reference.BACKEND else backend.forward(x, req)
-        state = self._state()
+        state = _STATES.get(self)
+        if state is None or state.registrations != _REGISTRATIONS or state.options != self._options(state.fingerprint):
+            state = self._state()
         if not isinstance(x, Tensor):
             dispatch.validate_input(x, state.params)   # the clear TypeError
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(state.params)
                                                   or self._gate_requires_grad())
         device = x.device
         dtype = _autocast_dtype(device.type) or x.dtype
-        key = (x.shape, x.stride(), x.data_ptr() % 16, x.dtype, device, self.training, needs_grad, dtype)
+        training = self.training
+        key = (x.shape, x.stride(), x.data_ptr() % 16, x.dtype, device, training, needs_grad, dtype)
         plan = state.plans.get(key)
-        sync = self._sync() if self.training else (None, None)
-        if plan is None or (plan.sync_group, plan.sync_error) != sync:
+        if training:   # the process group can change between calls (SyncBatchNorm conversion, sync_batch_stats)
+            sync = self._sync()
+            if plan is not None and (plan.sync_group, plan.sync_error) != sync:
+                plan = None
+        else:
+            sync = (None, None)
+        if plan is None:
             plan = self._plan(x, state, key, sync)
         if plan.backend is reference.BACKEND:
             return self.forward_eager(x)
         gate = self.ghost_gate(x) if self.gated else None
         replay = state.replays.get(key, _NO_REPLAY)
         if replay is not None and replay is not _NO_REPLAY and (gate is None or gate.stride() == replay[3]):
-            launches, shape, fmt, _ = replay
-            out = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
-            launches.run({"x": x, "out": out, "gate": gate})
+            launches, shape, strides, _ = replay
+            out = torch.empty_strided(shape, strides, dtype=dtype, device=device)
+            launches.run(x, out, gate)
             return out
         req = Request(x, state.params, plan.training, plan.needs_grad, plan.compute_dtype, plan.sync_group,
                       plan.sync_error, gate)
         if replay is _NO_REPLAY and plan.training is False and not plan.needs_grad:
             out, launches = plan.backend.launch_and_plan(x, req)
             state.replays[key] = None if launches is None else (
-                launches, out.shape, output_memory_format(x), None if gate is None else gate.stride())
+                launches, out.shape, out.stride(), None if gate is None else gate.stride())
             return out
         return plan.backend.forward(x, req)
 
@@ -192,27 +227,39 @@ class FusedGhost(nn.Module):
 
     def _state(self) -> _State:
         """The cached bundle, valid while every submodule, parameter and buffer is the same object and
-        the BatchNorm options are unchanged (see the module docstring)."""
+        the options are unchanged (see the module docstring). The identity comparison runs here, on
+        a call after any registration in the process or an option change, not on every call."""
         fingerprint = self._fingerprint()
+        options = self._options(fingerprint)
         state = _STATES.get(self)
-        if state is None or len(state.fingerprint) != len(fingerprint) \
+        if state is None or len(state.fingerprint) != len(fingerprint) or state.options != options \
                 or not all(map(operator.is_, state.fingerprint, fingerprint)):
-            params = self.params().check()
-            state = _State(fingerprint, params, {}, {})
-            _STATES[self] = state
+            state = _State(_REGISTRATIONS, fingerprint, options, self.params().check(), {}, {})
+        else:
+            state = state._replace(registrations=_REGISTRATIONS)
+        _STATES[self] = state
         return state
 
     def _fingerprint(self) -> tuple:
         """The objects the cached bundle depends on, compared by identity (a reassigned attribute or
         tensor is a different object, even when equal): the six submodules, the convs' and
-        BatchNorms' tensors, the BatchNorm options (activations with tensors run on PyTorch anyway)."""
+        BatchNorms' tensors (activations with tensors run on PyTorch anyway)."""
         conv1, bn1, act1, conv2, bn2, act2 = self.ghost_layers()
-        out = [self.ghost_oup(), conv1, bn1, act1, conv2, bn2, act2, conv1.weight.dtype,
-               *conv1._parameters.values(), *conv2._parameters.values()]
+        out = [conv1, bn1, act1, conv2, bn2, act2, *conv1._parameters.values(), *conv2._parameters.values()]
         for bn in (bn1, bn2):
             if bn is not None:
-                out += (*bn._parameters.values(), *bn._buffers.values(), bn.eps, bn.momentum, bn.track_running_stats)
+                out += (*bn._parameters.values(), *bn._buffers.values())
         return tuple(out)
+
+    def _options(self, fingerprint: tuple) -> tuple:
+        """The options that are plain attributes, compared by value on every call: the output
+        channels, the conv weights' dtypes (``p.data = p.data.half()`` keeps the object) and the
+        BatchNorms' ``eps``, ``momentum`` and ``track_running_stats``. ``fingerprint``'s submodules
+        are the module's own as long as no registration happened (see the module docstring)."""
+        conv1, bn1, _, conv2, bn2, _ = fingerprint[:6]
+        return (self.ghost_oup(), conv1._parameters["weight"].dtype, conv2._parameters["weight"].dtype,
+                None if bn1 is None else (bn1.eps, bn1.momentum, bn1.track_running_stats),
+                None if bn2 is None else (bn2.eps, bn2.momentum, bn2.track_running_stats))
 
     def _apply(self, fn, *args, **kwargs):
         _STATES.pop(self, None)   # .to(), .half(), .cuda(): tensors may change in place (param.data)
@@ -278,6 +325,10 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+# ``core.backend.is_compiling`` without its checks of the torch version, for the hot path
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or is_compiling
 
 
 def _any_requires_grad(params: GhostParams) -> bool:

@@ -100,32 +100,36 @@ def test_converted_ghostnet_compiles_fullgraph_in_eval():
     assert rel_err(out, ref) <= 2 * rel_err(eager, ref) + 1e-6
 
 
-def train_op_args(spec, layout, batch_stats=True, affine=True):
-    p = RandomGhost(spec, DEVICE)
+def train_op_args(spec, layout, batch_stats=True, affine=True, conv_bias=False):
+    p = RandomGhost(spec, DEVICE, conv_bias=conv_bias)
     hw = (6, 7) if spec.dw_size < 7 else (4, 5)   # dw 7: the backward's 6-pixel halo makes big interpreter tiles
     x = make_x(2, spec.inp, *hw, torch.float32, layout)
     w = lambda t: t.clone().requires_grad_() if affine else None  # noqa: E731
+    b = lambda t: None if t is None else t.clone().requires_grad_()  # noqa: E731
     stats = (None, None, None, None) if batch_stats else (p.bn1.running_mean, p.bn1.running_var,
                                                           p.bn2.running_mean, p.bn2.running_var)
-    return (x.requires_grad_(), p.w1.clone().requires_grad_(), w(p.bn1.weight), w(p.bn1.bias),
-            p.wd.clone().requires_grad_(), w(p.bn2.weight), w(p.bn2.bias), *stats, 1e-5, 1e-3, spec.oup,
-            spec.stride, spec.ratio, spec.dw_size, spec.act == "relu", -1)
+    return (x.requires_grad_(), p.w1.clone().requires_grad_(), b(p.b1), w(p.bn1.weight), w(p.bn1.bias),
+            p.wd.clone().requires_grad_(), b(p.b2), w(p.bn2.weight), w(p.bn2.bias), *stats, 1e-5, 1e-3, spec.oup,
+            spec.stride, spec.ratio, spec.dw_size, spec.act, -1)
 
 
 @pytest.mark.parametrize("i,ratio,dw,stride", OP_SWEEP)
 def test_train_ops_pass_opcheck(i, ratio, dw, stride):
     """Schema, fake tensor (exact strides of every output), autograd registration and AOT dispatch of
     the forward op (whose autograd formula calls the backward op), and of the backward op itself,
-    over the option sweep (ratio 2 with one channel block used to return a non-contiguous dL/dwd)."""
+    over the option sweep (ratio 2 with one channel block used to return a non-contiguous dL/dwd);
+    the activation (all four) and conv biases rotate too (every pairing within the first 8 points)."""
     spec, layout, affine, running = sweep_point(i, ratio, dw, stride)
+    spec = dataclasses.replace(spec, act=ACTIVATIONS[i % 4])
+    conv_bias = (i // 4) % 2 == 1
     mode = "eval" if running and i % 3 == 0 else "train"
-    args = train_op_args(spec, layout, batch_stats=mode != "eval", affine=affine)
+    args = train_op_args(spec, layout, batch_stats=mode != "eval", affine=affine, conv_bias=conv_bias)
     torch.library.opcheck(torch.ops.ghost_kernels.triton_train_forward.default, args)
     out, mean1, invstd1, _, mean2, invstd2, _ = torch.ops.ghost_kernels.triton_train_forward(*args)
     grad = torch.randn_like(out)
-    x, w1, g1, b1, wd, g2, b2 = (a.detach() if a is not None else None for a in args[:7])
-    bargs = (grad, x, w1, g1, b1, wd, g2, b2, mean1.detach(), invstd1.detach(), mean2.detach(), invstd2.detach(),
-             spec.oup, spec.stride, spec.ratio, spec.dw_size, spec.act == "relu", mode != "eval", mode != "eval", -1)
+    tensors = (a.detach() if a is not None else None for a in args[:9])   # x, w1, b1, bn1 w/b, wd, b2, bn2 w/b
+    bargs = (grad, *tensors, mean1.detach(), invstd1.detach(), mean2.detach(), invstd2.detach(),
+             spec.oup, spec.stride, spec.ratio, spec.dw_size, spec.act, mode != "eval", mode != "eval", -1)
     torch.library.opcheck(torch.ops.ghost_kernels.triton_train_backward.default, bargs)
 
 
@@ -211,13 +215,22 @@ def test_export_for_inference(grad_mode):
     assert rel_err(got, ref) < 1e-6
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_inductor_compiles_a_converted_network(mode):
+@pytest.mark.parametrize("mode,act", [("train", "relu"), ("eval", "relu"), ("train", "silu")])
+def test_inductor_compiles_a_converted_network(mode, act):
     """torch.compile with the default Inductor backend (on the CPU too: that is where the strides bug
     of the backward op showed), fullgraph=True, forward and backward, train and eval mode: the same
-    loss and gradients as eager."""
+    loss and gradients as eager; with SiLU in train mode too (Ultralytics' activation: the training
+    ops' SiLU forward and derivative in one graph)."""
     torch.manual_seed(0)
-    model = randomize(gk.convert(small_ghost_net().to(DEVICE), backend="triton"))
+    net = small_ghost_net()
+    if act == "silu":
+        for mod in list(net.modules()):
+            for name, child in mod.named_children():
+                if isinstance(child, nn.ReLU):
+                    setattr(mod, name, nn.SiLU())
+    model = randomize(gk.convert(net.to(DEVICE), backend="triton"))
+    if act == "silu":
+        assert {m.spec.act for m in model.modules() if isinstance(m, gk.FusedGhost)} == {"silu", "none"}
     getattr(model, mode)()
     twin = copy.deepcopy(model)
     x = torch.randn(4, 3, 12, 12, device=DEVICE)
@@ -235,6 +248,57 @@ def test_inductor_compiles_a_converted_network(mode):
         assert (a.grad - b.grad).norm().item() <= 1e-4 * b.grad.norm().item() + 1e-6 * total, name
     for (name, a), (_, b) in zip(model.named_buffers(), twin.named_buffers()):
         assert rel_err(a, b) < 1e-5 if a.is_floating_point() else torch.equal(a, b), name
+
+
+class _DeployedGhost(nn.Module):
+    """A deployed Ghost module (GhostNetV3 after reparameterization, Ultralytics after fuse()): convs
+    with a bias, no BatchNorm."""
+
+    def __init__(self, inp, oup, act):
+        super().__init__()
+        self.oup = oup
+        m = (oup + 1) // 2
+        self.primary_conv = nn.Sequential(nn.Conv2d(inp, m, 1, bias=True), act())
+        self.cheap_operation = nn.Sequential(nn.Conv2d(m, m, 3, 1, 1, groups=m, bias=True), act())
+
+    def forward(self, x):
+        x1 = self.primary_conv(x)
+        return torch.cat([x1, self.cheap_operation(x1)], 1)[:, :self.oup]
+
+
+def test_inductor_compiles_every_kernel_option():
+    """One Inductor graph (fullgraph=True, eval, no_grad) through modules that span the inference
+    options: SiLU and Hardswish, a 3x3 stride-2 primary conv with a 5x5 cheap conv (Ultralytics'
+    downsampling GhostConv), a deployed module (biased convs, no BatchNorm), GhostNetV2's attention
+    gate; each runs ghost_kernels::forward (backend "triton", the family chosen per call), and the
+    whole equals the unconverted network within 2x eager's error against float64."""
+    from timm.models.ghostnet import GhostModuleV2
+
+    net = nn.Sequential(
+        gk.GhostModule(5, 12, act_layer=nn.SiLU, backend="torch"),
+        gk.GhostModule(12, 14, kernel_size=3, dw_size=5, stride=2, act_layer=nn.Hardswish, backend="torch"),
+        _DeployedGhost(14, 11, nn.ReLU),
+        GhostModuleV2(11, 16),   # timm's V2 is the attention variant
+    )
+    original = randomize(net).to(DEVICE).eval()
+    for mod in original.modules():   # the deployed convs' biases and every weight: fresh random values
+        if isinstance(mod, nn.Conv2d):
+            with torch.no_grad():
+                mod.weight.normal_(0, 0.3)
+                if mod.bias is not None:
+                    mod.bias.normal_(0, 0.3)
+    model = gk.convert(copy.deepcopy(original), backend="triton")
+    fused = [m for m in model.modules() if isinstance(m, gk.FusedGhost)]
+    assert len(fused) == 4, model
+    x = torch.randn(2, 5, 10, 9, device=DEVICE)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        from torch._dynamo.utils import counters
+        counters.clear()
+        out = torch.compile(model, backend="inductor", fullgraph=True)(x)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        ref, eager = copy.deepcopy(original).double()(x.double()), original(x)
+    assert rel_err(out, ref) <= 2 * rel_err(eager, ref) + 1e-6
 
 
 def test_channels_last_compiled_model_has_no_layout_copies():

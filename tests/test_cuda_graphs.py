@@ -13,12 +13,20 @@ import copy
 
 import pytest
 import torch
+from helpers import (
+    DEVICE,
+    FAMILIES,
+    RandomGhost,
+    make_x,
+    randomize,
+    rel_err,
+    small_ghost_net,
+)
 from torch import nn
 
 import ghost_kernels as gk
 from ghost_kernels.cuda import backend as cuda_backend
 from ghost_kernels.triton.family import op_args
-from helpers import DEVICE, FAMILIES, RandomGhost, make_x, randomize, rel_err, small_ghost_net
 
 GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not GPU, reason="CUDA graphs, streams and L2 need a CUDA GPU")
@@ -51,8 +59,8 @@ def op_cases(spec, x, p):
     args = op_args(p.params)
     cases = [("forward", backend, (x, *args, None, torch.float32, backend)) for backend in ("auto", "triton")]
     cases += [("triton_forward", fam, (x, *args, None, torch.float32, fam)) for fam in FAMILIES]
-    weights = (p.w1, p.bn1.weight, p.bn1.bias, p.wd, p.bn2.weight, p.bn2.bias)
-    tail = (1e-5, 1e-5, spec.oup, spec.stride, spec.ratio, spec.dw_size, spec.act == "relu", -1)
+    weights = (p.w1, p.b1, p.bn1.weight, p.bn1.bias, p.wd, p.b2, p.bn2.weight, p.bn2.bias)
+    tail = (1e-5, 1e-5, spec.oup, spec.stride, spec.ratio, spec.dw_size, spec.act, -1)
     running = (p.bn1.running_mean, p.bn1.running_var, p.bn2.running_mean, p.bn2.running_var)
     for mode, stats in (("train", (None,) * 4), ("eval", running)):
         fwd = (x, *weights, *stats, *tail)

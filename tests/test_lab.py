@@ -14,14 +14,21 @@ from ghost_kernels.core import choice
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real lab (benchmarks/gpu_lab.sh)")
-def test_lab_cpu_check_runs_every_phase_and_publishes(tmp_path):
+def run_lab_cpu_check(tmp_path, *args):
+    """``python -m ghost_kernels.bench.lab --cpu-check`` at batch 2 into tmp_path/lab (asserting it
+    succeeds); the folder."""
     out = tmp_path / "lab"
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-m", "ghost_kernels.bench.lab", "--out", str(out), "--cpu-check",
-                          "--workers", "1", "--batch", "2", "--budget-s", "900"], capture_output=True, text=True,
+                          "--batch", "2", "--budget-s", "900", *args], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=1200)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real lab (benchmarks/gpu_lab.sh)")
+def test_lab_cpu_check_runs_every_phase_and_publishes(tmp_path):
+    out = run_lab_cpu_check(tmp_path, "--workers", "1")
     phases = json.loads((out / "phases.json").read_text())["phases"]
     assert phases == {p: "ok" for p in ("precompile", "references", "timing", "ncu", "model")}
     pre = json.loads((out / "precompile.json").read_text())
@@ -51,6 +58,35 @@ def test_lab_cpu_check_runs_every_phase_and_publishes(tmp_path):
     assert len(entry["rows"]) == 5 and all("torch_folded" in r["ms"] for r in entry["rows"])
     kxk = [r for r in entry["rows"] if r["act"] == "silu:k3"]   # the 3x3 stride-2 shape: triton_two_pass only
     assert len(kxk) == 1 and "triton_two_pass" in kxk[0]["ms"] and "triton_band" not in kxk[0]["ms"], kxk
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real lab (benchmarks/gpu_lab.sh)")
+def test_lab_train_phase_cpu_check(tmp_path):
+    """The train phase (issue 17.5; not in the default phases): per shape eager / compile / triton
+    training steps checked against float64 (compile: skipped on the CPU, saying so), then GhostNet's
+    four training rows, each first checked against timm eager's gradients from the same weights."""
+    out = run_lab_cpu_check(tmp_path, "--phases", "train")
+    data = json.loads((out / "train.json").read_text())
+    assert data["copy_GBps"] > 0    # measured in the same call
+    shapes = [r for r in data["rows"] if r["section"] == "shape"]
+    assert {(r["name"], r["impl"]) for r in shapes} == {(n, i) for n in ("blocks.0.0.ghost1", "blocks.1.0.ghost2")
+                                                        for i in ("eager", "compile", "triton")}
+    for r in shapes:
+        if r["impl"] == "compile":
+            assert r["status"] == "skipped" and "CUDA only" in r["note"], r
+        else:
+            assert r["status"] == "ok" and r["rel_err"] < 1e-5 and r["median_ms"] > 0 and r["op"] == "train", r
+    model = {r["impl"]: r for r in data["rows"] if r["section"] == "model"}
+    assert set(model) == {"timm_eager", "convert_triton_eager", "timm_compile", "convert_triton_compile"}
+    for r in model.values():
+        assert r["status"] == "ok" and r["grad_rel_err"] < 1e-5 and r["images_per_s"] > 0, r
+        assert r["loss"] == pytest.approx(r["loss_timm_eager"], rel=1e-5)
+    results = tmp_path / "results"   # publish files a train-only call (no timing.json, no table)
+    pub = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "publish.py"), str(out), "--results",
+                          str(results), "--table", str(tmp_path / "table.json")], capture_output=True, text=True, cwd=ROOT)
+    assert pub.returncode == 0, pub.stderr[-2000:]
+    assert sorted(p.name.rsplit("-lab-", 1)[1] for p in results.iterdir()) == ["phases.json", "references.json", "train.json"]
+    assert not (tmp_path / "table.json").exists()
 
 
 def check_model_rows(model):

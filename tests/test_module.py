@@ -509,6 +509,44 @@ def test_fresh_results_after_every_replacement(backend, what):
     check(f"after {what}")
 
 
+def test_cache_survives_registrations_elsewhere_and_sees_plain_attribute_edits():
+    """The identity comparison runs after any registration in the process (module.py's docstring):
+    a module built elsewhere keeps this module's entry; a dtype changed through ``.data``, a
+    BatchNorm's ``momentum`` in training, and the documented escape after surgery on ``_modules``
+    are each seen by the next call."""
+    from ghost_kernels import module as gm
+    mod = randomize(gk.GhostModule(8, 12, backend="triton")).to(DEVICE).eval()
+    x = torch.randn(2, 8, 5, 6, device=DEVICE)
+    with torch.no_grad():
+        mod(x)
+        entry = gm._STATES[mod]
+        nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))   # registrations: the count moves
+        assert gm._REGISTRATIONS != entry.registrations
+        mod(x)
+        assert gm._STATES[mod].params is entry.params and gm._STATES[mod].plans is entry.plans
+        mod.cheap_operation[0].weight.data = mod.cheap_operation[0].weight.data.double()   # same object
+        with pytest.raises(TypeError, match="wd .cheap conv weight. has dtype torch.float64"):
+            mod(x)
+        mod.cheap_operation[0].weight.data = mod.cheap_operation[0].weight.data.float()
+        # surgery that bypasses PyTorch's hooks, then the documented escape
+        mod.primary_conv._modules["1"] = randomize(nn.BatchNorm2d(6)).to(DEVICE).eval()
+        mod.backend = mod.backend
+        ref = copy.deepcopy(mod).double()
+        ref.backend = "torch"
+        assert rel_err(mod(x), ref(x.double())) < 1e-5
+    # momentum between two training steps (an option of the running-statistics update)
+    mod.train()
+    ref.train()
+    for step, momentum in enumerate((0.1, 0.75)):
+        for m in (mod, ref):
+            m.primary_conv[1].momentum = momentum
+            m.cheap_operation[1].momentum = momentum
+        mod(x), ref(x.double())
+        for a, b in ((mod.primary_conv[1], ref.primary_conv[1]), (mod.cheap_operation[1], ref.cheap_operation[1])):
+            assert rel_err(a.running_mean, b.running_mean) < 1e-5, step
+            assert rel_err(a.running_var, b.running_var) < 1e-5, step
+
+
 def test_cached_choice_follows_mode_grad_and_requires_grad():
     """train/eval, grad mode, requires_grad and autocast are part of each call's key: an explicit
     inference family runs eval calls without autograd and refuses the others, whatever ran before."""

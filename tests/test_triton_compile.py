@@ -47,9 +47,12 @@ TRAIN_VARIANTS = [
     ("bwd2", "bf16", gk.GhostSpec(16, 16), (112, 112)),
     ("bwd2", "fp16", gk.GhostSpec(160, 960), (7, 7)),
     ("bwd2", "fp32", gk.GhostSpec(24, 37, ratio=4, dw_size=7, stride=2, act="none"), (9, 9)),
+    ("bwd2", "bf16", gk.GhostSpec(32, 32, dw_size=5, act="silu"), (40, 40)),      # Ultralytics' GhostConv
+    ("bwd1", "fp16", gk.GhostSpec(40, 60, ratio=3, act="hardswish"), (28, 28)),
     ("stats", "bf16", gk.GhostSpec(240, 80), (14, 14)),
     ("fwd_stats", "bf16", gk.GhostSpec(48, 24, act="none"), (56, 56)),
     ("affine", "bf16", gk.GhostSpec(48, 24), (56, 56)),
+    ("affine", "bf16", gk.GhostSpec(48, 24, act="silu"), (56, 56)),
     ("bn_grad", "bf16", gk.GhostSpec(48, 24), (56, 56)),
 ]
 
@@ -88,27 +91,29 @@ TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 
 def compile_for_sm90(dtype: str, spec: gk.GhostSpec, ho: int, wo: int, kind: str = "fwd"):
     cfg = triton_common.pick_config(spec, ho, wo, TORCH_DTYPE[dtype])
-    base = dict(STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size, RELU=spec.act == "relu",
+    base = dict(STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size,
                 HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
                 IEEE=dtype == "fp32", DOT_F32=False)
     if kind in ("fwd", "fwd_stats"):
-        consts = {k: v for k, v in base.items() if k != "RELU"}
+        consts = dict(base)
         consts.update(ACT=triton_common.act_code(spec.act), STATS=kind == "fwd_stats",
                       ACT2=triton_common.act_code(spec.act if kind == "fwd" else "none"))
         return _compile(triton_halo._ghost_fwd_kernel, dtype, consts, ("x_ptr", "out_ptr", "w1_ptr", "scratch_ptr"),
                         cfg.num_warps)
     if kind in ("bwd1", "bwd2"):
         cfg = backward_config(spec, ho, wo, TORCH_DTYPE[dtype])
-        consts = dict(base, PHASE=int(kind[-1]), BATCH2=True, HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W)
+        consts = dict(base)
+        consts.update(PHASE=int(kind[-1]), BATCH2=True, HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W,
+                      ACT=triton_common.act_code(spec.act))
         return _compile(triton_train._ghost_bwd_kernel, dtype, consts, ("x_ptr", "g_ptr", "w1_ptr", "y1s_ptr"),
                         cfg.num_warps)
     if kind == "stats":
-        consts = dict(STRIDE=spec.stride, BLOCK_M=32, BLOCK_K=32, BLOCK_P=128, IEEE=dtype == "fp32", DOT_F32=False)
+        consts = dict(STRIDE=spec.stride, BLOCK_M=32, BLOCK_K=16, BLOCK_P=128, IEEE=dtype == "fp32", DOT_F32=False)
         return _compile(triton_train._pw_stats_kernel, dtype, consts, ("x_ptr", "w1_ptr"), 4)
     if kind == "bn_grad":
         consts = dict(CHANNELS_LAST=True, BATCH=True, BLOCK=1024)
         return _compile(triton_train._bn_input_grad_kernel, dtype, consts, ("out_ptr",), 4)
-    consts = dict(RELU=True, BLOCK_C=16, BLOCK_P=128)
+    consts = dict(ACT=triton_common.act_code(spec.act), BLOCK_C=16, BLOCK_P=128)
     return _compile(triton_train._affine_act_kernel, dtype, consts, ("out_ptr",), 4)
 
 

@@ -21,7 +21,7 @@ from typing import Optional
 # Options that only one of the two modes reads: given to the other, they are an error, not ignored.
 TIMING_ONLY = ("--ops", "--impls", "--secondary-shapes", "--quick", "--overhead", "--compile-budget",
                "--max-autotune-budget", "--model-compile-budget", "--no-model", "--model-batch", "--no-plots", "--junit")
-OFFLINE_ONLY = ("--families", "--workers", "--import", "--strict", "--quiet")
+OFFLINE_ONLY = ("--families", "--workers", "--import", "--strict", "--quiet", "--train")
 
 
 def build_parser():

@@ -24,6 +24,11 @@ cut short); the whole run keeps to ``--budget-s`` seconds:
    second input after the timed calls (``model.json``, written after every row; the rows a short
    budget skips say so, and ``--phases model`` runs them all in a call of their own).
 
+6. ``train`` (not in the default list: ``--phases train``, a call of its own with the whole budget):
+   per shape, one training step (forward + backward) of eager, torch.compile and the fused training
+   ops with peak memory; GhostNet 1.0x training images/s under AMP, timm against converted, each
+   eager and compiled (``train.json``; ``lab_train.py``).
+
 ``benchmarks/publish.py DIR`` files the results under benchmarks/results/ and writes the measured
 choice table (``ghost_kernels/choice_table.json``).
 """
@@ -38,7 +43,8 @@ import sys
 import time
 from collections import Counter
 
-PHASES = ("precompile", "references", "timing", "ncu", "model")
+PHASES = ("precompile", "references", "timing", "ncu", "model", "train")
+DEFAULT_PHASES = PHASES[:5]   # train runs in a call of its own (--phases train): the others fill the budget
 # The lab's plan, as fractions of --budget-s (each phase's limit is a point in time, so time a phase
 # leaves unused goes to the next): precompile hands out no work after PRECOMPILE_END; timing starts no
 # job once less than TIMING_RESERVE is left (ncu's share and the model phase's); ncu ends with
@@ -56,8 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--budget-s", type=seconds, default=400.0, metavar="S",
                    help="seconds for the whole lab (phases shrink to fit)")
-    p.add_argument("--phases", type=comma_list(PHASES), default=",".join(PHASES), metavar="LIST",
-                   help=f"comma list of {', '.join(PHASES)}")
+    p.add_argument("--phases", type=comma_list(PHASES), default=",".join(DEFAULT_PHASES), metavar="LIST",
+                   help=f"comma list of {', '.join(PHASES)} (default: all but train, which runs in a call of its own)")
     p.add_argument("--batch", type=positive_int, default=256, metavar="N", help="batch of the timing and model phases")
     p.add_argument("--workers", type=positive_int, default=max(1, min(12, (os.cpu_count() or 2) - 2)), metavar="N",
                    help="precompile processes")
@@ -189,6 +195,23 @@ class Lab:
         self.say("model: " + "; ".join(("" if r.get("net", "ghostnet_100") == "ghostnet_100" else f"{r['net']} ")
                                        + f"{r['impl']}@{r['batch']} " + (f"{r['images_per_s']:.0f} img/s" if
                                        r.get("status") == "ok" else str(r.get("status"))) for r in res["rows"]))
+
+
+    def train(self):
+        from .lab_train import train_phase
+        if not hasattr(self, "refs"):   # a call of its own: the copy bandwidth of this run, measured here
+            self.references()
+        copy_peak = self.refs.get("copy_peak_GBps")
+
+        def progress(res):   # train.json after every row
+            self.write("train.json", dict(self.meta, copy_GBps=copy_peak, **res))
+        res = train_phase(self.device, self.args.batch, deadline=self.at(1.0), cpu_check=self.args.cpu_check,
+                          quick=self.args.quick, copy_GBps=copy_peak if not self.args.cpu_check else None,
+                          l2_bytes=self.l2, progress=progress)
+        progress(res)
+        timed = [r for r in res["rows"] if r.get("section") == "model" and r.get("images_per_s")]
+        self.say("train: " + (", ".join(f"{r['impl']} {r['images_per_s']:.0f} img/s" for r in timed) or "no model row timed")
+                 + f"; {sum(r.get('section') == 'shape' and r.get('status') == 'ok' for r in res['rows'])} shape rows ok")
 
 
 def _triton_version():

@@ -205,7 +205,8 @@ class Backend:
             return []
         reasons = []
         if req.training:
-            reasons.append(f"train-mode BatchNorm ({self.name} is inference-only; backend='triton' trains)")
+            reasons.append(f"train-mode BatchNorm ({self.name} is inference-only; backend='triton' trains the "
+                           f"modules its training ops take: see its reasons)")
         if req.needs_grad:
             reasons.append(f"autograd is needed: {'an eval-mode call ' if not req.training else ''}with gradients "
                            f"enabled and x or a parameter requiring grad ({self.name} has no backward). For "

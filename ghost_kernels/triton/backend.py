@@ -19,6 +19,7 @@ from ..core import choice
 from ..core.backend import Backend, Request, Support, is_compiling
 from ..core.params import GhostParams, has_running_stats
 from ..core.reference import ghost_reference
+from ..core.spec import ACTIVATIONS
 from .family import TritonFamily, triton_environment_reason
 from .train_ops import ghost_train
 
@@ -61,7 +62,7 @@ class TritonBackend(Backend):
         if req.inference:
             fam, _, passed = self.pick(req)
             return [] if fam is not None else passed
-        reasons = TRAINING_SUPPORT.reasons(req)
+        reasons = training_support_reasons(req)
         batch_stats = req.training or not has_running_stats(req.params)
         if batch_stats and req.batch_values == 1:
             reasons.append("batch statistics need more than 1 value per channel, got 1")
@@ -98,6 +99,21 @@ class TritonBackend(Backend):
         return f"the inference op ghost_kernels::triton_forward, family {fam.name if fam else None}; {why}"
 
 
+def training_support_reasons(req: Request) -> List[str]:
+    """:data:`TRAINING_SUPPORT`'s reasons for a call that is not plain inference, each naming the
+    training ops (an inference family may run the same module under torch.no_grad() in eval mode)."""
+    out = []
+    for reason in TRAINING_SUPPORT.reasons(req):
+        if reason.startswith("kernel_size="):
+            reason += ("; the training kernels take a 1x1 primary conv only (a k x k one runs fused in inference, "
+                       "on triton_two_pass): train it with backend='torch' or 'auto'")
+        elif reason.startswith("a conv without a BatchNorm"):
+            reason += ("; the training ops normalize with a train-mode BatchNorm: train the module's training "
+                       "form, or use backend='torch' or 'auto'")
+        out.append(f"training ops: {reason}")
+    return out
+
+
 def training_op_why(req: Request) -> str:
     """Why a call runs the training ops rather than an inference family."""
     if req.training:
@@ -111,5 +127,8 @@ def training_op_why(req: Request) -> str:
     return f"the training op ghost_kernels::triton_train_forward (with a backward): {what}"
 
 
-# What the training ops (train_ops.py) run: the v1 halo kernels' options.
-TRAINING_SUPPORT = Support()
+# What the training ops (train_ops.py) run: the v1 halo kernels' options, every activation the kernels
+# know, convs with or without a bias, each followed by a BatchNorm. Not: a k x k primary conv (the
+# training kernels are 1x1 only) and a conv without a BatchNorm (a deployed module: its training form
+# has the BatchNorm).
+TRAINING_SUPPORT = Support(acts=ACTIVATIONS, conv_bias=True)

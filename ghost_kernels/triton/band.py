@@ -393,8 +393,6 @@ def forward(x: Tensor, params: GhostParams, dtype: torch.dtype, out: Optional[Te
     """The family's launcher; ``gate``: GhostNetV2's attention (N x oup x GH x GW, the compute dtype),
     multiplied into the output as it is stored (``reference.apply_gate``)."""
     spec = params.spec
-    if spec.kernel_size != 1:
-        raise ValueError(f"triton_band: kernel_size must be 1, got {spec.kernel_size} (triton_two_pass runs k x k)")
     n, _, h, w = x.shape
     ho, wo = spec.out_hw(h, w)
     out = prepare_output(x, spec, dtype, out)

@@ -83,6 +83,18 @@ def launch(kernel, grid, *args, loops: Optional[Sequence[float]] = None, **kwarg
     return kernel[tuple(grid)](*args, **kwargs)
 
 
+def _launch_recorded(kernel, grid: tuple, args: list, kwargs: dict, loops) -> None:
+    """:func:`launch` for a replayed launch, whose grid, arguments and keywords are already made."""
+    if _RECORD is not None or _CAPTURE is not None:
+        record = Launch(kernel, grid, tuple(args), kwargs, loops)   # the plan's own kwargs: never mutated
+        if _RECORD is not None:
+            _RECORD.append(record)
+        if _CAPTURE is not None:
+            _CAPTURE.append(record)
+            return
+    kernel[grid](*args, **kwargs)
+
+
 class LaunchPlan:
     """The launches a family's launcher made for one kind of call, replayable for another call of the
     same kind (same sizes, strides, dtypes, alignment, parameters): ``x``, ``out`` and the gate are
@@ -91,52 +103,67 @@ class LaunchPlan:
     launcher computed) is replayed as it was. What a repeat call then skips is the launcher's
     Python: configs, grids, strides, BatchNorm arguments (issue 15: host overhead)."""
 
+    SLOTS = ("x", "out", "gate")
+
     def __init__(self, launches: Sequence[Launch], bound: Dict[str, Tensor], constants: Sequence[Tensor]):
-        """``bound``: this call's tensors by slot name; ``constants``: the tensors a replay may pass as
-        they are, and views of them (the module's own; w1 seen as m x Cin by a TMA box). Raises :class:`NotReplayable` for any other tensor argument (a
-        copy of x, say): replaying it would compute from stale data."""
+        """``bound``: this call's tensors by slot name (:attr:`SLOTS`); ``constants``: the tensors a
+        replay may pass as they are, and views of them (the module's own; w1 seen as m x Cin by a TMA
+        box). Raises :class:`NotReplayable` for any other tensor argument (a copy of x, say):
+        replaying it would compute from stale data."""
         keep = {t.untyped_storage().data_ptr() for t in constants if t is not None and t.numel() > 0}
+        bound = [(i, bound.get(name)) for i, name in enumerate(self.SLOTS)]
         self.launches = []
         for lc in launches:
-            slots = [_slot(a, bound, keep) for a in lc.args]
-            dynamic = tuple((i, s) for i, s in enumerate(slots) if callable(s))
-            self.launches.append((lc.kernel, lc.grid, slots, dynamic, lc.kwargs, lc.loops))
+            dynamic = []
+            for i, arg in enumerate(lc.args):
+                slot = _slot(arg, bound, keep)
+                if slot is not None:
+                    dynamic.append((i, *slot))
+            self.launches.append((lc.kernel, lc.grid, list(lc.args), tuple(dynamic), lc.kwargs, lc.loops))
 
-    def run(self, bound: Dict[str, Tensor]) -> None:
-        x = bound["x"]
+    def run(self, x: Tensor, out: Tensor, gate: Optional[Tensor] = None) -> None:
+        """The recorded launches with this call's ``x``, ``out`` and ``gate`` (of the recorded call's
+        sizes, strides, dtypes and alignment: the caller's key)."""
         if x.is_cuda and x.device.index != torch.cuda.current_device():   # the launcher's device context
             with torch.cuda.device(x.device):
-                return self.run(dict(bound))
-        for kernel, grid, slots, dynamic, kwargs, loops in self.launches:
-            args = list(slots)
-            for i, rebuild in dynamic:
-                args[i] = rebuild(bound)
-            launch(kernel, grid, *args, loops=loops, **kwargs)
+                return self.run(x, out, gate)
+        bound = (x, out, gate)
+        for kernel, grid, args, dynamic, kwargs, loops in self.launches:
+            if dynamic:
+                args = args.copy()
+                for i, which, perm, desc in dynamic:
+                    t = bound[which] if perm is None else bound[which].permute(perm)
+                    args[i] = t if desc is None else _rebased(desc, t)
+            _launch_recorded(kernel, grid, args, kwargs, loops)
 
 
 class NotReplayable(Exception):
     """A launch argument derived from x / out / the gate in a way a plan cannot rebind."""
 
 
-def _slot(arg, bound: Dict[str, Tensor], keep: set):
-    """The argument as it was, or a function of this call's tensors that rebuilds it."""
+def _slot(arg, bound, keep: set):
+    """None where the argument is replayed as it was, else how to rebuild it from this call's
+    tensors: (slot index, the permutation of the slot's tensor or None, the TMA descriptor to rebase
+    on it or None)."""
     if isinstance(arg, Tensor):
-        for name, t in bound.items():
+        for which, t in bound:
             if t is None:
                 continue
             if arg is t:
-                return lambda b, name=name: b[name]
+                return which, None, None
             if arg.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() and t.numel() > 0:
                 perm = _permutation(t, arg)
-                return lambda b, name=name, perm=perm: b[name].permute(perm)
+                return which, None if perm == tuple(range(t.dim())) else perm, None
         if arg.numel() > 0 and arg.untyped_storage().data_ptr() not in keep:   # views of the module's own pass
             raise NotReplayable(f"a launch argument is a tensor the launcher made ({tuple(arg.shape)})")
-        return arg
+        return None
     if dataclasses.is_dataclass(arg) and isinstance(getattr(arg, "base", None), Tensor):   # a TMA descriptor
         base = _slot(arg.base, bound, keep)
-        if callable(base):
-            return lambda b, arg=arg, base=base: _rebased(arg, base(b))
-    return arg
+        if base is not None:
+            if base[2] is not None:
+                raise NotReplayable("a TMA descriptor over a TMA descriptor")
+            return base[0], base[1], arg
+    return None
 
 
 def _rebased(desc, base: Tensor):

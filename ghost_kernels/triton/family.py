@@ -18,6 +18,7 @@ fake implementation for all of them.
 
 # No ``from __future__ import annotations`` here: torch 2.6's custom_op evaluates string annotations
 # in its own namespace, which has no ``Tuple`` (the op's schema is inferred from them).
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
@@ -75,6 +76,8 @@ class TritonFamily(Backend):
 
     def __post_init__(self):
         if self.launcher is not None:
+            if self.support is not None and not hasattr(self.launcher, "unchecked"):
+                self.launcher = _spec_checked(self.name, self.support, self.launcher)
             FAMILIES[self.name] = self
 
     def environment_reason(self, device: Optional[torch.device] = None) -> Optional[str]:
@@ -122,6 +125,21 @@ class TritonFamily(Backend):
         except tc.NotReplayable:
             plan = None
         return out, plan
+
+
+def _spec_checked(name: str, support: Support, launcher: Launcher) -> Launcher:
+    """``launcher`` behind the family's declared table (``support.spec_reasons``): a direct call (the
+    lab, the bench, a user) with a module the kernels do not run raises, naming every reason, instead
+    of launching them on it. The dispatcher checks the same table before it gets here."""
+    def checked(x, params, dtype, *args, **kwargs):
+        reasons = support.spec_reasons(params.spec)
+        if reasons:
+            raise ValueError(f"{name} cannot run this module: " + "; ".join(reasons))
+        return launcher(x, params, dtype, *args, **kwargs)
+
+    functools.update_wrapper(checked, launcher)
+    checked.unchecked = launcher
+    return checked
 
 
 def prepare_output(x: Tensor, spec: GhostSpec, dtype: torch.dtype, out: Optional[Tensor]) -> Tensor:

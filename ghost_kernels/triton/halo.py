@@ -146,9 +146,6 @@ if triton is not None:
 def forward(x: Tensor, params: GhostParams, dtype: torch.dtype, out: Optional[Tensor] = None, config=None) -> Tensor:
     """The family's launcher (``family.py`` contract): BN folded here, on every call (this kernel
     takes folded parameters; the newer families fold inside the kernel)."""
-    if params.spec.kernel_size != 1:
-        raise ValueError(f"triton_halo: kernel_size must be 1, got {params.spec.kernel_size} (triton_two_pass runs "
-                         "k x k)")
     return forward_folded(x, fold_ghost(params, dtype), params.spec, out=out)
 
 

@@ -16,8 +16,17 @@ if triton is not None:
     from .train_kernels import _bn_input_grad_kernel, _ghost_bwd_kernel
 
 
+def centred(mean: Tensor, conv_bias: Optional[Tensor]) -> Tensor:
+    """The mean of a conv's output *without* its bias, from BN's mean of its input (which includes the
+    bias: what running_mean tracks), float32. The kernels compute the bias-free conv output z and
+    centre it with this (z + b - mean = z - centred): the forward and the backward call this on the
+    same tensors, so both see the same scale and shift bit for bit."""
+    mean = mean.float()
+    return (mean if conv_bias is None else mean - conv_bias.float()).contiguous()
+
+
 def bn_affine(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
-    """y = z * scale + shift for BN with the given mean and 1/std (float32)."""
+    """y = z * scale + shift for BN with the given mean (of z: see :func:`centred`) and 1/std (float32)."""
     scale = invstd if weight is None else invstd * weight.float()
     shift = -mean * scale
     if bias is not None:
@@ -45,17 +54,20 @@ def backward_config(spec: GhostSpec, ho: int, wo: int, dtype: torch.dtype) -> tc
     return tc.pick_config(spec, ho, wo, dtype, pad=2 * (spec.dw_size // 2))._replace(num_warps=8)
 
 
-def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Tensor], bn1_bias: Optional[Tensor],
-                   wd: Tensor, bn2_weight: Optional[Tensor], bn2_bias: Optional[Tensor], mean1: Tensor,
-                   invstd1: Tensor, mean2: Tensor, invstd2: Tensor, spec: GhostSpec, batch_stats1: bool,
-                   batch_stats2: bool, sync_group: Optional[int] = None):
-    """Gradients (x, w1, bn1 weight, bn1 bias, wd, bn2 weight, bn2 bias) of :func:`train_forward`."""
+def train_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], bn1_weight: Optional[Tensor],
+                   bn1_bias: Optional[Tensor], wd: Tensor, b2: Optional[Tensor], bn2_weight: Optional[Tensor],
+                   bn2_bias: Optional[Tensor], mean1: Tensor, invstd1: Tensor, mean2: Tensor, invstd2: Tensor,
+                   spec: GhostSpec, batch_stats1: bool, batch_stats2: bool, sync_group: Optional[int] = None):
+    """Gradients (x, w1, b1, bn1 weight, bn1 bias, wd, b2, bn2 weight, bn2 bias) of :func:`train_forward`
+    (None for an absent conv bias or BN affine parameter). ``mean1``/``mean2``: the forward's BN means,
+    which include the conv biases."""
     n, _, h, w = x.shape
     ho, wo = spec.out_hw(h, w)
     dev = x.device
     cdtype = w1.dtype
     w1m = w1.reshape(spec.m, spec.inp).contiguous()
     wdm = wd.reshape(spec.new, spec.dw_size ** 2).float().contiguous()
+    mean1, mean2 = centred(mean1, b1), centred(mean2, b2)   # of the bias-free conv outputs the kernels compute
     scale1, shift1 = bn_affine(mean1, invstd1, bn1_weight, bn1_bias)
     scale2, shift2 = bn_affine(mean2, invstd2, bn2_weight, bn2_bias)  # the forward's, bit for bit
     count = float(n * ho * wo)
@@ -77,9 +89,8 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Ten
     zc1 = torch.empty_like(g1m)
     part2 = torch.empty(2 * max(total, 1) * r1 * bm, dtype=torch.float32, device=dev)
     part1 = torch.empty(2 * max(total, 1) * bm, dtype=torch.float32, device=dev)
-    gwd_part = torch.empty(max(total, 1) * r1 * taps * bm, dtype=torch.float32, device=dev)
+    gwd_part = torch.empty(max(total, 1) * r1 * (taps + 1) * bm, dtype=torch.float32, device=dev)  # + dL/db2
     f32 = lambda v: v.float().contiguous()  # noqa: E731
-    mean1, mean2 = f32(mean1), f32(mean2)
     ga2 = gb2 = gc2 = scale2  # placeholders in phase 1
 
     def launch(phase, part, ga2, gb2, gc2):
@@ -95,7 +106,7 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Ten
                 # dL/dwd and transposed-conv taps): dy/dx loop pairs
                 loops=(total / programs, triton.cdiv(spec.inp, cfg.BLOCK_K))
                 + (float(spec.dw_size),) * (2 if phase == 1 else 4) * r1,
-                PHASE=phase, STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size, RELU=spec.act == "relu",
+                PHASE=phase, STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size, ACT=tc.act_code(spec.act),
                 BATCH2=batch_stats2, HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W, BLOCK_M=bm, BLOCK_K=cfg.BLOCK_K,
                 IEEE=cdtype == torch.float32, DOT_F32=tc.interpreting() and cdtype == torch.bfloat16,
                 num_warps=cfg.num_warps)
@@ -120,28 +131,34 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, bn1_weight: Optional[Ten
     if total:
         launch(2, part1, ga2, gb2, gc2)
         sums1 = part1.view(2, total // n_mb, n_mb * bm).sum(1)[:, :spec.m]
-        gwd = gwd_part.view(total // n_mb, n_mb, r1, taps, bm).sum(0).permute(0, 3, 1, 2).reshape(-1, taps)[:spec.new]
+        per_tap = gwd_part.view(total // n_mb, n_mb, r1, taps + 1, bm).sum(0).permute(0, 3, 1, 2)
+        per_tap = per_tap.reshape(-1, taps + 1)[:spec.new]
+        gwd, g_b2 = per_tap[:, :taps], per_tap[:, taps]
     else:
         g1m.zero_(), zc1.zero_()
         sums1 = torch.zeros(2, spec.m, dtype=torch.float32, device=dev)
         gwd = torch.zeros(spec.new, taps, dtype=torch.float32, device=dev)
+        g_b2 = torch.zeros(spec.new, dtype=torch.float32, device=dev)
     g_bn1w = None if bn1_weight is None else (sums1[1] * invstd1).to(bn1_weight.dtype)
     g_bn1b = None if bn1_bias is None else sums1[0].to(bn1_bias.dtype)
     if sync_group is not None:
         sums1 = all_reduce(sums1.clone(), sync_group)
     ga1, gb1, gc1 = _bn_backward_coeffs(sums1[0], sums1[1], count, invstd1, bn1_weight, batch_stats1)
 
-    gx, gw1 = _pointwise_conv_grads(g1m, zc1, (ga1, gb1, gc1), batch_stats1, x, w1, spec)
+    gx, gw1, g_b1 = _pointwise_conv_grads(g1m, zc1, (ga1, gb1, gc1), batch_stats1, x, w1, spec, b1 is not None)
     # every gradient dense and contiguous, as the op's fake implementation promises (gwd is a
     # permuted view of the per-tile sums until here)
-    return gx, gw1, g_bn1w, g_bn1b, gwd.reshape(wd.shape).to(wd.dtype).contiguous(), g_bn2w, g_bn2b
+    return (gx, gw1, None if b1 is None else g_b1.to(b1.dtype), g_bn1w, g_bn1b,
+            gwd.reshape(wd.shape).to(wd.dtype).contiguous(), None if b2 is None else g_b2.to(b2.dtype, copy=True),
+            g_bn2w, g_bn2b)
 
 
 def _pointwise_conv_grads(g1m: Tensor, zc1: Tensor, coeffs, batch_stats1: bool, x: Tensor, w1: Tensor,
-                          spec: GhostSpec):
+                          spec: GhostSpec, with_bias: bool = False):
     """B3: dL/dz1 = a g1m + b + c (z1 - mean1) in one elementwise pass (compute dtype), then the 1x1
     conv's gradients as two GEMMs (cuBLAS): dL/dx = dL/dz1 w1, dL/dw1 = dL/dz1^T x (stride s: x is
-    sampled at every s-th row and column, and dL/dx is zero elsewhere)."""
+    sampled at every s-th row and column, and dL/dx is zero elsewhere); ``with_bias``: also the conv
+    bias's, dL/db1 = the sum of dL/dz1 over N, H', W' (float32; None without)."""
     n, _, ho, wo = g1m.shape
     cdtype = w1.dtype
     ga1, gb1, gc1 = (v.float().contiguous() for v in coeffs)
@@ -157,13 +174,14 @@ def _pointwise_conv_grads(g1m: Tensor, zc1: Tensor, coeffs, batch_stats1: bool, 
     xs = x[:, :, ::spec.stride, ::spec.stride] if spec.stride > 1 else x
     gz1p = _pixels(gz1)
     gw1 = (gz1p.t() @ _pixels(xs).to(cdtype)).reshape(w1.shape)
+    gb1 = gz1p.sum(0, dtype=torch.float32) if with_bias else None
     gxs = (gz1p @ w1.reshape(spec.m, spec.inp)).reshape(n, ho, wo, spec.inp).permute(0, 3, 1, 2)
     if spec.stride > 1:
         gx = torch.zeros_like(x, dtype=cdtype, memory_format=output_memory_format(x))
         gx[:, :, ::spec.stride, ::spec.stride] = gxs
     else:
         gx = gxs.contiguous(memory_format=output_memory_format(x))
-    return gx, gw1
+    return gx, gw1, gb1
 
 
 

@@ -2,9 +2,18 @@
 
 Design note
 ===========
-Notation: x (N x Cin x H x W), z1 = conv1x1(x, w1, stride) (m channels), y1 = act(BN1(z1)),
-z2 = dwconv(y1, wd) (m(r-1) channels), y2 = act(BN2(z2)), out = cat(y1, y2)[:, :oup]; P = N H' W'
+Notation: x (N x Cin x H x W), z1 = conv1x1(x, w1, stride) (m channels), y1 = act(BN1(z1 + bias1)),
+z2 = dwconv(y1, wd) (m(r-1) channels), y2 = act(BN2(z2 + bias2)), out = cat(y1, y2)[:, :oup]; P = N H' W'
 output pixels; BN in train mode normalizes with the batch's mean and biased variance.
+
+Options. ``act`` is any of ``spec.ACTIVATIONS`` (ReLU, SiLU, Hardswish, identity: one ACT constexpr,
+codes of ``common.act``) for both stages. The convs may have biases (bias1, bias2; ``GhostParams.b1`` /
+``b2``), always followed by a BatchNorm. The kernels compute the convs *without* their biases and centre
+with ``mean - bias`` (``train_backward.centred``): in train mode the batch mean absorbs the bias (the
+batch statistics of z are those of z + bias, shifted), yet the mean the ops return and running_mean
+tracks is eager's, bias included; in eval mode (running statistics) the bias shifts the fold. Not
+here: a k x k primary conv (the 1x1 GEMM tiles of F1/F2/B3) and a conv without a BatchNorm (a deployed
+module); ``TRAINING_SUPPORT`` in ``backend.py`` says so.
 
 Forward, train mode: three passes, nothing of size P x m is kept besides the output.
 
@@ -28,17 +37,23 @@ GhostNet's bottleneck adds the shortcut into it in place. y1 and z2 are recomput
 Backward: two launches of ``_ghost_bwd_kernel`` on halo tiles with a halo of 2 (d // 2) pixels (z2 is
 needed on a 1-pixel-wider ring than the tile to form the transposed depthwise conv), then cuBLAS.
 
-  B1 (PHASE 1)  recompute z1 -> y1 (halo, scratch slot) -> z2 on the tile; with g2 = dL/dy2 and the
-                act mask, store per tile and ghost channel sum(g2m) and sum(g2m (z2 - mean2)): BN2's
-                backward reductions (dgamma2, dbeta2).
+  B1 (PHASE 1)  recompute z1 -> y1 (halo, scratch slot) -> z2 on the tile; g2m = act'(u2) g2 with
+                g2 = dL/dy2 and u2 = BN2's output, recomputed bit for bit as F3 computed it (from z2
+                rounded to the output dtype): ``act_grad``, eager's derivative and its conventions (ReLU:
+                zero where y <= 0, NaN passes; Hardswish: 0 at u <= -3, 1 at u >= 3). Store per tile and
+                ghost channel sum(g2m) and sum(g2m (z2 - mean2)): BN2's backward reductions (dgamma2,
+                dbeta2).
   B2 (PHASE 2)  recompute as B1, then g_z2 = a2 g2m + b2 + c2 (z2 - mean2) on the tile + ring (the
                 BN2 backward with B1's global sums); the per-tile depthwise weight gradient
                 sum_p y1(p + tap) g_z2(p) for every tap (stored per tile, summed in torch: no atomics,
-                deterministic); g_y1 = g1 + dwconv^T(g_z2) on the tile; g1m = act mask * g_y1; stores
-                g1m and z1 - mean1 (fp32) and per tile sum(g1m), sum(g1m (z1 - mean1)) for BN1.
+                deterministic), and as one more "tap" sum_p g_z2(p), dL/dbias2; g_y1 = g1 +
+                dwconv^T(g_z2) on the tile; g1m = act'(u1) g_y1 (u1 = BN1's output as the forward's
+                ``bn_act_tile`` computes it; ReLU decides on y1 itself); stores g1m and z1 - mean1 (fp32)
+                and per tile sum(g1m), sum(g1m (z1 - mean1)) for BN1.
   B3            ``_bn_input_grad_kernel``: g_z1 = a1 g1m + b1 + c1 (z1 - mean1) in one pass (compute
                 dtype), then the 1x1 conv's data and weight gradients, two GEMMs (cuBLAS):
-                gx = g_z1 w1, gw1 = g_z1^T x.
+                gx = g_z1 w1, gw1 = g_z1^T x; with a bias, dL/dbias1 = sum_p g_z1(p) (torch). With batch
+                statistics both bias gradients are 0 up to rounding, as eager's: the mean absorbs a bias.
   Bytes: B1 reads x and the ghost half of dL/dout; B2 reads x and dL/dout and writes two fp32 m-channel
   maps; B3 reads them and x, writes gx. No per-element atomics anywhere: every reduction is a per-tile
   partial summed by torch, so the backward is deterministic whatever
@@ -53,9 +68,28 @@ from __future__ import annotations
 from .common import tl, triton
 
 if triton is not None:
+    from .common import act as apply_act
     from .common import bn_act_tile, pointwise_conv_tile, tile_coords
 
 if triton is not None:
+
+    @triton.jit
+    def act_grad(g, u, y, ACT: tl.constexpr):
+        """dL/du from g = dL/dy for y = act(u) (codes: ``common.act``), in fp32 as eager's backward
+        computes it. 1 ReLU: threshold_backward on y, zero where y <= 0, so NaN passes (``y`` must be the
+        value the forward's decision was taken on, bit for bit); 2 SiLU: silu_backward,
+        ``g s (1 + u (1 - s))`` with ``s = 1 / (1 + exp(-u))`` (NaN at u = NaN or +-Inf, as eager);
+        3 Hardswish: hardswish_backward, 0 for u <= -3, ``g (u / 3 + 1/2)`` for u < 3, else g (so u = NaN
+        passes g, as eager's CUDA kernel and CPU scalar loop do; its CPU vectorized loop gives NaN there);
+        0 the identity."""
+        if ACT == 1:
+            g = tl.where(y <= 0.0, 0.0, g)
+        elif ACT == 2:
+            s = 1.0 / (1.0 + tl.exp(-u))
+            g = g * s * (1.0 + u * (1.0 - s))
+        elif ACT == 3:
+            g = tl.where(u <= -3.0, 0.0, tl.where(u < 3.0, g * (u / 3.0 + 0.5), g))
+        return g
 
     @triton.jit(do_not_specialize=["C_IN", "HO", "WO", "M", "P_TOTAL", "sxn", "sxh", "n_pblocks"])
     def _pw_stats_kernel(
@@ -87,7 +121,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["C", "HW", "WO", "son", "soh", "c0"])
     def _affine_act_kernel(
         out_ptr, scale_ptr, shift_ptr, C, HW, WO, son, soc, soh, sow, c0,
-        RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+        ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
         """F3: out[:, c0 + c] = act(out[:, c0 + c] * scale[c] + shift[c]) in place (BN2 + act)."""
         n = tl.program_id(0).to(tl.int64)
@@ -99,9 +133,7 @@ if triton is not None:
         v = tl.load(out_ptr + off, mask=ok, other=0.0).to(tl.float32)
         sc = tl.load(scale_ptr + c, mask=c < C, other=0.0)
         sh = tl.load(shift_ptr + c, mask=c < C, other=0.0)
-        y = v * sc[:, None] + sh[:, None]
-        if RELU:
-            y = tl.where(y < 0.0, 0.0, y)
+        y = apply_act(v * sc[:, None] + sh[:, None], ACT)
         tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit(do_not_specialize=["numel", "C", "HW"])
@@ -128,7 +160,7 @@ if triton is not None:
         sgn, sgc, sgh, sgw,
         sbn, sbc, sbh, sbw,
         n_tiles_h, n_tiles_w, n_mblocks, total_tiles,
-        PHASE: tl.constexpr, STRIDE: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, RELU: tl.constexpr,
+        PHASE: tl.constexpr, STRIDE: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, ACT: tl.constexpr,
         BATCH2: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
     ):
@@ -139,6 +171,7 @@ if triton is not None:
         TW: tl.constexpr = HALO_W - 2 * P2
         BLOCK_P: tl.constexpr = HALO_H * HALO_W
         R1: tl.constexpr = RATIO - 1
+        TAPS1: tl.constexpr = DW * DW + 1            # per tile and ghost channel: dL/dwd's taps, then dL/db2
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
 
@@ -165,7 +198,7 @@ if triton is not None:
             x_pix = n * sxn + (oh * STRIDE).to(tl.int64) * sxh + (ow * STRIDE).to(tl.int64) * sxw
             acc = pointwise_conv_tile(x_ptr, w1_ptr, x_pix, in_img, c, c_ok, C_IN, sxc,
                                          BLOCK_M, BLOCK_K, BLOCK_P, IEEE, DOT_F32)
-            y1 = bn_act_tile(acc, scale1_ptr, shift1_ptr, c, c_ok, in_img, RELU)
+            y1 = bn_act_tile(acc, scale1_ptr, shift1_ptr, c, c_ok, in_img, ACT)
             tl.debug_barrier()
             tl.store(y1_slot, y1.to(y1s_ptr.dtype.element_ty))   # rounded like the forward's y1
             tl.debug_barrier()
@@ -187,12 +220,12 @@ if triton is not None:
                 g2 = tl.load(g_ptr + (M + j).to(tl.int64)[:, None] * sgc
                              + (n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[None, :],
                              mask=live, other=0.0).to(tl.float32)
-                if RELU:   # eager's threshold_backward: zero where y2 <= 0 (NaN passes), with y2
-                    # computed bit for bit as F3 did: from z2 rounded to the output dtype
+                if ACT != 0:   # the activation's derivative at BN2's output u2, computed bit for bit as
+                    # F3 did: from z2 rounded to the output dtype (ReLU: u2 <= 0 iff y2 <= 0, NaN passes)
                     z2r = z2.to(y1s_ptr.dtype.element_ty).to(tl.float32)
-                    y2 = z2r * tl.load(scale2_ptr + j, mask=c_ok, other=0.0)[:, None] \
+                    u2 = z2r * tl.load(scale2_ptr + j, mask=c_ok, other=0.0)[:, None] \
                         + tl.load(shift2_ptr + j, mask=c_ok, other=0.0)[:, None]
-                    g2 = tl.where(y2 <= 0.0, 0.0, g2)
+                    g2 = act_grad(g2, u2, u2, ACT)
                 if PHASE == 1:
                     g2 = tl.where(on_tile[None, :], g2, 0.0)
                     row = part_ptr + (tl.cast(tile, tl.int64) * R1 + r) * BLOCK_M + cm
@@ -205,6 +238,9 @@ if triton is not None:
                         gz += (tl.load(gb2_ptr + j, mask=c_ok, other=0.0)[:, None]
                                + tl.load(gc2_ptr + j, mask=c_ok, other=0.0)[:, None] * zc2)
                     gz = tl.where(live, gz, 0.0)
+                    # dL/db2[j] (a conv bias before BN2) += sum over the tile of g_z2
+                    tl.store(gwd_ptr + ((tl.cast(tile, tl.int64) * R1 + r) * TAPS1 + DW * DW) * BLOCK_M + cm,
+                             tl.sum(tl.where(on_tile[None, :], gz, 0.0), axis=1))
                     tl.debug_barrier()                # the previous multiplier's reads of gz_slot are done
                     tl.store(gz_slot, gz)
                     tl.debug_barrier()
@@ -214,7 +250,7 @@ if triton is not None:
                             # dL/dwd[j, tap] += sum over the tile of y1(p + tap) g_z2(p)
                             v = tl.load(y1_slot + ((dy - PAD) * HALO_W + (dx - PAD)), mask=on_tile[None, :],
                                         other=0.0).to(tl.float32)
-                            tl.store(gwd_ptr + ((tl.cast(tile, tl.int64) * R1 + r) * (DW * DW) + tap) * BLOCK_M + cm,
+                            tl.store(gwd_ptr + ((tl.cast(tile, tl.int64) * R1 + r) * TAPS1 + tap) * BLOCK_M + cm,
                                      tl.sum(tl.where(on_tile[None, :], v * gz, 0.0), axis=1))
                             # dL/dy1(p) += wd[j, tap] g_z2(p - tap): the transposed depthwise conv
                             wv = tl.load(wd_ptr + j * (DW * DW) + tap, mask=c_ok, other=0.0)
@@ -227,8 +263,10 @@ if triton is not None:
                              + (n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[None, :],
                              mask=store_ok, other=0.0).to(tl.float32)
                 gy1 += g1
-                if RELU:
-                    gy1 = tl.where(y1 <= 0.0, 0.0, gy1)
+                if ACT != 0:   # at BN1's output u1, as bn_act_tile computed it (ReLU: on y1 itself)
+                    u1 = acc * tl.load(scale1_ptr + c, mask=c_ok, other=0.0)[:, None] \
+                        + tl.load(shift1_ptr + c, mask=c_ok, other=0.0)[:, None]
+                    gy1 = act_grad(gy1, u1, y1, ACT)
                 gy1 = tl.where(store_ok, gy1, 0.0)
                 zc1 = acc - tl.load(mean1_ptr + c, mask=c_ok, other=0.0)[:, None]
                 row = part_ptr + tl.cast(tile, tl.int64) * BLOCK_M + cm

@@ -183,11 +183,28 @@ counts), ``mlir`` (the TTIR/TTGIR source loops, and which kernel argument each g
 ``latency`` (the latency term), ``rows`` (a launch's and a row's numbers), ``runner`` (:func:`model`
 over every case, and the child process under the interpreter), ``report`` (``offline.json``,
 ``offline.md``: a summary per shape, the rows ordered by shape, a legend), ``cli`` (the command line),
-``errors``. Their public functions are importable from ``ghost_kernels.bench.offline`` itself.
+``errors``; ``train``, ``train_capture`` and ``train_report``: the training ops' rows per module and
+phase against the training floor (``--train``, :func:`model_train`; ``train.py``'s docstring). Their
+public functions are importable from ``ghost_kernels.bench.offline`` itself.
 """
-from .cases import DTYPES, FAMILY_MODULES, IMPORT_ERRORS, LAYOUTS, capture, load_families, make_inputs, select_shapes
+from .cases import (
+    DTYPES,
+    FAMILY_MODULES,
+    IMPORT_ERRORS,
+    LAYOUTS,
+    capture,
+    load_families,
+    make_inputs,
+    select_shapes,
+)
 from .cli import add_arguments, main, run
-from .compiler import MAX_WORKERS, compile_job, compile_jobs, parse_ptxas_log, parse_res_usage
+from .compiler import (
+    MAX_WORKERS,
+    compile_job,
+    compile_jobs,
+    parse_ptxas_log,
+    parse_res_usage,
+)
 from .errors import LoopMismatch, OfflineError, TritonApiMismatch
 from .latency import (
     L2_LATENCY_US,
@@ -242,6 +259,7 @@ from .specialize import (
     specialize_launch,
     target,
 )
+from .train import model_train, train_floor
 from .trips import assign_trips, weighted_counts
 
 __all__ = [
@@ -253,7 +271,8 @@ __all__ = [
     "add_arguments", "analyze_sass", "assign_trips", "capture", "compile_job", "compile_jobs", "ctas_per_sm",
     "find_loops", "floor_bytes", "hbm_bytes", "hbm_us", "is_wait", "issue_us", "kernel_ref", "l2_resident",
     "launch_latency", "load_families", "load_module_file", "load_sources", "main", "make_inputs", "markdown",
-    "mlir_loops", "model", "model_launch", "model_rows", "parse_ptxas_log", "parse_res_usage", "parse_sass",
-    "predicted_us", "resolve_kernel", "run", "select_shapes", "simulate", "source_hashes", "source_loops",
-    "specialize_launch", "split_functions", "target", "timing_records", "weighted_counts",
+    "mlir_loops", "model", "model_launch", "model_rows", "model_train", "parse_ptxas_log", "parse_res_usage",
+    "parse_sass", "predicted_us", "resolve_kernel", "run", "select_shapes", "simulate", "source_hashes",
+    "source_loops", "specialize_launch", "split_functions", "target", "timing_records", "train_floor",
+    "weighted_counts",
 ]

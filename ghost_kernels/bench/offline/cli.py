@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser, groups: Optional[Dict[str, ob
     off.add_argument("--families", type=_families, default=None, metavar="LIST",
                      help="comma list of kernel families (default: every registered family: "
                           f"{', '.join(_registered_families())})")
+    off.add_argument("--train", action="store_true",
+                     help="the training ops instead of the inference families: per module a forward and a backward "
+                          "row (Triton launches modelled, torch ops counted by bytes) against the training floor "
+                          "-> offline-train.json, offline-train.md (ghost_kernels/bench/offline/train.py)")
     off.add_argument("--workers", type=positive_int, default=MAX_WORKERS, metavar="N",
                      help=f"compile processes (at most {MAX_WORKERS})")
     off.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -89,6 +93,8 @@ def run(args) -> int:
     out = getattr(args, "out", None) or "offline-out"
     verbose = not getattr(args, "quiet", False)
     shapes = getattr(args, "shapes", "all") or "all"
+    if getattr(args, "train", False):
+        return run_train(args, dtypes, layouts, batch, out, verbose, shapes)
     if getattr(args, "model", None) or "->" in shapes:      # the model's modules, explicit shapes
         from ..models import shape_cases
         shapes = [m for m, _ in (getattr(args, "shape_cases", None) or shape_cases(shapes, args.model))]
@@ -100,6 +106,30 @@ def run(args) -> int:
     print(report.write(out, rows, meta))
     print(f"{len(rows)} rows, {meta['variants']} compiled variants, {meta['wall_s']} s -> "
           f"{os.path.join(out, 'offline.json')}")
+    return 1 if any(r.get("error") for r in rows) and getattr(args, "strict", False) else 0
+
+
+def run_train(args, dtypes, layouts, batch, out, verbose, shapes) -> int:
+    """``--train``: the training ops' rows (:func:`train.model_train`) for the network's modules, each
+    distinct shape weighted by how many modules have it (``models.shape_cases``)."""
+    from ..models import shape_cases
+    from . import train
+    if getattr(args, "families", None):
+        raise ValueError("--train models the training ops, not the inference families: drop --families")
+    cases = getattr(args, "shape_cases", None) or shape_cases(shapes, getattr(args, "model", None))
+    rows, meta = train.model_train(cases, dtypes, layouts, batch,
+                                   workers=getattr(args, "workers", MAX_WORKERS) or MAX_WORKERS,
+                                   strict=getattr(args, "strict", False), verbose=verbose)
+    meta["network"] = getattr(args, "model", None) or "ghostnet_100"
+    train.write(out, rows, meta)
+    for phase, v in meta["summary"].items():
+        print(f"{phase}: {v['modules']} modules, {v['hbm_bytes'] / 1e9:.2f} GB against a floor of "
+              f"{v['floor_bytes'] / 1e9:.2f} GB ({v['bytes_over_floor'] or 0:.2f}x; torch ops "
+              f"{v['torch_bytes'] / 1e9:.2f} GB), worst kernel {v['max_kernel_instr_per_byte'] or 0:.3f} "
+              f"warp-instr/B ({v['worst_kernel']}), spills {v['spills']}, {v['predicted_us']:.0f} us predicted"
+              + (f"; {v['errors']} rows without numbers (see their error)" if v["errors"] else ""))
+    print(f"{len(rows)} rows, {meta['variants']} compiled variants, {meta['wall_s']} s -> "
+          f"{os.path.join(out, 'offline-train.json')}")
     return 1 if any(r.get("error") for r in rows) and getattr(args, "strict", False) else 0
 
 

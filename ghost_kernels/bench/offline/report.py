@@ -144,12 +144,13 @@ def _budget(meta: dict):
     return meta.get("instruction_budget", INSTRUCTION_BUDGET)
 
 
-def write(out: str, rows: Sequence[dict], meta: dict) -> str:
-    """Write ``offline.json`` and ``offline.md`` to the folder ``out``; the markdown."""
+def write(out: str, rows: Sequence[dict], meta: dict, stem: str = "offline", render=None) -> str:
+    """Write ``<stem>.json`` and ``<stem>.md`` (``render(rows, meta)``, default :func:`markdown`) to the
+    folder ``out``; the markdown."""
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "offline.json"), "w") as f:
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)
-    md = markdown(rows, meta)
-    with open(os.path.join(out, "offline.md"), "w") as f:
+    md = (render or markdown)(rows, meta)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write(md)
     return md

@@ -68,10 +68,7 @@ def model(families: Optional[Sequence[str]] = None, shapes="all", dtypes: Sequen
                         launches = capture(fams[fam], x, params, dt)
                         if not launches:
                             raise OfflineError("the launcher made no launch through triton_common.launch()")
-                        for la in launches:
-                            job = specialize_launch(la)
-                            jobs.setdefault(job.key, job)
-                            case["launches"].append((la, jobs[job.key]))
+                        case["launches"] = specialize_all(launches, jobs)
                     except TritonApiMismatch:
                         raise
                     except Exception as exc:
@@ -81,18 +78,7 @@ def model(families: Optional[Sequence[str]] = None, shapes="all", dtypes: Sequen
     t_capture = time.perf_counter() - t_start
 
     users = _case_names(cases)
-
-    def progress(job, res):
-        if verbose:
-            msg = res.get("error") or f"{res['compile_s']:.1f} s, {res['regs']} regs"
-            print(f"  compiled {users.get(job.key, job.name)}: {msg}", file=sys.stderr, flush=True)
-
-    t0 = time.perf_counter()
-    results = compile_jobs(list(jobs.values()), workers, progress)
-    t_compile = time.perf_counter() - t0
-    api_errors = [r["error"] for r in results.values() if r.get("error", "").startswith("TritonApiMismatch")]
-    if api_errors:
-        raise TritonApiMismatch(api_errors[0].split(": ", 1)[1])
+    results, t_compile = compile_all(jobs, workers, verbose, lambda job: users.get(job.key, job.name))
 
     rows = []
     for case in cases:
@@ -209,13 +195,51 @@ def _unsupported(family: str, params) -> str:
     return "; ".join(support.module_reasons(params))
 
 
+def specialize_all(launches, jobs: dict) -> list:
+    """(launch, its compile job) per launch: one job per distinct specialization, kept in ``jobs``."""
+    pairs = []
+    for la in launches:
+        job = specialize_launch(la)
+        pairs.append((la, jobs.setdefault(job.key, job)))
+    return pairs
+
+
+def compile_all(jobs: dict, workers: int, verbose: bool, label=lambda job: job.name):
+    """Compile every job (``compile_jobs``), saying each one's result when ``verbose``; (results,
+    seconds). A Triton whose offline-compile API differs raises TritonApiMismatch (every job would fail
+    alike)."""
+    def progress(job, res):
+        if verbose:
+            msg = res.get("error") or f"{res['compile_s']:.1f} s, {res['regs']} regs"
+            print(f"  compiled {label(job)}: {msg}", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    results = compile_jobs(list(jobs.values()), workers, progress)
+    api_errors = [r["error"] for r in results.values() if r.get("error", "").startswith("TritonApiMismatch")]
+    if api_errors:
+        raise TritonApiMismatch(api_errors[0].split(": ", 1)[1])
+    return results, time.perf_counter() - t0
+
+
 def _model_in_child(families, shapes, dtypes, layouts, batch, workers, imports, strict, verbose):
     """Run the model in ``python -m ghost_kernels.bench.offline`` without TRITON_INTERPRET."""
-    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     req = dict(families=None if families is None else list(families), shapes=[_shape_to_json(s) for s in shapes],
                dtypes=list(dtypes), layouts=list(layouts), batch=batch, workers=workers,
                imports=[os.path.abspath(i) if i.endswith(".py") else i for i in imports], strict=strict,
                verbose=verbose)
+    res = run_child(req, verbose)
+    if "exception" in res:
+        cls = {"LoopMismatch": LoopMismatch, "TritonApiMismatch": TritonApiMismatch}.get(res["exception"][0],
+                                                                                          OfflineError)
+        raise cls(res["exception"][1])
+    return res["rows"], res["meta"]
+
+
+def run_child(req: dict, verbose: bool) -> dict:
+    """``req`` answered by ``python -m ghost_kernels.bench.offline --request`` in a child process without
+    TRITON_INTERPRET (the compiler does not run under the interpreter): the result's JSON, which says
+    ``exception`` where the child caught one; OfflineError where it wrote no result."""
+    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in sys.path if p and os.path.isdir(p)]
                                         + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
@@ -229,24 +253,27 @@ def _model_in_child(families, shapes, dtypes, layouts, batch, workers, imports, 
             raise OfflineError(f"the offline model's child process failed (rc {proc.returncode}):\n"
                                f"{(proc.stderr or '')[-4000:]}")
         with open(rs) as f:
-            res = json.load(f)
-    if "exception" in res:
-        cls = {"LoopMismatch": LoopMismatch, "TritonApiMismatch": TritonApiMismatch}.get(res["exception"][0],
-                                                                                          OfflineError)
-        raise cls(res["exception"][1])
-    return res["rows"], res["meta"]
+            return json.load(f)
 
 
 def serve_request(rq: str, rs: str) -> int:
     with open(rq) as f:
         req = json.load(f)
     try:
+        if req.get("train"):   # the training ops' rows (train.py)
+            from .train import serve
+            rows, meta = serve(req)
+            return _answer(rs, dict(rows=rows, meta=meta))
         rows, meta = model(req["families"], [_shape_from_json(d) for d in req["shapes"]], req["dtypes"],
                            req["layouts"], req["batch"], req["workers"], req["imports"], req["strict"],
                            req.get("verbose", False))
         out = dict(rows=rows, meta=meta)
     except OfflineError as exc:
         out = dict(exception=[type(exc).__name__, str(exc)])
+    return _answer(rs, out)
+
+
+def _answer(rs: str, out: dict) -> int:
     with open(rs, "w") as f:
         json.dump(out, f, default=str)
     return 0
