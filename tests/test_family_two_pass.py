@@ -227,7 +227,7 @@ def test_magic_division():
 
 
 def test_backend_object():
-    assert tp.BACKEND.name == "triton_two_pass" and tp.BACKEND.launcher is tp.forward
+    assert tp.BACKEND.name == "triton_two_pass" and tp.BACKEND.launcher.unchecked is tp.forward
     assert triton_family.FAMILIES["triton_two_pass"] is tp.BACKEND
     assert tp.BACKEND.default_config is tp.default_config and tp.BACKEND.lab_configs is tp.lab_configs
     assert tp.BACKEND.support is not None and not tp.BACKEND.trains

@@ -69,7 +69,7 @@ def parse_args(argv=None):
                    help="precompile processes")
     p.add_argument("--quick", action="store_true", help="one shape per resolution, default configs only")
     p.add_argument("--compile-budget", type=seconds, default=90.0, metavar="S",
-                   help="seconds of torch.compile in the timing phase")
+                   help="seconds of torch.compile in the timing phase (and in the train phase's per-shape rows)")
     p.add_argument("--cpu-check", action="store_true",
                    help="run every phase's plumbing on the CPU (Triton interpreter, small shapes; the model "
                         "phase on a 3-stage GhostNet, the eager model standing in for torch.compile): a test of "
@@ -207,7 +207,7 @@ class Lab:
             self.write("train.json", dict(self.meta, copy_GBps=copy_peak, **res))
         res = train_phase(self.device, self.args.batch, deadline=self.at(1.0), cpu_check=self.args.cpu_check,
                           quick=self.args.quick, copy_GBps=copy_peak if not self.args.cpu_check else None,
-                          l2_bytes=self.l2, progress=progress)
+                          l2_bytes=self.l2, progress=progress, compile_s=self.args.compile_budget)
         progress(res)
         timed = [r for r in res["rows"] if r.get("section") == "model" and r.get("images_per_s")]
         self.say("train: " + (", ".join(f"{r['impl']} {r['images_per_s']:.0f} img/s" for r in timed) or "no model row timed")

@@ -58,7 +58,7 @@ def shape_order(shapes: List[tuple]) -> List[tuple]:
 
 
 def shape_rows(device, batch: int, deadline: Optional[float], cpu_check: bool, quick: bool, copy_GBps,
-               l2_bytes: int, emit: Callable[[dict], None]) -> None:
+               l2_bytes: int, emit: Callable[[dict], None], compile_s: float = 90.0) -> None:
     """Section 1: one training step per shape and implementation (see the module docstring)."""
     from .__main__ import select_shapes
     if cpu_check:
@@ -67,7 +67,8 @@ def shape_rows(device, batch: int, deadline: Optional[float], cpu_check: bool, q
         dtype = "float32"
     else:
         shapes, dtype = shape_order(select_shapes("quick" if quick else "all", quick)), "bfloat16"
-    compile_budget = {"compile": 1e9}
+    compile_budget = {"compile": compile_s}   # spent, later shapes' compile rows say so (the first of each
+                                              # resolution come first)
     for k, (shape, count) in enumerate(shapes):
         if deadline is not None and time.perf_counter() + SHAPE_ROW_S > deadline:
             emit(_skipped_shape(shape, count, batch, dtype, "the phase's budget ran out"))
@@ -193,9 +194,11 @@ def _time_model(bench: TrainBench, impl: str, mode: str, ref_loss: float, ref_gr
 
 
 def train_phase(device, batch: int, deadline: Optional[float], cpu_check: bool = False, quick: bool = False,
-                copy_GBps: Optional[float] = None, l2_bytes: int = 50 << 20, progress=None) -> dict:
+                copy_GBps: Optional[float] = None, l2_bytes: int = 50 << 20, progress=None,
+                compile_s: float = 90.0) -> dict:
     """Both sections; ``progress(result)`` after every row. The per-shape rows get the first 60% of
-    the time to ``deadline``, the network the rest (its compiled rows first go when time is short)."""
+    the time to ``deadline`` and ``compile_s`` seconds of torch.compile among them (``--compile-budget``),
+    the network the rest (its compiled rows go first when time is short)."""
     rows: List[dict] = []
     start = time.perf_counter()
     split = None if deadline is None else start + 0.6 * (deadline - start)
@@ -205,6 +208,6 @@ def train_phase(device, batch: int, deadline: Optional[float], cpu_check: bool =
         if progress is not None:
             progress({"rows": rows})
 
-    shape_rows(device, batch, split, cpu_check, quick, copy_GBps, l2_bytes, emit)
+    shape_rows(device, batch, split, cpu_check, quick, copy_GBps, l2_bytes, emit, compile_s)
     model_rows(device, batch, deadline, cpu_check, emit)
     return {"rows": rows}
