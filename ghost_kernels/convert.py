@@ -32,16 +32,28 @@ MATCHERS = (ultralytics.match, timm.match, official.match)
 @dataclass
 class ConversionReport:
     """What :func:`convert` did: qualified names of converted modules, and of Ghost-like modules it left
-    alone with the reason (``filter_fn`` exclusions are not listed)."""
+    alone with the reason (``filter_fn`` exclusions are not listed); ``inference_only``: converted
+    modules that ``backend="triton"`` runs fused in inference but whose training its training ops
+    refuse (a train-mode call raises, saying why), with the reason."""
 
     converted: List[str] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)
+    inference_only: Dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         kinds = Counter(reason for reason in self.skipped.values())
         parts = [f"{n} x {reason}" for reason, n in kinds.most_common()]
         return f"converted {len(self.converted)} Ghost modules" + (
-            f"; left {len(self.skipped)} Ghost-like modules as they were: " + "; ".join(parts) if parts else "")
+            f"; left {len(self.skipped)} Ghost-like modules as they were: " + "; ".join(parts) if parts else "") \
+            + self.inference_only_note()
+
+    def inference_only_note(self) -> str:
+        """The part of the summary about :attr:`inference_only` (empty when there are none)."""
+        if not self.inference_only:
+            return ""
+        kinds = Counter(self.inference_only.values())
+        return (f"; {len(self.inference_only)} of the converted run fused in inference only (training them with "
+                "backend='triton' raises): " + "; ".join(f"{n} x {r}" for r, n in kinds.most_common()))
 
 
 def match(module: nn.Module) -> Optional[Match]:
@@ -125,6 +137,10 @@ def convert(model: nn.Module, backend: str = "auto", filter_fn: Optional[FilterF
             report.skipped[label] = why
             return None
         report.converted.append(label)
+        if backend != "auto" and dispatch.BY_NAME[backend].trains:   # auto trains on torch (dispatch.py)
+            untrainable = dispatch.BY_NAME[backend].training_module_reasons(fused.params(), fused.gated)
+            if untrainable:
+                report.inference_only[label] = "; ".join(untrainable)
         fused.backend = backend
         return None if fused is module else fused
 
@@ -137,8 +153,9 @@ def convert(model: nn.Module, backend: str = "auto", filter_fn: Optional[FilterF
                 if new is not None:
                     setattr(parent, child_name, new)
     # the count in the log, the details of what was left alone once, in the warning
-    logger.info("ghost_kernels.convert: converted %d Ghost modules%s", len(report.converted),
-                f"; left {len(report.skipped)} Ghost-like modules as they were (see the warning)" if report.skipped else "")
+    logger.info("ghost_kernels.convert: converted %d Ghost modules%s%s", len(report.converted),
+                f"; left {len(report.skipped)} Ghost-like modules as they were (see the warning)" if report.skipped else "",
+                report.inference_only_note())
     if report.skipped:
         warnings.warn(f"ghost_kernels.convert: {report.summary()}", stacklevel=2)
     result = root if root is not None else model

@@ -171,6 +171,12 @@ def test_fused_kernels_run_the_real_models(name, layout):
         warnings.simplefilter("ignore")
         _, report = gk.convert(model, backend="triton", return_report=True)
     assert len(report.converted) == (26 if name.startswith("yolo") else 32) and not report.skipped, report.skipped
+    # what backend="triton" runs in inference only (its training ops refuse): YOLO's six 3x3 stride-2
+    # GhostConvs; every deployed module (no BatchNorm), said in the report's summary
+    untrainable = {"yolov8n-ghost": 6, "yolov8n-ghost-fused": 26, "ghostnetv3_100": 32}[name]
+    assert len(report.inference_only) == untrainable, report.inference_only
+    reason = "without a BatchNorm" if untrainable > 6 else "kernel_size=3"
+    assert all(reason in r for r in report.inference_only.values()) and "inference only" in report.summary()
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     size = (64, 96) if name.startswith("yolo") else (36, 52)   # YOLO: multiples of 32; V2: >= 2x2 at the end
     x = torch.randn(1, 3, *size, device=DEVICE).contiguous(memory_format=fmt)

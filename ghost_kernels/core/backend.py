@@ -198,6 +198,11 @@ class Backend:
         explicitly named backend)."""
         return self.support.module_reasons(params, gated) if self.support is not None else []
 
+    def training_module_reasons(self, params: GhostParams, gated: bool = False) -> List[str]:
+        """For a backend that trains (``trains``): why it can run the module in inference but never
+        train it (``convert()``'s report says so); empty where it trains every module it runs."""
+        return []
+
     def training_reasons(self, req: Request) -> List[str]:
         """Reasons this backend cannot run a call that is not plain inference (train-mode BN,
         autograd, or BN without running statistics)."""

@@ -92,6 +92,10 @@ class TritonBackend(Backend):
             return []
         return sorted(set(r for reasons in per_path for r in reasons))
 
+    def training_module_reasons(self, params: GhostParams, gated: bool = False) -> List[str]:
+        """Why the training ops can never train the module (an inference family may still run it)."""
+        return TRAINING_SUPPORT.module_reasons(params, gated)
+
     def explain_choice(self, req: Request) -> str:
         if not req.inference:
             return training_op_why(req)
