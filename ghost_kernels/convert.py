@@ -137,8 +137,9 @@ def convert(model: nn.Module, backend: str = "auto", filter_fn: Optional[FilterF
             report.skipped[label] = why
             return None
         report.converted.append(label)
-        if backend != "auto" and dispatch.BY_NAME[backend].trains:   # auto trains on torch (dispatch.py)
-            untrainable = dispatch.BY_NAME[backend].training_module_reasons(fused.params(), fused.gated)
+        named = dispatch.BY_NAME.get(backend)   # None for auto, which trains on torch (dispatch.py)
+        if named is not None and named.trains:
+            untrainable = named.training_module_reasons(fused.params(), fused.gated)
             if untrainable:
                 report.inference_only[label] = "; ".join(untrainable)
         fused.backend = backend

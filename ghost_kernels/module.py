@@ -171,7 +171,7 @@ class FusedGhost(nn.Module):
         if torch.jit.is_tracing():   # TorchScript records the PyTorch path
             _warn_torchscript()
             return self.forward_eager(x)
-        if _is_compiling():          # traced once: the plain path, no cache
+        if is_compiling():           # traced once: the plain path, no cache
             req = self._request(x)
             backend = dispatch.choose(self.backend, req).backend
             return self.forward_eager(x) if backend is reference.BACKEND else backend.forward(x, req)
@@ -326,9 +326,6 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
         return torch.get_autocast_dtype(device_type)
     return None
 
-
-# ``core.backend.is_compiling`` without its checks of the torch version, for the hot path
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or is_compiling
 
 
 def _any_requires_grad(params: GhostParams) -> bool:

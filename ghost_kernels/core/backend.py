@@ -26,9 +26,9 @@ class BackendNotSupported(RuntimeError):
 
 def is_compiling() -> bool:
     """True while torch.compile (dynamo) or torch.export traces the caller: input sizes may be symbolic
-    then, and nothing may be decided from their values (see ``dispatch.choose``)."""
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    then, and nothing may be decided from their values (see ``dispatch.choose``). On every module
+    call's path: torch.compiler.is_compiling, which every supported torch (>= 2.6) has."""
+    return torch.compiler.is_compiling()
 
 
 def autocast_enabled(device: torch.device) -> bool:
