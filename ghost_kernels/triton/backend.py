@@ -131,8 +131,8 @@ def training_op_why(req: Request) -> str:
     return f"the training op ghost_kernels::triton_train_forward (with a backward): {what}"
 
 
-# What the training ops (train_ops.py) run: the v1 halo kernels' options, every activation the kernels
-# know, convs with or without a bias, each followed by a BatchNorm. Not: a k x k primary conv (the
-# training kernels are 1x1 only) and a conv without a BatchNorm (a deployed module: its training form
+# What the training ops (train_ops.py) run: every activation the kernels know, convs with or without a
+# bias, each followed by a BatchNorm. Not: a k x k primary conv (the forward's two-pass kernels take it,
+# the backward's are 1x1 only) and a conv without a BatchNorm (a deployed module: its training form
 # has the BatchNorm).
 TRAINING_SUPPORT = Support(acts=ACTIVATIONS, conv_bias=True)

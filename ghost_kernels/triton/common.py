@@ -219,6 +219,7 @@ def capturing() -> bool:
 
 ACT_CODES = {"none": 0, "relu": 1, "silu": 2, "hardswish": 3}
 BN_WEIGHT, BN_BIAS, BN_NORM, CONV_BIAS = 1, 2, 4, 8      # bits of the flags constexpr
+AFFINE = 16     # instead: (scale, shift) given per channel in the weight and bias slots (the training forward)
 
 
 def act_code(act: str) -> int:
@@ -247,8 +248,12 @@ if triton is not None:
         """The conv's bias and eval-mode BN of channels ``c`` as ``(scale, shift)`` in fp32, ``y = z * scale
         + shift`` for the conv's output z without its bias: ``scale = gamma / sqrt(var + eps)``, ``shift =
         beta + (bias - mean) * scale``; without a BatchNorm ``scale = 1``, ``shift = bias`` (or 0).
-        Masked channels: scale 0."""
-        if FLAGS & 4:
+        Masked channels: scale 0. FLAGS 16 (``AFFINE``): ``scale`` and ``shift`` themselves are given (fp32,
+        in the weight and bias slots; the training forward computes them from the batch statistics)."""
+        if FLAGS & 16:
+            scale = tl.load(w_ptr + c, mask=c_ok, other=0.0)
+            shift = tl.load(b_ptr + c, mask=c_ok, other=0.0)
+        elif FLAGS & 4:
             var = tl.load(var_ptr + c, mask=c_ok, other=1.0).to(tl.float32)
             scale = 1.0 / tl.sqrt_rn(var + eps)
             if FLAGS & 1:

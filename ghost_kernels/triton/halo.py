@@ -1,6 +1,6 @@
 """``triton_halo``: the v1 single-pass Triton kernel (halo tiles, y1 through a per-program scratch slot).
 
-One launch, x read once, output written once. Also the forward of the training ops (STATS mode).
+One launch, x read once, output written once.
 
 Design note
 ===========
@@ -51,7 +51,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..core.batch_stats import Moments
 from ..core.fold import FoldedGhost, fold_ghost
 from ..core.params import GhostParams
 from ..core.spec import GhostSpec
@@ -65,21 +64,15 @@ if triton is not None:
     @triton.jit(do_not_specialize=["C_IN", "HO", "WO", "M", "OUP", "sxn", "sxh", "son", "soh",
                                    "n_tiles_h", "n_tiles_w", "n_mblocks", "total_tiles"])
     def _ghost_fwd_kernel(
-        x_ptr, out_ptr, w1_ptr, scale1_ptr, shift1_ptr, wd_ptr, shift2_ptr, scratch_ptr, stats_ptr,
+        x_ptr, out_ptr, w1_ptr, scale1_ptr, shift1_ptr, wd_ptr, shift2_ptr, scratch_ptr,
         C_IN, HO, WO, M, OUP,
         sxn, sxc, sxh, sxw,
         son, soc, soh, sow,
         n_tiles_h, n_tiles_w, n_mblocks, total_tiles,
-        STRIDE: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, ACT: tl.constexpr, ACT2: tl.constexpr,
-        STATS: tl.constexpr,
+        STRIDE: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, ACT: tl.constexpr,
         HALO_H: tl.constexpr, HALO_W: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
     ):
-        # ACT2 is the cheap branch's activation (ACT in eval mode; codes: common.act). STATS (train mode, see
-        # train_kernels.py): the cheap branch runs with raw weights, no shift and no activation, its
-        # output z2 is stored as is, and each tile also stores, per ghost channel, the sum and the
-        # tile-centred sum of squares of z2 over its interior pixels (plus its pixel count), so that
-        # BN2's batch statistics follow without another pass and without E[z^2] - E[z]^2 cancellation.
         PAD: tl.constexpr = DW // 2
         TH: tl.constexpr = HALO_H - 2 * PAD
         TW: tl.constexpr = HALO_W - 2 * PAD
@@ -120,25 +113,16 @@ if triton is not None:
             tl.debug_barrier()                      # this tile's writes are visible to the CTA
             for r in tl.static_range(RATIO - 1):
                 j = c * (RATIO - 1) + r             # ghost channel, reads intrinsic channel c
-                j_ok = c_ok & (j < OUP - M)         # stored; all m * (r - 1) are computed (BN2 stats)
+                j_ok = c_ok & (j < OUP - M)         # ghost channels that survive the slice
                 acc2 = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
                 for dy in range(DW):  # runtime loops: unrolling 49 taps x 3 multipliers costs minutes of compile
                     for dx in range(DW):
                         wv = tl.load(wd_ptr + j * (DW * DW) + (dy * DW + dx), mask=c_ok, other=0.0)
                         v = tl.load(slot + ((dy - PAD) * HALO_W + (dx - PAD)), mask=interior[None, :], other=0.0)
                         acc2 += wv[:, None] * v.to(tl.float32)
-                if STATS:
-                    cnt = tl.sum(keep.to(tl.float32), axis=0)
-                    s = tl.sum(tl.where(keep[None, :], acc2, 0.0), axis=1)
-                    dev = tl.where(keep[None, :], acc2 - (s / cnt)[:, None], 0.0)
-                    srow = stats_ptr + (tl.cast(tile, tl.int64) * (RATIO - 1) + r) * BLOCK_M + cm
-                    tl.store(srow, s)
-                    tl.store(srow + total_tiles.to(tl.int64) * (RATIO - 1) * BLOCK_M, tl.sum(dev * dev, axis=1))
-                    if r == 0:
-                        tl.store(stats_ptr + 2 * total_tiles.to(tl.int64) * (RATIO - 1) * BLOCK_M + tile, cnt)
                 b2 = tl.load(shift2_ptr + j, mask=c_ok, other=0.0)
                 y2 = acc2 + b2[:, None]
-                y2 = tc.act(y2, ACT2)
+                y2 = tc.act(y2, ACT)
                 tl.store(out_ptr + (M + j).to(tl.int64)[:, None] * soc + o_pix[None, :],
                          y2.to(out_ptr.dtype.element_ty), mask=j_ok[:, None] & keep[None, :])
 
@@ -168,60 +152,36 @@ def forward_folded(x: Tensor, folded: FoldedGhost, spec: GhostSpec, out: Optiona
     out = prepare_output(x, spec, dtype, out)
     if out.numel() == 0:
         return out
-    launch_forward(x, out, folded, spec, act2=spec.act)
+    launch_forward(x, out, folded, spec)
     return out
 
 
-def launch_forward(x: Tensor, out: Tensor, folded: FoldedGhost, spec: GhostSpec, act2: str,
-                   stats: bool = False) -> Optional[Moments]:
-    """Launch ``_ghost_fwd_kernel`` into ``out``. With ``stats`` (train mode, see train_kernels.py) the
-    kernel also writes per-tile statistics of the cheap branch (sums, centred sums of squares and
-    pixel counts, ``2 * T * (r - 1) * BLOCK_M + T`` floats for T tiles), returned decoded: the
-    moments of the m(r-1) ghost channels."""
+def launch_forward(x: Tensor, out: Tensor, folded: FoldedGhost, spec: GhostSpec) -> None:
+    """Launch ``_ghost_fwd_kernel`` into ``out``."""
     n, _, ho, wo = out.shape
     dtype = out.dtype
     cfg = tc.pick_config(spec, ho, wo, dtype)
     n_th, n_tw, n_mb, total = tc.tile_grid(spec, n, ho, wo, cfg, spec.dw_size // 2)
-    variant = ("fwd", x.device.index, x.dtype, dtype, spec.stride, spec.ratio, spec.dw_size, spec.act, act2,
-               stats, cfg)
+    variant = ("fwd", x.device.index, x.dtype, dtype, spec.stride, spec.ratio, spec.dw_size, spec.act, cfg)
     programs = tc.persistent_programs(variant, x, total)
     scratch = torch.empty(programs * cfg.BLOCK_M * cfg.HALO_H * cfg.HALO_W, dtype=dtype, device=x.device)
-    stats_buf = (torch.empty(total * (2 * (spec.ratio - 1) * cfg.BLOCK_M + 1), dtype=torch.float32,
-                             device=x.device) if stats else scratch)
     taps = float(spec.dw_size)
     with tc.device_ctx(x):
         compiled = tc.launch(
             _ghost_fwd_kernel, (programs,),
-            x, out, folded.w1, folded.scale1, folded.shift1, folded.wd, folded.shift2, scratch, stats_buf,
+            x, out, folded.w1, folded.scale1, folded.shift1, folded.wd, folded.shift2, scratch,
             spec.inp, ho, wo, spec.m, spec.oup,
             *x.stride(), *out.stride(),
             n_th, n_tw, n_mb, total,
             # the tile loop, the K loop, and a dy/dx loop pair per ghost multiplier (static_range copies)
             loops=(total / programs, triton.cdiv(spec.inp, cfg.BLOCK_K)) + (taps, taps) * (spec.ratio - 1),
-            STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size, ACT=tc.act_code(spec.act), ACT2=tc.act_code(act2),
-            STATS=stats,
+            STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size, ACT=tc.act_code(spec.act),
             HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
             IEEE=dtype == torch.float32, DOT_F32=tc.interpreting() and dtype == torch.bfloat16,
             num_warps=cfg.num_warps,
         )
     tc.remember_occupancy(variant, compiled, x, cfg.num_warps)
-    if not stats:
-        return None
-    return _tile_moments(stats_buf, spec, total, n_mb, cfg.BLOCK_M)
-
-
-def _tile_moments(buf: Tensor, spec: GhostSpec, n_tiles: int, n_mb: int, block_m: int) -> Moments:
-    """Decode the STATS buffer into the moments of the m(r-1) ghost channels."""
-    r1 = spec.ratio - 1
-    per = n_tiles * r1 * block_m
-    sums = buf[:per].view(n_tiles // n_mb, n_mb, r1, block_m)
-    m2s = buf[per:2 * per].view(n_tiles // n_mb, n_mb, r1, block_m)
-    count = buf[2 * per:2 * per + n_tiles].view(n_tiles // n_mb, n_mb)[:, 0]
-    # ghost channel j = c * (r - 1) + k of intrinsic channel c = mb * BLOCK_M + cm
-    as_channels = lambda t: t.permute(0, 1, 3, 2).reshape(t.shape[0], -1)[:, :spec.new]  # noqa: E731
-    return Moments.merge(count, as_channels(sums), as_channels(m2s))
 
 
 BACKEND = TritonFamily(
-    "triton_halo", "v1 single pass: 16x16 halo tiles, y1 through a per-program scratch slot in L2; also the "
-    "training ops' forward", support=INFERENCE_SUPPORT, launcher=forward)
+    "triton_halo", "v1 single pass: 16x16 halo tiles, y1 through a per-program scratch slot in L2", support=INFERENCE_SUPPORT, launcher=forward)

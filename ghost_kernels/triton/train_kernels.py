@@ -15,31 +15,45 @@ tracks is eager's, bias included; in eval mode (running statistics) the bias shi
 here: a k x k primary conv (the 1x1 GEMM tiles of F1/F2/B3) and a conv without a BatchNorm (a deployed
 module); ``TRAINING_SUPPORT`` in ``backend.py`` says so.
 
-Forward, train mode: three passes, nothing of size P x m is kept besides the output.
+Forward, train mode: the two kernels of ``triton_two_pass`` (``two_pass.py``, its design note), each
+run twice -- once as a statistics pass (STATS: the raw conv output reduced per tile, never written),
+once writing. Batch statistics must exist before anything is normalized, and z1 / z2 are never
+written raw, so nothing of size P x m is kept besides the output.
 
-  F1 ``_pw_stats_kernel``   reads x; computes z1 tile by tile (tl.dot) and stores per tile and channel
-                            the sum and the tile-centred sum of squares. BN1's batch mean and variance
-                            follow (Chan's merge in float64), so z1 is never written. (The statistics
-                            could also come from x's Cin x Cin Gram matrix, mean(z1) = W mean(x),
-                            E[z1^2] = diag(W E[xx^T] W^T); that costs Cin^2 instead of m Cin products
-                            per pixel and cancels in E[z^2] - E[z]^2, so we reduce z1 itself.)
-  F2 ``_ghost_fwd_kernel``  (halo.py, STATS=True) reads x again; y1 with BN1 from F1 goes
-                            to out[:, :m]; z2 (raw depthwise output, no BN) goes to out[:, m:oup]; each
-                            tile stores the statistics of z2 for all m(r-1) ghost channels (those
-                            sliced off by oup included: nn.BatchNorm2d tracks them too).
-  F3 ``_affine_act_kernel`` BN2 + act in place on out[:, m:oup].
-  Bytes: x twice, out once, the ghost half once more read and written: (2 Cin + oup + 2 (oup - m)) b per
-  pixel against the floor (Cin + oup) b; eager moves about Cin + 15 m (see ghost-module-notes.md).
+  F1 ``_pw_kernel`` STATS     reads x; z1 tile by tile (the wgmma GEMM of pass 1); per pixel tile and
+                              channel the sum and the tile-centred sum of squares. BN1's batch mean and
+                              variance follow (Chan's merge in float64).
+  F2 ``_pw_kernel``           reads x again; y1 = act(z1 * scale1 + shift1) -> out[:, :m], with
+                              (scale1, shift1) from F1's statistics (``common.AFFINE``).
+  F3 ``_dw_kernel`` STATS     reads y1 back (the row-walk stencil of pass 2); z2 for every ghost
+                              channel, those sliced off by oup included (nn.BatchNorm2d tracks them
+                              too); per program and channel the sum and squared deviations about the
+                              program's mean (per-lane shifted sums, merged across lanes).
+  F4 ``_dw_kernel`` (``_dw_nchw_kernel`` for a dense NCHW output)
+                              reads y1 again; y2 = act(z2 * scale2 + shift2) -> out[:, m:oup].
+  An eval-mode BN (running statistics) skips its statistics pass. Bytes per pixel: 2 Cin + 3 m + (oup -
+  m) (F3's y1 reads of a dense NCHW output go through the strided kernel, one pixel per lane) against
+  the floor Cin + oup; the first design (F1 GEMM on pointers, F2 the halo kernel computing y1 and raw
+  z2 on halo tiles, F3 an in-place BN2 pass) moved 2 Cin + oup + 2 (oup - m): the same at ratio 2,
+  more at 3 and 4, and it counted 0.6-7.5 warp-instructions per byte in F2 where these passes count
+  the inference families' (offline, 2026-12-04: NOTES.md, "Training forward on the two-pass kernels").
 
 Saved for backward: x (eager saves it too) and per-channel mean and 1/std of both BNs. Not the output:
 GhostNet's bottleneck adds the shortcut into it in place. y1 and z2 are recomputed from x.
+
+The recomputed y1 and z2 can differ from F2's and F4's in the last bit where the GEMM's K order
+differs (F2: wgmma tiles, B1/B2: ``pointwise_conv_tile``); an activation decision differs only where
+BN's output is within that rounding of the decision point. (The first design's B1 recomputed u2 from
+z2 rounded to the output dtype, as its F3 did; with F4's fp32 z2 that mismatch flipped ReLU's mask at
+~0.5% of the elements of a ratio-4 bf16 module and put dL/dx at 3e-2 against eager's 5e-3: caught by
+test_gradients_option_sweep.)
 
 Backward: two launches of ``_ghost_bwd_kernel`` on halo tiles with a halo of 2 (d // 2) pixels (z2 is
 needed on a 1-pixel-wider ring than the tile to form the transposed depthwise conv), then cuBLAS.
 
   B1 (PHASE 1)  recompute z1 -> y1 (halo, scratch slot) -> z2 on the tile; g2m = act'(u2) g2 with
-                g2 = dL/dy2 and u2 = BN2's output, recomputed bit for bit as F3 computed it (from z2
-                rounded to the output dtype): ``act_grad``, eager's derivative and its conventions (ReLU:
+                g2 = dL/dy2 and u2 = BN2's output, recomputed as F4 computed it (z2 in fp32, the taps
+                in F4's order): ``act_grad``, eager's derivative and its conventions (ReLU:
                 zero where y <= 0, NaN passes; Hardswish: 0 at u <= -3, 1 at u >= 3). Store per tile and
                 ghost channel sum(g2m) and sum(g2m (z2 - mean2)): BN2's backward reductions (dgamma2,
                 dbeta2).
@@ -48,7 +62,7 @@ needed on a 1-pixel-wider ring than the tile to form the transposed depthwise co
                 sum_p y1(p + tap) g_z2(p) for every tap (stored per tile, summed in torch: no atomics,
                 deterministic), and as one more "tap" sum_p g_z2(p), dL/dbias2; g_y1 = g1 +
                 dwconv^T(g_z2) on the tile; g1m = act'(u1) g_y1 (u1 = BN1's output as the forward's
-                ``bn_act_tile`` computes it; ReLU decides on y1 itself); stores g1m and z1 - mean1 (fp32)
+                output, ``bn_act_tile``; ReLU decides on the recomputed y1 itself); stores g1m and z1 - mean1 (fp32)
                 and per tile sum(g1m), sum(g1m (z1 - mean1)) for BN1.
   B3            ``_bn_input_grad_kernel``: g_z1 = a1 g1m + b1 + c1 (z1 - mean1) in one pass (compute
                 dtype), then the 1x1 conv's data and weight gradients, two GEMMs (cuBLAS):
@@ -60,7 +74,7 @@ needed on a 1-pixel-wider ring than the tile to form the transposed depthwise co
   ``torch.are_deterministic_algorithms_enabled()`` says.
 
 SyncBatchNorm: with a process group, the statistics (count, mean, M2) of both BNs are all-gathered
-between F1 and F2 and between F2 and F3, and the backward sums all-reduced between B1 and B2 and before
+between F1 and F2 and between F3 and F4, and the backward sums all-reduced between B1 and B2 and before
 B3: the same communication as ``nn.SyncBatchNorm``, on statistics the kernels compute anyway.
 """
 from __future__ import annotations
@@ -68,7 +82,6 @@ from __future__ import annotations
 from .common import tl, triton
 
 if triton is not None:
-    from .common import act as apply_act
     from .common import bn_act_tile, pointwise_conv_tile, tile_coords
 
 if triton is not None:
@@ -90,51 +103,6 @@ if triton is not None:
         elif ACT == 3:
             g = tl.where(u <= -3.0, 0.0, tl.where(u < 3.0, g * (u / 3.0 + 0.5), g))
         return g
-
-    @triton.jit(do_not_specialize=["C_IN", "HO", "WO", "M", "P_TOTAL", "sxn", "sxh", "n_pblocks"])
-    def _pw_stats_kernel(
-        x_ptr, w1_ptr, part_ptr,
-        C_IN, HO, WO, M, P_TOTAL,
-        sxn, sxc, sxh, sxw, n_pblocks,
-        STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-        IEEE: tl.constexpr, DOT_F32: tl.constexpr,
-    ):
-        """F1: per block of BLOCK_P output pixels and BLOCK_M channels, sum and centred sum of squares of z1."""
-        pb = tl.program_id(0)
-        mb = tl.program_id(1)
-        p = pb.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_ok = p < P_TOTAL
-        n = p // (HO * WO)
-        rem = p % (HO * WO)
-        x_pix = n * sxn + (rem // WO) * STRIDE * sxh + (rem % WO) * STRIDE * sxw
-        c = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        c_ok = c < M
-        acc = pointwise_conv_tile(x_ptr, w1_ptr, x_pix, p_ok, c, c_ok, C_IN, sxc,
-                                     BLOCK_M, BLOCK_K, BLOCK_P, IEEE, DOT_F32)
-        cnt = tl.sum(p_ok.to(tl.float32), axis=0)
-        s = tl.sum(acc, axis=1)                      # masked lanes hold exact zeros
-        dev = tl.where(p_ok[None, :], acc - (s / cnt)[:, None], 0.0)
-        row = part_ptr + pb.to(tl.int64) * M + c
-        tl.store(row, s, mask=c_ok)
-        tl.store(row + n_pblocks.to(tl.int64) * M, tl.sum(dev * dev, axis=1), mask=c_ok)
-
-    @triton.jit(do_not_specialize=["C", "HW", "WO", "son", "soh", "c0"])
-    def _affine_act_kernel(
-        out_ptr, scale_ptr, shift_ptr, C, HW, WO, son, soc, soh, sow, c0,
-        ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    ):
-        """F3: out[:, c0 + c] = act(out[:, c0 + c] * scale[c] + shift[c]) in place (BN2 + act)."""
-        n = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
-        ok = (c < C)[:, None] & (p < HW)[None, :]
-        off = (n * son + (c0 + c).to(tl.int64)[:, None] * soc
-               + ((p // WO).to(tl.int64) * soh + (p % WO).to(tl.int64) * sow)[None, :])
-        v = tl.load(out_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        sc = tl.load(scale_ptr + c, mask=c < C, other=0.0)
-        sh = tl.load(shift_ptr + c, mask=c < C, other=0.0)
-        y = apply_act(v * sc[:, None] + sh[:, None], ACT)
-        tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit(do_not_specialize=["numel", "C", "HW"])
     def _bn_input_grad_kernel(g_ptr, zc_ptr, out_ptr, a_ptr, b_ptr, c_ptr, numel, C, HW,
@@ -221,9 +189,8 @@ if triton is not None:
                              + (n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[None, :],
                              mask=live, other=0.0).to(tl.float32)
                 if ACT != 0:   # the activation's derivative at BN2's output u2, computed bit for bit as
-                    # F3 did: from z2 rounded to the output dtype (ReLU: u2 <= 0 iff y2 <= 0, NaN passes)
-                    z2r = z2.to(y1s_ptr.dtype.element_ty).to(tl.float32)
-                    u2 = z2r * tl.load(scale2_ptr + j, mask=c_ok, other=0.0)[:, None] \
+                    # the forward's last pass did: from z2 in fp32 (ReLU: u2 <= 0 iff y2 <= 0, NaN passes)
+                    u2 = z2 * tl.load(scale2_ptr + j, mask=c_ok, other=0.0)[:, None] \
                         + tl.load(shift2_ptr + j, mask=c_ok, other=0.0)[:, None]
                     g2 = act_grad(g2, u2, u2, ACT)
                 if PHASE == 1:

@@ -1,4 +1,5 @@
-"""Training of the Ghost module with the Triton kernels (``train_kernels.py``, ``halo.py``):
+"""Training of the Ghost module with the Triton kernels (``two_pass.py``'s for the forward,
+``train_kernels.py``'s for the backward):
 the train-mode forward's launches, and the torch.library ops ``ghost_kernels::triton_train_forward``
 and ``triton_train_backward`` (register_fake, register_autograd) that torch.compile, torch.export and
 opcheck see. The design (passes, bytes, statistics) is the note at the top of ``train_kernels.py``.
@@ -19,44 +20,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..core.batch_stats import Moments, update_running_stats
-from ..core.fold import FoldedGhost
+from ..core.batch_stats import update_running_stats
 from ..core.layout import empty_output, output_memory_format
 from ..core.params import GhostParams, bn_has_running_stats
 from ..core.spec import GhostSpec
-from . import common as tc
-from . import halo as triton_halo
-from .common import triton
+from . import two_pass
 from .train_backward import bn_affine, centred, train_backward
-
-if triton is not None:
-    from .train_kernels import _affine_act_kernel, _pw_stats_kernel
-
-
-def pw_moments(x: Tensor, w1: Tensor, spec: GhostSpec) -> Moments:
-    """F1: the batch moments of z1 = conv1x1(x, w1) per channel, without writing z1."""
-    n, _, h, w = x.shape
-    ho, wo = spec.out_hw(h, w)
-    total = n * ho * wo
-    block_p, block_m = 128, 32 if spec.m > 16 else 16
-    # 16 input channels a K step: with 32, the [32, 128] tile of 64-bit x offsets and the pipelined copies
-    # took 255 registers and spilled 228-340 bytes from 48 input channels up (offline sm_90, Triton 3.8,
-    # 2026-12-03); with 16: 168-221 registers, no spill, half the predicted time (GhostNet's 72->40 @28:
-    # 92 -> 39 us at batch 256)
-    block_k = 16
-    n_pb = triton.cdiv(total, block_p)
-    part = torch.empty(2, n_pb, spec.m, dtype=torch.float32, device=x.device)
-    with tc.device_ctx(x):
-        tc.launch(
-            _pw_stats_kernel, (n_pb, triton.cdiv(spec.m, block_m)),
-            x, w1, part, spec.inp, ho, wo, spec.m, total, *x.stride(), n_pb,
-            loops=(triton.cdiv(spec.inp, block_k),),
-            STRIDE=spec.stride, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_P=block_p,
-            IEEE=w1.dtype == torch.float32, DOT_F32=tc.interpreting() and w1.dtype == torch.bfloat16,
-            num_warps=4)
-    count = torch.full((n_pb,), float(block_p), dtype=torch.float64, device=x.device)
-    count[-1] = total - (n_pb - 1) * block_p
-    return Moments.merge(count, part[0], part[1])
 
 
 def train_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], bn1_weight: Optional[Tensor],
@@ -69,47 +38,35 @@ def train_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], bn1_weight: Optio
     and, per BN, (mean, invstd, unbiased var) float32: the mean of BN's input, conv bias included (what
     running_mean tracks); the unbiased variance is for the running statistics (NaN-free zeros in eval
     mode). The kernels compute the convs without their biases and centre them with ``mean - bias``
-    (``train_backward.centred``): in train mode the batch mean absorbs the bias."""
-    n, _, h, w = x.shape
-    ho, wo = spec.out_hw(h, w)
-    out = empty_output(x, spec.oup, spec.stride, w1.dtype)
-    w1m = w1.reshape(spec.m, spec.inp).contiguous()
-    wdm = wd.reshape(spec.new, spec.dw_size ** 2).float().contiguous()
-    if stats1 is None:
-        mean1, var1u, var1 = pw_moments(x, w1m, spec).finish(sync_group)
-        invstd1 = torch.rsqrt(var1 + eps1).float()
-        if b1 is not None:
-            mean1 = mean1 + b1.float()
-    else:
-        mean1, invstd1 = stats1[0].float().clone(), torch.rsqrt(stats1[1].float() + eps1)  # outputs never alias inputs
-        var1u = torch.zeros_like(mean1)
+    (``train_backward.centred``): in train mode the batch mean absorbs the bias.
+
+    Launches (design note: ``train_kernels.py``): F1 = pass 1 of ``triton_two_pass`` with STATS (BN1's
+    moments), F2 = pass 1 writing y1, F3 = pass 2 with STATS (BN2's moments, every ghost channel), F4 =
+    pass 2 writing the kept ghost channels; an eval-mode BN skips its statistics pass."""
+    dtype = w1.dtype
+    out = empty_output(x, spec.oup, spec.stride, dtype)
+    mean1, invstd1, var1u = _bn_stats(stats1, lambda: two_pass.train_stats1(x, out, w1, spec, dtype), eps1, b1,
+                                      sync_group)
     scale1, shift1 = bn_affine(centred(mean1, b1), invstd1, bn1_weight, bn1_bias)
-
-    if stats2 is not None:  # eval-mode BN2: the single-pass inference kernel with BN2 folded
-        mean2, invstd2 = stats2[0].float().clone(), torch.rsqrt(stats2[1].float() + eps2)
-        scale2, shift2 = bn_affine(centred(mean2, b2), invstd2, bn2_weight, bn2_bias)
-        folded = FoldedGhost(w1m, scale1, shift1, (wdm * scale2[:, None]).contiguous(), shift2)
-        if out.numel():
-            triton_halo.launch_forward(x, out, folded, spec, act2=spec.act)
-        return out, mean1, invstd1, var1u, mean2, invstd2, torch.zeros_like(mean2)
-
-    zero = torch.zeros(spec.new, dtype=torch.float32, device=x.device)
-    folded = FoldedGhost(w1m, scale1, shift1, wdm, zero)
-    moments = triton_halo.launch_forward(x, out, folded, spec, act2="none", stats=True)
-    mean2, var2u, var2 = moments.finish(sync_group)
-    invstd2 = torch.rsqrt(var2 + eps2).float()
-    if b2 is not None:
-        mean2 = mean2 + b2.float()
+    two_pass.train_pass1(x, out, w1, scale1, shift1, spec, dtype)
+    mean2, invstd2, var2u = _bn_stats(stats2, lambda: two_pass.train_stats2(x, out, wd, spec, dtype), eps2, b2,
+                                      sync_group)
     scale2, shift2 = bn_affine(centred(mean2, b2), invstd2, bn2_weight, bn2_bias)
-    kept = spec.oup - spec.m
-    if kept > 0:
-        block_c, block_p = 16, 128
-        with tc.device_ctx(x):
-            tc.launch(
-                _affine_act_kernel, (n, triton.cdiv(kept, block_c), triton.cdiv(ho * wo, block_p)),
-                out, scale2, shift2, kept, ho * wo, wo, out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-                spec.m, loops=(), ACT=tc.act_code(spec.act), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
+    two_pass.train_pass2(x, out, wd, scale2, shift2, spec, dtype)
     return out, mean1, invstd1, var1u, mean2, invstd2, var2u
+
+
+def _bn_stats(running: Optional[Tuple[Tensor, Tensor]], moments, eps: float, conv_bias: Optional[Tensor],
+              sync_group: Optional[int]):
+    """(mean, invstd, unbiased var) of one BN, float32: from ``running`` (running_mean, running_var) in
+    eval mode (var 0), else from the batch: ``moments()`` runs the statistics pass, merged over the
+    process group if any; the mean includes the conv's bias, as eager's (what running_mean tracks)."""
+    if running is not None:
+        mean, invstd = running[0].float().clone(), torch.rsqrt(running[1].float() + eps)  # outputs never alias inputs
+        return mean, invstd, torch.zeros_like(mean)
+    mean, var_unbiased, var = moments().finish(sync_group)
+    invstd = torch.rsqrt(var + eps).float()
+    return (mean if conv_bias is None else mean + conv_bias.float()), invstd, var_unbiased
 
 
 @torch.library.custom_op("ghost_kernels::triton_train_forward", mutates_args=())

@@ -103,13 +103,13 @@ to 64-pixel tiles for small grids).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from ..core.batch_stats import Moments
 from ..core.params import GhostParams
 from ..core.spec import GhostSpec
 from . import common as tc
@@ -184,35 +184,118 @@ def _sms(x: Tensor) -> int:
     return torch.cuda.get_device_properties(x.device).multi_processor_count
 
 
+def _config(x: Tensor, out: Tensor, spec: GhostSpec, dtype: torch.dtype,
+            config: Optional[TwoPassConfig] = None) -> TwoPassConfig:
+    """The tile configuration of a call: ``config`` as given (checked), else the shape's default, with
+    64-pixel tiles in pass 1 where 128 would leave SMs idle."""
+    n, _, ho, wo = out.shape
+    cl = out.stride(1) == 1 and spec.oup > 1
+    cfg = config or default_config(spec, ho, wo, dtype, cl)
+    _check_config(cfg)
+    if config is None and cfg.BLOCK_P > 64 and n * ho * wo // cfg.BLOCK_P * -(-spec.m // cfg.BLOCK_N) < 2 * _sms(x):
+        cfg = cfg._replace(BLOCK_P=64)   # small problems: 64-pixel tiles keep every SM busy (a given config is literal)
+    return cfg
+
+
+def _batches(x: Tensor, out: Tensor, cfg: TwoPassConfig):
+    """(x, out) slices of at most MAX_PIXELS flattened pixels each (the magic-number division's range):
+    the whole tensors unless N * H' * W' >= 2^30."""
+    n, _, ho, wo = out.shape
+    per_launch = max(1, MAX_PIXELS // (ho * -(-wo // cfg.PIXR) * cfg.PIXR))
+    for n0 in range(0, n, per_launch):
+        n1 = min(n, n0 + per_launch)
+        yield (x, out) if (n0, n1) == (0, n) else (x[n0:n1], out[n0:n1])
+
+
+def _contiguous(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def forward(x: Tensor, params: GhostParams, dtype: torch.dtype, out: Optional[Tensor] = None,
             config: Optional[TwoPassConfig] = None) -> Tensor:
     """Eval-mode Ghost module forward in ``dtype`` (the compute and output dtype; x, w1 and wd may be
     wider, as under autocast: they are cast as they are loaded). ``x``: N x inp x H x W, any strides.
     ``out``, if given, receives the result (N x oup x H' x W', ``dtype``, x's device, any strides)."""
     spec = params.spec
-    n, _, h, w = x.shape
-    ho, wo = spec.out_hw(h, w)
     out = prepare_output(x, spec, dtype, out)
     if out.numel() == 0:
         return out
-    cl = out.stride(1) == 1 and spec.oup > 1
-    cfg = config or default_config(spec, ho, wo, dtype, cl)
-    _check_config(cfg)
-    if config is None and cfg.BLOCK_P > 64 and n * ho * wo // cfg.BLOCK_P * -(-spec.m // cfg.BLOCK_N) < 2 * _sms(x):
-        cfg = cfg._replace(BLOCK_P=64)   # small problems: 64-pixel tiles keep every SM busy (a given config is literal)
-    w1 = params.w1 if params.w1.is_contiguous() else params.w1.contiguous()
-    wd = params.wd if params.wd.is_contiguous() else params.wd.contiguous()
-    per_launch = max(1, MAX_PIXELS // (ho * -(-wo // cfg.PIXR) * cfg.PIXR))
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        for n0 in range(0, n, per_launch):   # one launch pair unless N * H' * W' >= 2^30
-            n1 = min(n, n0 + per_launch)
-            xs, os_ = (x, out) if (n0, n1) == (0, n) else (x[n0:n1], out[n0:n1])
-            _launch_pair(xs, os_, w1, wd, params, spec, dtype, cfg)
+    cfg = _config(x, out, spec, dtype, config)
+    w1, wd = _contiguous(params.w1), _contiguous(params.wd)
+    with tc.device_ctx(x):
+        for xs, os_ in _batches(x, out, cfg):   # one launch pair unless N * H' * W' >= 2^30
+            _pass1(xs, os_, w1, tc.bn_args(params.bn1, params.b1, params.w1), spec, dtype, cfg)
+            if spec.oup != spec.m:   # oup = 1: no ghost channel survives the slice
+                _pass2(os_, wd, tc.bn_args(params.bn2, params.b2, params.w1), spec, dtype, cfg)
     return out
 
 
-def _launch_pair(x: Tensor, out: Tensor, w1: Tensor, wd: Tensor, params: GhostParams, spec: GhostSpec,
-                 dtype: torch.dtype, cfg: TwoPassConfig) -> None:
+# --------------------------------------------------------------------------------------------------
+# The training forward's passes (``train_ops.py``): the same two kernels, each also as a statistics
+# pass that stores per-tile moments of the raw conv output instead of the output
+
+def train_stats1(x: Tensor, out: Tensor, w1: Tensor, spec: GhostSpec, dtype: torch.dtype) -> Moments:
+    """BN1's batch moments of z1 = conv(x, w1) (no bias): pass 1 with STATS, nothing written to ``out``
+    (whose layout and dtype select the kernel variant that ``train_pass1`` runs next)."""
+    cfg = _config(x, out, spec, dtype)
+    w1 = _contiguous(w1)
+    parts = []
+    with tc.device_ctx(x):
+        for xs, os_ in _batches(x, out, cfg):
+            parts.append(_pass1(xs, os_, w1, _no_bn(w1), spec, dtype, cfg, stats=True))
+    return Moments.merge(*(torch.cat(t) for t in zip(*parts)))
+
+
+def train_pass1(x: Tensor, out: Tensor, w1: Tensor, scale1: Tensor, shift1: Tensor, spec: GhostSpec,
+                dtype: torch.dtype) -> None:
+    """``out[:, :m] = act(conv(x, w1) * scale1 + shift1)``: pass 1 with BN1 given as per-channel fp32
+    (scale, shift)."""
+    cfg = _config(x, out, spec, dtype)
+    w1 = _contiguous(w1)
+    with tc.device_ctx(x):
+        for xs, os_ in _batches(x, out, cfg):
+            _pass1(xs, os_, w1, _affine(scale1, shift1), spec, dtype, cfg)
+
+
+def train_stats2(x: Tensor, out: Tensor, wd: Tensor, spec: GhostSpec, dtype: torch.dtype) -> Moments:
+    """BN2's batch moments of z2 = dwconv(y1, wd) (no bias) for every ghost channel, the sliced-off
+    ones included, from y1 in ``out[:, :m]``: pass 2 with STATS, nothing written."""
+    cfg = _config(x, out, spec, dtype)
+    wd = _contiguous(wd)
+    parts = []
+    with tc.device_ctx(x):
+        for xs, os_ in _batches(x, out, cfg):
+            parts.append(_pass2(os_, wd, _no_bn(wd), spec, dtype, cfg, stats=True))
+    return Moments.merge(*(torch.cat(t) for t in zip(*parts)))
+
+
+def train_pass2(x: Tensor, out: Tensor, wd: Tensor, scale2: Tensor, shift2: Tensor, spec: GhostSpec,
+                dtype: torch.dtype) -> None:
+    """``out[:, m:oup] = act(dwconv(y1, wd) * scale2 + shift2)`` from y1 in ``out[:, :m]``."""
+    if spec.oup == spec.m:
+        return
+    cfg = _config(x, out, spec, dtype)
+    wd = _contiguous(wd)
+    with tc.device_ctx(x):
+        for _, os_ in _batches(x, out, cfg):
+            _pass2(os_, wd, _affine(scale2, shift2), spec, dtype, cfg)
+
+
+def _affine(scale: Tensor, shift: Tensor):
+    """Kernel BN arguments and flags for a given per-channel fp32 (scale, shift)."""
+    return (scale, shift, scale, scale, 0.0, scale), tc.AFFINE
+
+
+def _no_bn(placeholder: Tensor):
+    """Kernel BN arguments and flags for the raw conv output (scale 1, shift 0)."""
+    p = placeholder
+    return (p, p, p, p, 0.0, p), 0
+
+
+def _pass1(x: Tensor, out: Tensor, w1: Tensor, bn, spec: GhostSpec, dtype: torch.dtype, cfg: TwoPassConfig,
+           stats: bool = False):
+    """Launch pass 1 on (a batch slice of) x and out; ``bn``: ``(kernel args, flags)``. ``stats``: the
+    STATS variant, returns (count per pixel tile, sums, M2s) of z1."""
     n, _, h, w = x.shape
     _, _, ho, wo = out.shape
     p_total = n * ho * wo
@@ -223,39 +306,55 @@ def _launch_pair(x: Tensor, out: Tensor, w1: Tensor, wd: Tensor, params: GhostPa
     if spec.kernel_size != 1 and x_mode != DENSE_CL:
         x_mode = GENERIC     # the taps of a k x k conv address x through its strides
     vec = 16 // out.element_size()
-
-    # pass 1
     n_cb = -(-spec.m // cfg.BLOCK_N)
     per_image = not (x_mode == DENSE_CL and o_mode == DENSE_CL)
     qb = -(-(ho * wo) // cfg.BLOCK_P)
-    n_tiles = (n * qb if per_image else -(-p_total // cfg.BLOCK_P)) * n_cb
+    n_ptiles = n * qb if per_image else -(-p_total // cfg.BLOCK_P)
+    n_tiles = n_ptiles * n_cb
     programs = min(n_tiles, sms * cfg.PROGS1)
     tiles_per_prog = -(-n_tiles // programs)
     programs = -(-n_tiles // tiles_per_prog)
     vpx = _pow2_divisor(h * w, 16 // x.element_size())
     vpo = _pow2_divisor(ho * wo, vec)
-    bn1, flags1 = tc.bn_args(params.bn1, params.b1, params.w1)
+    bn_args, flags = bn
+    part = torch.empty(2, n_ptiles, spec.m, dtype=torch.float32, device=x.device) if stats else w1
     tc.launch(
         _pw_kernel, (programs,),
-        x, w1, out, *bn1,
+        x, w1, out, *bn_args, part,
         p_total, h * w, w, ho * wo, wo, qb, h * w // vpx, ho * wo // vpo, mg_hw, sh_hw, mg_w, sh_w,
         *x.stride(), *out.stride(),
-        n_tiles, tiles_per_prog,
+        n_tiles, tiles_per_prog, n_ptiles * spec.m,
         loops=(n_tiles / programs,) + ((spec.kernel_size ** 2,) if spec.kernel_size != 1 else ())
         + (-(-spec.inp // cfg.BLOCK_K),),   # tiles per program, (taps,) K steps
         C_IN=spec.inp, M=spec.m, OUP=spec.oup, KS=spec.kernel_size, STRIDE=spec.stride, ACT=tc.act_code(spec.act),
-        BN=flags1, X_MODE=x_mode, O_MODE=o_mode, VPX=vpx, VPO=vpo,
+        STATS=stats, BN=flags, X_MODE=x_mode, O_MODE=o_mode, VPX=vpx, VPO=vpo,
         BLOCK_P=cfg.BLOCK_P, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         IEEE=dtype == torch.float32, DOT_F32=tc.interpreting() and dtype == torch.bfloat16,
         num_warps=cfg.WARPS1, num_stages=cfg.STAGES1,
     )
-    if spec.oup == spec.m:   # oup = 1: no ghost channel survives the slice
-        return
+    if not stats:
+        return None
+    # valid pixels per tile: the last tile of each image (per_image) or of the batch is partial
+    per = ho * wo if per_image else p_total
+    count = torch.full((n_ptiles // n if per_image else n_ptiles,), float(cfg.BLOCK_P), dtype=torch.float64,
+                       device=x.device)
+    count[-1] = per - (count.numel() - 1) * cfg.BLOCK_P
+    return (count.repeat(n) if per_image else count), part[0], part[1]
 
-    # pass 2
+
+def _pass2(out: Tensor, wd: Tensor, bn, spec: GhostSpec, dtype: torch.dtype, cfg: TwoPassConfig,
+           stats: bool = False):
+    """Launch pass 2 on (a batch slice of) out; ``bn``: ``(kernel args, flags)``. ``stats``: the STATS
+    variant (every ghost channel, channels_last or strided kernel), returns (count per program row,
+    sums, M2s) of z2."""
+    n, _, ho, wo = out.shape
+    sms = _sms(out)
+    o_mode = _mode(out, 1)
+    vec = 16 // out.element_size()
     r1, d = spec.ratio - 1, spec.dw_size
-    m_need = -(-(spec.oup - spec.m) // r1)
-    bn2, flags2 = tc.bn_args(params.bn2, params.b2, params.w1)
+    kept = spec.m * r1 if stats else spec.oup - spec.m
+    m_need = -(-kept // r1)
+    bn_args, flags = bn
     # Weights hoisted into registers up to 25 vectors (dw 5 at ratio 2: Ultralytics' GhostConv; dw 3 at
     # ratio 3); past 9 with 8-byte channel blocks (default_config) and the row ring not pipelined (no
     # cp.async ring: STAGES = 1), else they spill. Not hoisted, every step loads d*d*(r-1) weight vectors inside the loop and waits on them (offline,
@@ -263,7 +362,7 @@ def _launch_pair(x: Tensor, out: Tensor, w1: Tensor, wd: Tensor, params: GhostPa
     # would ring them too (compile time of minutes at d = 7, ratio 4).
     hoist = r1 * d * d <= 25
     stages2 = cfg.STAGES2 if r1 * d * d <= 9 else 1
-    if o_mode == DENSE_NCHW:
+    if o_mode == DENSE_NCHW and not stats:
         vw = _pow2_divisor(wo, vec)                      # vectors along W never cross a row
         wv = wo // vw
         block_c = min(cfg.BLOCK_C, tc.next_pow2(m_need))
@@ -275,14 +374,16 @@ def _launch_pair(x: Tensor, out: Tensor, w1: Tensor, wd: Tensor, params: GhostPa
         n_bands, band_rows = _bands(ho, n_ub * n_cb2, sms, cfg.PROGS2)
         tc.launch(
             _dw_nchw_kernel, (n_ub * n_bands * n_cb2,),
-            out, wd, *bn2,
+            out, wd, *bn_args,
             u_total, ho, wv, ho * wv, mg_v, sh_v,
             n_bands, band_rows,
             loops=(ho / n_bands,) + (() if hoist else (d,)),
-            M=spec.m, OUP=spec.oup, RATIO=spec.ratio, DW=d, ACT=tc.act_code(spec.act), BN=flags2,
+            M=spec.m, OUP=spec.oup, RATIO=spec.ratio, DW=d, ACT=tc.act_code(spec.act), BN=flags,
             BLOCK_C=block_c, BLOCK_R=block_r, VW=vw, W_HOIST=hoist, STAGES=stages2, num_warps=cfg.WARPS2,
         )
-        return
+        return None
+    if o_mode == DENSE_NCHW:
+        o_mode = FLAT            # the statistics of an NCHW output: the strided kernel, one pixel per unit
     pixr = cfg.PIXR if o_mode == DENSE_CL else 1
     n_cb2 = -(-m_need // cfg.BLOCK_C)
     wg = -(-wo // pixr)                              # pixel groups per row
@@ -293,18 +394,26 @@ def _launch_pair(x: Tensor, out: Tensor, w1: Tensor, wd: Tensor, params: GhostPa
     pairs = (dtype == torch.bfloat16 and spec.ratio == 2 and o_mode == DENSE_CL and spec.oup % 2 == 0
              and cfg.BLOCK_C >= 2 and out.data_ptr() % 4 == 0)
     overread = o_mode == DENSE_CL and n_cb2 * cfg.BLOCK_C <= spec.oup
+    part = torch.empty(2, n_ub * n_bands, kept, dtype=torch.float32, device=out.device) if stats else wd
     tc.launch(
         _dw_kernel, (n_ub * n_bands * n_cb2,),
-        out, wd, *bn2,
+        out, wd, *bn_args, part,
         u_total, ho, wo, ho * wo, wg, mg_wg, sh_wg,
         *out.stride(),
-        n_bands, band_rows,
+        n_bands, band_rows, n_ub * n_bands * kept,
         loops=(ho / n_bands,) + (() if hoist else (d,)),   # rows per program (the last band may be shorter); taps
         M=spec.m, OUP=spec.oup, RATIO=spec.ratio, DW=d, ACT=tc.act_code(spec.act),
-        BN=flags2, O_MODE=o_mode,
+        BN=flags, O_MODE=o_mode, STATS=stats,
         BLOCK_G=cfg.BLOCK_G, BLOCK_C=cfg.BLOCK_C, PIXR=pixr, W_HOIST=hoist,
         PAIRS=pairs, OVERREAD=overread, STAGES=stages2, num_warps=cfg.WARPS2,
     )
+    if not stats:
+        return None
+    # values per program row: valid pixels of its unit block x rows of its band
+    u = torch.arange(n_ub * cfg.BLOCK_G, device=out.device)
+    pix = ((wo - (u % wg) * pixr).clamp(max=pixr) * (u < u_total)).reshape(n_ub, cfg.BLOCK_G).sum(1)
+    rows = (ho - torch.arange(n_bands, device=out.device) * band_rows).clamp(max=band_rows)
+    return (pix[:, None] * rows[None, :]).reshape(-1).double(), part[0], part[1]
 
 
 def _bands(ho: int, programs_per_band: int, sms: int, progs_per_sm: int):

@@ -22,6 +22,18 @@ if triton is not None:
         return ws
 
     @triton.jit
+    def _tile_moments(z, p_ok, c, c_ok, row_ptr, plane):
+        """Per channel c of the [pixels, channels] fp32 tile ``z``: the sum over the valid pixels
+        (``p_ok``) and their squared deviations about that tile's mean, stored at ``row_ptr + c`` and
+        ``plane`` elements further."""
+        zv = tl.where(p_ok[:, None], z, 0.0)
+        total = tl.sum(zv, axis=0)
+        mean = total / tl.maximum(tl.sum(p_ok.to(tl.float32), axis=0), 1.0)
+        dev = tl.where(p_ok[:, None], z - mean[None, :], 0.0)
+        tl.store(row_ptr + c, total, mask=c_ok)
+        tl.store(row_ptr + plane + c, tl.sum(dev * dev, axis=0), mask=c_ok)
+
+    @triton.jit
     def _act(y, ACT: tl.constexpr):
         """The activation of code ``ACT`` (``common.act``)."""
         return tc.act(y, ACT)
@@ -60,14 +72,15 @@ if triton is not None:
     # compile a new variant; the alignment the vectors need comes from constexprs (C_IN, OUP, VPX/VPO,
     # VW) instead. Strides are specialized (== 1 and % 16 are what make 16-byte vectors provable).
     @triton.jit(do_not_specialize=["P_TOTAL", "HW_IN", "W_IN", "HWO", "WO", "QB", "HWV_X", "HWV_O",
-                                   "mg_hw", "sh_hw", "mg_w", "sh_w", "n_tiles", "tiles_per_prog"])
+                                   "mg_hw", "sh_hw", "mg_w", "sh_w", "n_tiles", "tiles_per_prog",
+                                   "part_plane"])
     def _pw_kernel(
-        x_ptr, w1_ptr, out_ptr, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, cb1_ptr,
+        x_ptr, w1_ptr, out_ptr, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, cb1_ptr, part_ptr,
         P_TOTAL, HW_IN, W_IN, HWO, WO, QB, HWV_X, HWV_O, mg_hw, sh_hw, mg_w, sh_w,
         sxn, sxc, sxh, sxw, son, soc, soh, sow,
-        n_tiles, tiles_per_prog,
+        n_tiles, tiles_per_prog, part_plane,
         C_IN: tl.constexpr, M: tl.constexpr, OUP: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
-        ACT: tl.constexpr,
+        ACT: tl.constexpr, STATS: tl.constexpr,
         BN: tl.constexpr, X_MODE: tl.constexpr, O_MODE: tl.constexpr,
         VPX: tl.constexpr, VPO: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -81,7 +94,12 @@ if triton is not None:
         (offsets p * C, no division at stride 1); otherwise BLOCK_P consecutive pixels of one image
         (QB tiles per image), so that NCHW planes stay contiguous along the tile. Dense NCHW (mode 3)
         takes its plane size as HWV * VP with VP a constexpr power of two dividing it: the compiler
-        then knows every vector's alignment."""
+        then knows every vector's alignment.
+
+        STATS (the training forward's statistics pass, ``train_ops.py``): nothing is stored in ``out``;
+        each tile stores, per channel, the sum of its raw z1 = x @ w1 (no bias, no BN) over its valid
+        pixels and their squared deviations about the tile's own mean, at ``part[0 / 1, pixel tile, c]``
+        (``part_plane`` elements apart): Chan's merge of them is BN1's batch mean and variance."""
         N_CB: tl.constexpr = (M + BLOCK_N - 1) // BLOCK_N
         ONE_K: tl.constexpr = C_IN <= BLOCK_K
         K_MASK: tl.constexpr = C_IN % BLOCK_K != 0
@@ -178,21 +196,23 @@ if triton is not None:
                     acc = tc.dot_acc(xt, wt, acc, IEEE, DOT_F32)
                     x_ptrs += x_kstep
 
-            y = _act(acc * scale[None, :] + shift[None, :], ACT)
-            if O_MODE == 2:
-                if PER_IMAGE:
-                    o_ptrs = out_ptr + ((n64 * HWO + q) * OUP)[:, None] + c[None, :]
+            if STATS:
+                _tile_moments(acc, p_ok, c, c_ok, part_ptr + tl.cast(pb, tl.int64) * M, part_plane)
+            else:
+                y = _act(acc * scale[None, :] + shift[None, :], ACT)
+                if O_MODE == 2:
+                    if PER_IMAGE:
+                        o_ptrs = out_ptr + ((n64 * HWO + q) * OUP)[:, None] + c[None, :]
+                    else:
+                        o_ptrs = out_ptr + (p.to(tl.int64) * OUP)[:, None] + c[None, :]
+                elif O_MODE == 3:
+                    o_ptrs = out_ptr + ((n64 * OUP + c) * o_plane)[None, :] + q[:, None]
+                elif O_MODE == 1:
+                    o_ptrs = out_ptr + (n64 * son + q.to(tl.int64) * sow)[:, None] + c.to(tl.int64)[None, :] * soc
                 else:
-                    o_ptrs = out_ptr + (p.to(tl.int64) * OUP)[:, None] + c[None, :]
-            elif O_MODE == 3:
-                o_ptrs = out_ptr + ((n64 * OUP + c) * o_plane)[None, :] + q[:, None]
-            elif O_MODE == 1:
-                o_ptrs = out_ptr + (n64 * son + q.to(tl.int64) * sow)[:, None] + c.to(tl.int64)[None, :] * soc
-            else:
-                o_ptrs = (out_ptr + (n64 * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow)[:, None]
-                          + c.to(tl.int64)[None, :] * soc)
-            if M % BLOCK_N == 0:
-                tl.store(o_ptrs, y.to(dt), mask=p_ok[:, None])
-            else:
-                tl.store(o_ptrs, y.to(dt), mask=p_ok[:, None] & c_ok[None, :])
-
+                    o_ptrs = (out_ptr + (n64 * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow)[:, None]
+                              + c.to(tl.int64)[None, :] * soc)
+                if M % BLOCK_N == 0:
+                    tl.store(o_ptrs, y.to(dt), mask=p_ok[:, None])
+                else:
+                    tl.store(o_ptrs, y.to(dt), mask=p_ok[:, None] & c_ok[None, :])

@@ -109,14 +109,56 @@ if triton is not None:
                     tl.store(out_ptr + (orow + r * ocol)[:, None] + cgs[t][None, :], y.to(dt),
                              mask=p_ok[:, None] & jok[t][None, :])
 
-    @triton.jit(do_not_specialize=["U_TOTAL", "HO", "WO", "HWO", "WG", "mg_wg", "sh_wg", "n_bands", "band_rows"])
+    @triton.jit
+    def _stats_row(accs, stats, col_ok, first, PAD: tl.constexpr, NG: tl.constexpr, PIXR: tl.constexpr):
+        """STATS: one complete output row's accumulators into the program's running moments, per group
+        t a (shift, sum, sum of squares) triple of [BLOCK_G, BV] tiles: the sums are of z2 - shift over
+        the lane's valid pixels, the shift is the lane's first value (row h0, pixel 0), so that the
+        squares do not cancel however far the mean is from 0."""
+        new = ()
+        for t in tl.static_range(NG):
+            sh = tl.where(first, accs[t * PIXR], stats[3 * t])
+            s = stats[3 * t + 1]
+            q = stats[3 * t + 2]
+            for r in tl.static_range(PIXR):
+                v = tl.where(col_ok[PAD + r][:, None], accs[t * PIXR + r] - sh, 0.0)
+                s += v
+                q += v * v
+            new = new + (sh, s, q)
+        return new
+
+    @triton.jit
+    def _stats_store(stats, col_ok, rows, jj, jok, row_ptr, plane,
+                     PAD: tl.constexpr, NG: tl.constexpr, PIXR: tl.constexpr):
+        """STATS: the program's moments per ghost channel ``jj[t]``: the sum over its pixels and their
+        squared deviations about the program's mean (Chan's merge of the lanes), at ``row_ptr + j`` and
+        ``plane`` elements further."""
+        cnt = col_ok[PAD].to(tl.float32)
+        for r in tl.static_range(1, PIXR):
+            cnt += col_ok[PAD + r].to(tl.float32)
+        n_l = (cnt * rows)[:, None]                        # values per lane
+        has = n_l > 0
+        inv = 1.0 / tl.maximum(n_l, 1.0)
+        n_all = tl.maximum(tl.sum(cnt, axis=0) * rows, 1.0)
+        for t in tl.static_range(NG):
+            sh = stats[3 * t]
+            s = stats[3 * t + 1]
+            q = stats[3 * t + 2]
+            total = tl.sum(tl.where(has, s + n_l * sh, 0.0), axis=0)
+            dev = sh + s * inv - (total / n_all)[None, :]
+            m2 = tl.sum(tl.where(has, q - s * s * inv + n_l * dev * dev, 0.0), axis=0)
+            tl.store(row_ptr + jj[t], total, mask=jok[t])
+            tl.store(row_ptr + plane + jj[t], m2, mask=jok[t])
+
+    @triton.jit(do_not_specialize=["U_TOTAL", "HO", "WO", "HWO", "WG", "mg_wg", "sh_wg", "n_bands", "band_rows",
+                                   "part_plane"])
     def _dw_kernel(
-        out_ptr, wd_ptr, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, cb2_ptr,
+        out_ptr, wd_ptr, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, cb2_ptr, part_ptr,
         U_TOTAL, HO, WO, HWO, WG, mg_wg, sh_wg,
         son, soc, soh, sow,
-        n_bands, band_rows,
+        n_bands, band_rows, part_plane,
         M: tl.constexpr, OUP: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, ACT: tl.constexpr,
-        BN: tl.constexpr, O_MODE: tl.constexpr,
+        BN: tl.constexpr, O_MODE: tl.constexpr, STATS: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, PIXR: tl.constexpr,
         W_HOIST: tl.constexpr, PAIRS: tl.constexpr, OVERREAD: tl.constexpr, STAGES: tl.constexpr,
     ):
@@ -146,12 +188,18 @@ if triton is not None:
         to fp32) and group 1 the odd one (high half: one AND); the two are interleaved back for the store.
         OVERREAD (dense channels_last, N_CB * BLOCK_C <= OUP): the y1 reads of the last channel block run
         past M_NEED into the same pixel's ghost channels instead of masking per channel, so every read
-        stays a 16-byte vector; what those lanes compute is never stored."""
+        stays a 16-byte vector; what those lanes compute is never stored.
+
+        STATS (the training forward's statistics pass, ``train_ops.py``): for every ghost channel, the
+        sliced-off ones included (nn.BatchNorm2d tracks them), the raw z2 (no bias, no BN) is reduced
+        instead of stored: per program and channel the sum and the squared deviations about the
+        program's mean, at ``part[0 / 1, band block, j]`` (band block = unit block * n_bands + band,
+        ``part_plane`` elements apart); Chan's merge of them is BN2's batch mean and variance."""
         R1: tl.constexpr = RATIO - 1
         DD: tl.constexpr = DW * DW
         PAD: tl.constexpr = DW // 2
         NCOL: tl.constexpr = PIXR + 2 * PAD                # y1 columns per input row
-        KEPT: tl.constexpr = OUP - M                       # ghost channels that survive the slice
+        KEPT: tl.constexpr = M * R1 if STATS else OUP - M  # ghost channels computed (stored: OUP - M)
         M_NEED: tl.constexpr = (KEPT + R1 - 1) // R1       # intrinsic channels that feed them
         N_CB: tl.constexpr = (M_NEED + BLOCK_C - 1) // BLOCK_C
         C_FULL: tl.constexpr = (M_NEED % BLOCK_C == 0) or OVERREAD
@@ -253,6 +301,11 @@ if triton is not None:
         h1 = tl.minimum(h0 + band_rows, HO)
         if not PAIRS:
             cc_ok = c_ok                                   # (unused without PAIRS)
+        stats = ()
+        if STATS:
+            for t in tl.static_range(NG):
+                zero = tl.zeros([BLOCK_G, BV], dtype=tl.float32)
+                stats = stats + (zero, zero, zero)
         if W_HOIST:
             # the ring: each input row loaded once, added into the d output rows it feeds
             ring = ()
@@ -267,9 +320,12 @@ if triton is not None:
                 lo, hi = _cl_load_row(y_ptr, pix, o + PAD, row_step, cy, col_step, HO_U, col_ok, c_ok,
                                       PAD, NCOL, PAIRS, C_FULL)
                 ring = _ring_taps(ring, lo, hi, wts, DW, 2 * PAD, DW, NG, PIXR, PAIRS)
-                # output row o is complete: BN2 + act, store; the ring turns
-                _cl_store_row(ring, o_pix + tl.cast(o, tl.int64) * o_row, ocol, cgs, col_ok, ss, bs, jok, cc_ok,
-                              out_ptr, PAD, NG, PIXR, PAIRS, ACT, BLOCK_G, BLOCK_C)
+                # output row o is complete: BN2 + act, store (STATS: reduce); the ring turns
+                if STATS:
+                    stats = _stats_row(ring, stats, col_ok, o == h0, PAD, NG, PIXR)
+                else:
+                    _cl_store_row(ring, o_pix + tl.cast(o, tl.int64) * o_row, ocol, cgs, col_ok, ss, bs, jok,
+                                  cc_ok, out_ptr, PAD, NG, PIXR, PAIRS, ACT, BLOCK_G, BLOCK_C)
                 turned = ()
                 for i in tl.static_range(ENTRY, DW * ENTRY):
                     turned = turned + (ring[i],)
@@ -288,5 +344,11 @@ if triton is not None:
                     lo, hi = _cl_load_row(y_ptr, pix, o + dy - PAD, row_step, cy, col_step, HO_U, col_ok, c_ok,
                                           PAD, NCOL, PAIRS, C_FULL)
                     accs = _row_taps(accs, lo, hi, _row_weights(wd_ptr, jj, jok, dy, DW, NG), DW, NG, PIXR, PAIRS)
-                _cl_store_row(accs, o_pix + tl.cast(o, tl.int64) * o_row, ocol, cgs, col_ok, ss, bs, jok, cc_ok,
-                              out_ptr, PAD, NG, PIXR, PAIRS, ACT, BLOCK_G, BLOCK_C)
+                if STATS:
+                    stats = _stats_row(accs, stats, col_ok, o == h0, PAD, NG, PIXR)
+                else:
+                    _cl_store_row(accs, o_pix + tl.cast(o, tl.int64) * o_row, ocol, cgs, col_ok, ss, bs, jok,
+                                  cc_ok, out_ptr, PAD, NG, PIXR, PAIRS, ACT, BLOCK_G, BLOCK_C)
+        if STATS:
+            _stats_store(stats, col_ok, (h1 - h0).to(tl.float32), jj, jok,
+                         part_ptr + (ub * n_bands + band).to(tl.int64) * KEPT, part_plane, PAD, NG, PIXR)

@@ -18,7 +18,7 @@ How a phase's row is made
    run on CPU tensors of the real shapes (``cases.make_inputs``: ``torch.empty`` inputs, nothing
    touched until read) inside :func:`ghost_kernels.triton.common.capture_launches`: every Triton launch
    is recorded, not run. Where a launch's output feeds a later step (F1's partial sums -> BN1's moments
-   -> F2's scale; B2's fp32 maps -> B3), the later step runs on the uninitialised buffer: the model
+   -> F2's scale, F3's -> F4's; B2's fp32 maps -> B3), the later step runs on the uninitialised buffer: the model
    needs only shapes, strides and dtypes, so the values are irrelevant. dL/dout is an empty tensor
    shaped like ``out``.
 2. **Torch ops.** The same run happens under ``train_capture.TorchTraffic``, a ``TorchDispatchMode``
@@ -30,16 +30,17 @@ How a phase's row is made
    GEMMs read zero pages, a fraction of a second per module.
 3. **Triton launches** are specialized, compiled and modelled exactly as inference launches
    (``specialize.specialize_launch``, ``compiler.compile_jobs``, ``rows.model_launch``: instructions,
-   registers, spills, the latency term; the persistent kernels F2, B1 and B2 take their grid's CPU
-   path, 3 programs, and the latency term sizes the GPU's grid from the occupancy, as for inference).
+   registers, spills, the latency term; the persistent kernels B1 and B2 take their grid's CPU
+   path, 3 programs, and the latency term sizes the GPU's grid from the occupancy, as for inference;
+   F1-F4 are ``triton_two_pass``'s launches, gridded for 132 SMs while captured).
    Their HBM bytes are declared per kernel in ``train_capture.triton_traffic`` from the design note
    of ``triton/train_kernels.py`` (which tensor a pass reads and writes, and how much of it): a kernel
    not declared there is an error in the row, never a silent zero. Conventions: x counts once per
    pass that reads it (the halo tiles' overlap and the channel blocks of one tile share it through L2,
-   as the inference model counts ``triton_halo``); F1's channel blocks are separate grid columns, so
-   x is re-read once per block unless it fits in half the L2 (``train_capture.L2_REUSE_BYTES``);
-   per-program scratch (``y1s``, ``gzs``, the forward's ``scratch``) stays in L2 and counts nothing;
-   weights and per-channel vectors count once.
+   as the inference model counts ``triton_halo`` and ``triton_two_pass``); F3 and F4 read y1 back
+   from ``out[:, :m]`` in whole 32-byte sectors where the output is channels_last (as the inference
+   model counts two-pass's pass 2); per-program scratch (``y1s``, ``gzs``) stays in L2 and counts
+   nothing; weights and per-channel vectors count once.
 
 The floor (:func:`train_floor`)
 ===============================
@@ -96,7 +97,6 @@ from .train_capture import (
     BYTES_BUDGET,
     FAMILY,
     KERNEL_INSTR_BUDGET,
-    L2_REUSE_BYTES,
     PHASES,
     TRAIN_KERNEL_FILES,
     capture_train,
@@ -156,8 +156,8 @@ def model_train(shape_cases: Sequence, dtypes: Sequence = ("bfloat16",), layouts
         wall_s=round(time.perf_counter() - t_start, 2),
         floor=("forward: x read + out written; backward: dL/dout read + x read + dL/dx written + parameter "
                "gradients written (bench/offline/train.py: train_floor)"),
-        bytes=("Triton launches: declared per kernel (train_capture.py: triton_traffic; x once per pass, F1's channel "
-               f"blocks re-read x unless it is at most {L2_REUSE_BYTES >> 20} MiB, scratch in L2); torch ops "
+        bytes=("Triton launches: declared per kernel (train_capture.py: triton_traffic; x once per pass, y1 read "
+               "back in 32-byte sectors (channels_last), scratch in L2); torch ops "
                "(kind torch): each input read once and each output written once, counted from the aten ops the "
                "step runs"),
         instr_per_byte="warp_instr / floor_bytes (row); a launch's: warp_instr / its own hbm_bytes",

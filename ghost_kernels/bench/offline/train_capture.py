@@ -13,14 +13,15 @@ from .rows import floor_bytes
 
 PHASES = ("forward", "backward")
 FAMILY = "triton_train"
-L2_REUSE_BYTES = 25 << 20    # half an H200's 50 MB L2: a tensor at most this large is re-read from L2
 # The CI budget of issue 17 for the training kernels (tests/test_offline_train.py)
 BYTES_BUDGET = 1.6           # bytes moved / training floor, over the network's modules
 KERNEL_INSTR_BUDGET = 0.3    # warp-instructions per byte of a kernel's own traffic
 # The kernel files a training row depends on (a committed result records their hashes)
-TRAIN_KERNEL_FILES = ("train_kernels.py", "train_ops.py", "train_backward.py", "halo.py", "common.py")
-# The pass names of the design note (train_kernels.py), per kernel (and PHASE constexpr)
-PASS_NAMES = {"_pw_stats_kernel": "F1", "_ghost_fwd_kernel": "F2", "_affine_act_kernel": "F3",
+TRAIN_KERNEL_FILES = ("train_kernels.py", "train_ops.py", "train_backward.py", "two_pass.py", "two_pass_gemm.py",
+                      "two_pass_stencil.py", "two_pass_nchw.py", "two_pass_config.py", "common.py")
+# The pass names of the design note (train_kernels.py), per kernel and its STATS or PHASE constexpr
+PASS_NAMES = {("_pw_kernel", True): "F1", ("_pw_kernel", False): "F2", ("_dw_kernel", True): "F3",
+              ("_dw_kernel", False): "F4", "_dw_nchw_kernel": "F4",
               ("_ghost_bwd_kernel", 1): "B1", ("_ghost_bwd_kernel", 2): "B2", "_bn_input_grad_kernel": "B3"}
 
 
@@ -168,9 +169,10 @@ def _kernel_name(launch) -> str:
 
 
 def pass_name(launch) -> str:
-    """F1-F3, B1-B3 (the design note of ``train_kernels.py``) for a training launch."""
+    """F1-F4, B1-B3 (the design note of ``train_kernels.py``) for a training launch."""
     name = _kernel_name(launch)
-    return PASS_NAMES.get((name, launch.kwargs.get("PHASE")), PASS_NAMES.get(name, name))
+    key = launch.kwargs.get("PHASE", launch.kwargs.get("STATS"))
+    return PASS_NAMES.get((name, key), PASS_NAMES.get(name, name))
 
 
 def triton_traffic(launch, spec, n: int, h: int, w: int, elem: int) -> dict:
@@ -185,18 +187,19 @@ def triton_traffic(launch, spec, n: int, h: int, w: int, elem: int) -> dict:
     ghost = n * (spec.oup - spec.m) * ho * wo * elem          # out[:, m:] / dL/dout[:, m:]
     weights = _nbytes(a["w1_ptr"]) if "w1_ptr" in a else 0
     weights += _nbytes(a["wd_ptr"]) if "wd_ptr" in a else 0
-    if name == "_pw_stats_kernel":
-        blocks = int(launch.grid[1]) if len(launch.grid) > 1 else 1
-        reads = x * (1 if x <= L2_REUSE_BYTES else blocks)
-        return dict(read_bytes=reads + weights, write_bytes=_nbytes(a["part_ptr"]),
-                    traffic=f"reads x ({'once' if reads == x else f'{blocks} times: one per channel block'}), "
-                            "w1; writes per-tile sums")
-    if name == "_ghost_fwd_kernel":
-        stats = _nbytes(a["stats_ptr"]) if launch.kwargs.get("STATS") else 0
-        return dict(read_bytes=x + weights, write_bytes=out + stats,
-                    traffic="reads x, w1, wd; writes out" + (", per-tile z2 statistics" if stats else ""))
-    if name == "_affine_act_kernel":
-        return dict(read_bytes=ghost, write_bytes=ghost, traffic="reads and writes out[:, m:] in place")
+    y1 = two_pass_y1_bytes(spec, n, ho, wo, elem, launch)
+    if name == "_pw_kernel":
+        if launch.kwargs.get("STATS"):
+            return dict(read_bytes=x + weights, write_bytes=_nbytes(a["part_ptr"]),
+                        traffic="reads x, w1; writes per-tile z1 sums")
+        return dict(read_bytes=x + weights, write_bytes=n * spec.m * ho * wo * elem,
+                    traffic="reads x, w1; writes y1 into out[:, :m]")
+    if name in ("_dw_kernel", "_dw_nchw_kernel"):
+        if launch.kwargs.get("STATS"):
+            return dict(read_bytes=y1 + weights, write_bytes=_nbytes(a["part_ptr"]),
+                        traffic="reads y1 (out[:, :m]), wd; writes per-program z2 sums")
+        return dict(read_bytes=y1 + weights, write_bytes=ghost,
+                    traffic="reads y1 (out[:, :m]), wd; writes out[:, m:]")
     if name == "_ghost_bwd_kernel":
         if launch.kwargs.get("PHASE") == 1:
             return dict(read_bytes=x + ghost + weights, write_bytes=_nbytes(a["part_ptr"]),
@@ -210,6 +213,15 @@ def triton_traffic(launch, spec, n: int, h: int, w: int, elem: int) -> dict:
                     traffic="reads g1m and z1 - mean1 (fp32); writes dL/dz1 (compute dtype)")
     raise OfflineError(f"no HBM traffic declared for training kernel {name} (bench/offline/train.py: "
                        "triton_traffic)")
+
+
+def two_pass_y1_bytes(spec, n: int, ho: int, wo: int, elem: int, launch) -> int:
+    """y1 as a stencil pass of ``triton_two_pass`` reads it back: m channels per pixel, in whole 32-byte
+    sectors where the output is channels_last (``two_pass.extra_hbm_bytes``)."""
+    per_pixel = spec.m * elem
+    if launch.kwargs.get("O_MODE") == 2:     # DENSE_CL
+        per_pixel = -(-per_pixel // 32) * 32
+    return n * ho * wo * per_pixel
 
 
 def torch_entries(ops: Sequence[dict], phase: str) -> List[dict]:
