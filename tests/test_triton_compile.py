@@ -42,15 +42,14 @@ VARIANTS = [  # (dtype, spec, output H x W): the dtypes, the extremes of ratio/d
 
 
 # The training kernels of the backward (train_kernels.py): (kind, dtype, spec, output H x W). The
-# forward's are triton_two_pass's two kernels (their STATS variants too), compiled as each launch
-# specializes them by the offline model (tests/test_offline_train.py holds the committed spills).
+# forward's and B0/B1 are triton_two_pass's two kernels (their STATS and GRAD variants too), compiled as
+# each launch specializes them by the offline model (tests/test_offline_train.py: no spills).
 TRAIN_VARIANTS = [
-    ("bwd1", "bf16", gk.GhostSpec(16, 16), (112, 112)),
     ("bwd2", "bf16", gk.GhostSpec(16, 16), (112, 112)),
     ("bwd2", "fp16", gk.GhostSpec(160, 960), (7, 7)),
     ("bwd2", "fp32", gk.GhostSpec(24, 37, ratio=4, dw_size=7, stride=2, act="none"), (9, 9)),
     ("bwd2", "bf16", gk.GhostSpec(32, 32, dw_size=5, act="silu"), (40, 40)),      # Ultralytics' GhostConv
-    ("bwd1", "fp16", gk.GhostSpec(40, 60, ratio=3, act="hardswish"), (28, 28)),
+    ("bwd2", "fp16", gk.GhostSpec(40, 60, ratio=3, act="hardswish"), (28, 28)),
     ("bn_grad", "bf16", gk.GhostSpec(48, 24), (56, 56)),
 ]
 
@@ -97,10 +96,10 @@ def compile_for_sm90(dtype: str, spec: gk.GhostSpec, ho: int, wo: int, kind: str
         consts.update(ACT=triton_common.act_code(spec.act))
         return _compile(triton_halo._ghost_fwd_kernel, dtype, consts, ("x_ptr", "out_ptr", "w1_ptr", "scratch_ptr"),
                         cfg.num_warps)
-    if kind in ("bwd1", "bwd2"):
+    if kind == "bwd2":
         cfg = backward_config(spec, ho, wo, TORCH_DTYPE[dtype])
         consts = dict(base)
-        consts.update(PHASE=int(kind[-1]), BATCH2=True, HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W,
+        consts.update(BATCH2=True, HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W,
                       ACT=triton_common.act_code(spec.act))
         return _compile(triton_train._ghost_bwd_kernel, dtype, consts, ("x_ptr", "g_ptr", "w1_ptr", "y1s_ptr"),
                         cfg.num_warps)
@@ -142,7 +141,7 @@ def test_training_kernels_compile_for_sm90(i):
     rejects), use tensor cores where they multiply half types, and do not spill at the CI's Triton."""
     kind, dtype, spec, _ = TRAIN_VARIANTS[i]
     rep = run_variant(f"t{i}")
-    if kind in ("bwd1", "bwd2") and dtype != "fp32":
+    if kind == "bwd2" and dtype != "fp32":
         assert rep["tensor_cores"], "the 1x1 conv should run on tensor cores"
     if triton.__version__.startswith("3.8"):
         assert rep["spills"] == 0, rep["log"]

@@ -377,6 +377,24 @@ if triton is not None:
     # forward's bit for bit.
 
     @triton.jit
+    def act_grad(g, u, y, ACT: tl.constexpr):
+        """dL/du from g = dL/dy for y = act(u) (codes: ``common.act``), in fp32 as eager's backward
+        computes it. 1 ReLU: threshold_backward on y, zero where y <= 0, so NaN passes (``y`` must be the
+        value the forward's decision was taken on, bit for bit); 2 SiLU: silu_backward,
+        ``g s (1 + u (1 - s))`` with ``s = 1 / (1 + exp(-u))`` (NaN at u = NaN or +-Inf, as eager);
+        3 Hardswish: hardswish_backward, 0 for u <= -3, ``g (u / 3 + 1/2)`` for u < 3, else g (so u = NaN
+        passes g, as eager's CUDA kernel and CPU scalar loop do; its CPU vectorized loop gives NaN there);
+        0 the identity."""
+        if ACT == 1:
+            g = tl.where(y <= 0.0, 0.0, g)
+        elif ACT == 2:
+            s = 1.0 / (1.0 + tl.exp(-u))
+            g = g * s * (1.0 + u * (1.0 - s))
+        elif ACT == 3:
+            g = tl.where(u <= -3.0, 0.0, tl.where(u < 3.0, g * (u / 3.0 + 0.5), g))
+        return g
+
+    @triton.jit
     def tile_coords(tile, n_mblocks, n_tiles_w, n_tiles_h):
         """(channel block, tile column, tile row, image) of a tile index; channel block fastest, so that
         programs running together share the x tile through L2."""

@@ -7,9 +7,10 @@ import torch
 from torch import Tensor
 
 from ..core.batch_stats import all_reduce
-from ..core.layout import output_memory_format
+from ..core.layout import empty_output, output_memory_format
 from ..core.spec import GhostSpec
 from . import common as tc
+from . import two_pass
 from .common import triton
 
 if triton is not None:
@@ -75,6 +76,14 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], bn
         cnt = torch.tensor([count], dtype=torch.float64, device=dev)
         count = float(all_reduce(cnt, sync_group).item())
 
+    # B0 + B1, before B2's buffers exist (the scratch y1 is their peak): y1 as the forward's F2 wrote it
+    # (same kernel, scale and shift: bit for bit), then BN2's backward sums from the stencil's GRAD pass
+    # (z2 and u2 as F4 computed them)
+    ybuf = empty_output(x, spec.oup, spec.stride, cdtype)
+    two_pass.train_pass1(x, ybuf, w1, scale1, shift1, spec, cdtype)
+    sums2 = two_pass.grad_sums2(x, ybuf, grad, wd, scale2, shift2, mean2, spec, cdtype)
+    del ybuf
+
     pad = spec.dw_size // 2
     cfg = backward_config(spec, ho, wo, cdtype)
     n_th, n_tw, n_mb, total = tc.tile_grid(spec, n, ho, wo, cfg, 2 * pad)
@@ -87,13 +96,11 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], bn
     gzs = torch.empty(programs * bm * lanes, dtype=torch.float32, device=dev)
     g1m = torch.empty(n, spec.m, ho, wo, dtype=torch.float32, device=dev, memory_format=output_memory_format(grad))
     zc1 = torch.empty_like(g1m)
-    part2 = torch.empty(2 * max(total, 1) * r1 * bm, dtype=torch.float32, device=dev)
     part1 = torch.empty(2 * max(total, 1) * bm, dtype=torch.float32, device=dev)
     gwd_part = torch.empty(max(total, 1) * r1 * (taps + 1) * bm, dtype=torch.float32, device=dev)  # + dL/db2
     f32 = lambda v: v.float().contiguous()  # noqa: E731
-    ga2 = gb2 = gc2 = scale2  # placeholders in phase 1
 
-    def launch(phase, part, ga2, gb2, gc2):
+    def launch(part, ga2, gb2, gc2):
         with tc.device_ctx(x):
             return tc.launch(
                 _ghost_bwd_kernel, (programs,),
@@ -102,24 +109,14 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], bn
                 spec.inp, ho, wo, spec.m, spec.oup,
                 *x.stride(), *grad.stride(), *g1m.stride(),
                 n_th, n_tw, n_mb, total,
-                # the tile loop, the K loop, then per ghost multiplier the z2 taps (and in phase 2 the
-                # dL/dwd and transposed-conv taps): dy/dx loop pairs
-                loops=(total / programs, triton.cdiv(spec.inp, cfg.BLOCK_K))
-                + (float(spec.dw_size),) * (2 if phase == 1 else 4) * r1,
-                PHASE=phase, STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size, ACT=tc.act_code(spec.act),
+                # the tile loop, the K loop, then per ghost multiplier the z2 taps, the dL/dwd and
+                # transposed-conv taps: dy/dx loop pairs
+                loops=(total / programs, triton.cdiv(spec.inp, cfg.BLOCK_K)) + (float(spec.dw_size),) * 4 * r1,
+                STRIDE=spec.stride, RATIO=spec.ratio, DW=spec.dw_size, ACT=tc.act_code(spec.act),
                 BATCH2=batch_stats2, HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W, BLOCK_M=bm, BLOCK_K=cfg.BLOCK_K,
                 IEEE=cdtype == torch.float32, DOT_F32=tc.interpreting() and cdtype == torch.bfloat16,
                 num_warps=cfg.num_warps)
 
-    def per_ghost_channel(t: Tensor) -> Tensor:   # [T * r1 * bm] per tile -> [new], summed over tiles
-        return t.view(total // n_mb, n_mb, r1, bm).sum(0).permute(0, 2, 1).reshape(-1)[:spec.new]
-
-    if total:
-        tc.remember_occupancy(variant, launch(1, part2, ga2, gb2, gc2), x, cfg.num_warps)
-        half = total * r1 * bm
-        sums2 = torch.stack([per_ghost_channel(part2[:half]), per_ghost_channel(part2[half:])])
-    else:
-        sums2 = torch.zeros(2, spec.new, dtype=torch.float32, device=dev)
     # BN parameter gradients from this rank's sums (DDP averages them over ranks, as for SyncBatchNorm);
     # the input gradient's coefficients from the sums over all ranks
     g_bn2w = None if bn2_weight is None else (sums2[1] * invstd2).to(bn2_weight.dtype)
@@ -129,7 +126,7 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], bn
     ga2, gb2, gc2 = _bn_backward_coeffs(sums2[0], sums2[1], count, invstd2, bn2_weight, batch_stats2)
 
     if total:
-        launch(2, part1, ga2, gb2, gc2)
+        tc.remember_occupancy(variant, launch(part1, ga2, gb2, gc2), x, cfg.num_warps)
         sums1 = part1.view(2, total // n_mb, n_mb * bm).sum(1)[:, :spec.m]
         per_tap = gwd_part.view(total // n_mb, n_mb, r1, taps + 1, bm).sum(0).permute(0, 3, 1, 2)
         per_tap = per_tap.reshape(-1, taps + 1)[:spec.new]

@@ -41,35 +41,41 @@ written raw, so nothing of size P x m is kept besides the output.
 Saved for backward: x (eager saves it too) and per-channel mean and 1/std of both BNs. Not the output:
 GhostNet's bottleneck adds the shortcut into it in place. y1 and z2 are recomputed from x.
 
-The recomputed y1 and z2 can differ from F2's and F4's in the last bit where the GEMM's K order
-differs (F2: wgmma tiles, B1/B2: ``pointwise_conv_tile``); an activation decision differs only where
-BN's output is within that rounding of the decision point. (The first design's B1 recomputed u2 from
+B0/B1 recompute y1, z2 and u2 bit for bit as F2/F4 computed them. B2's y1 and z2 can differ from
+them in the last bit where the GEMM's K order differs (F2: wgmma tiles, B2: ``pointwise_conv_tile``);
+an activation decision differs only where BN's output is within that rounding of the decision point. (The first design's B1 recomputed u2 from
 z2 rounded to the output dtype, as its F3 did; with F4's fp32 z2 that mismatch flipped ReLU's mask at
 ~0.5% of the elements of a ratio-4 bf16 module and put dL/dx at 3e-2 against eager's 5e-3: caught by
 test_gradients_option_sweep.)
 
-Backward: two launches of ``_ghost_bwd_kernel`` on halo tiles with a halo of 2 (d // 2) pixels (z2 is
-needed on a 1-pixel-wider ring than the tile to form the transposed depthwise conv), then cuBLAS.
+Backward: y1 and BN2's backward sums on the forward's kernels, then one launch of
+``_ghost_bwd_kernel`` on halo tiles with a halo of 2 (d // 2) pixels (z2 is needed on a 1-pixel-wider
+ring than the tile to form the transposed depthwise conv), then cuBLAS.
 
-  B1 (PHASE 1)  recompute z1 -> y1 (halo, scratch slot) -> z2 on the tile; g2m = act'(u2) g2 with
-                g2 = dL/dy2 and u2 = BN2's output, recomputed as F4 computed it (z2 in fp32, the taps
-                in F4's order): ``act_grad``, eager's derivative and its conventions (ReLU:
-                zero where y <= 0, NaN passes; Hardswish: 0 at u <= -3, 1 at u >= 3). Store per tile and
-                ghost channel sum(g2m) and sum(g2m (z2 - mean2)): BN2's backward reductions (dgamma2,
-                dbeta2).
-  B2 (PHASE 2)  recompute as B1, then g_z2 = a2 g2m + b2 + c2 (z2 - mean2) on the tile + ring (the
-                BN2 backward with B1's global sums); the per-tile depthwise weight gradient
+  B0            ``_pw_kernel`` (``two_pass.train_pass1``): y1 into a scratch tensor shaped like out,
+                with F2's kernel, scale and shift: the forward's y1 bit for bit (``out`` itself may have
+                been modified in place since: GhostNet's bottleneck adds its shortcut into it).
+  B1            ``_dw_kernel`` GRAD (``two_pass.grad_sums2``): the row walk over B0's y1 recomputes z2
+                and u2 = z2 scale2 + shift2 exactly as F4 did (same kernel code, same tap order); g2m =
+                act'(u2) g2 with g2 = dL/dy2 (``common.act_grad``, eager's derivative and its conventions:
+                ReLU zero where y <= 0, NaN passes; Hardswish 0 at u <= -3, 1 at u >= 3); per program and
+                kept ghost channel sum(g2m) and sum(g2m (z2 - mean2)): BN2's backward reductions (dgamma2,
+                dbeta2). Half the forward's channel block (the gradient tile and the sums ride on the
+                ring's registers). The first design recomputed z1 -> y1 -> z2 on halo tiles here, from x:
+                13.7 ms of a 72.9 ms predicted step, now 0.9 ms (NOTES.md).
+  B2            recompute z1 -> y1 (halo, scratch slot) -> z2 on the tile from x, then g_z2 = a2 g2m
+                + b2 + c2 (z2 - mean2) on the tile + ring (the BN2 backward with B1's global sums); the per-tile depthwise weight gradient
                 sum_p y1(p + tap) g_z2(p) for every tap (stored per tile, summed in torch: no atomics,
                 deterministic), and as one more "tap" sum_p g_z2(p), dL/dbias2; g_y1 = g1 +
-                dwconv^T(g_z2) on the tile; g1m = act'(u1) g_y1 (u1 = BN1's output as the forward's
-                output, ``bn_act_tile``; ReLU decides on the recomputed y1 itself); stores g1m and z1 - mean1 (fp32)
-                and per tile sum(g1m), sum(g1m (z1 - mean1)) for BN1.
+                dwconv^T(g_z2) on the tile; g1m = act'(u1) g_y1 (u1 = BN1's output, ``bn_act_tile``;
+                ReLU decides on the recomputed y1 itself); stores g1m and z1 - mean1 (fp32) and per tile
+                sum(g1m), sum(g1m (z1 - mean1)) for BN1.
   B3            ``_bn_input_grad_kernel``: g_z1 = a1 g1m + b1 + c1 (z1 - mean1) in one pass (compute
                 dtype), then the 1x1 conv's data and weight gradients, two GEMMs (cuBLAS):
                 gx = g_z1 w1, gw1 = g_z1^T x; with a bias, dL/dbias1 = sum_p g_z1(p) (torch). With batch
                 statistics both bias gradients are 0 up to rounding, as eager's: the mean absorbs a bias.
-  Bytes: B1 reads x and the ghost half of dL/dout; B2 reads x and dL/dout and writes two fp32 m-channel
-  maps; B3 reads them and x, writes gx. No per-element atomics anywhere: every reduction is a per-tile
+  Bytes: B0 reads x and writes y1; B1 reads y1 and the ghost half of dL/dout; B2 reads x and dL/dout
+  and writes two fp32 m-channel maps; B3 reads them and x, writes gx. No per-element atomics anywhere: every reduction is a per-tile
   partial summed by torch, so the backward is deterministic whatever
   ``torch.are_deterministic_algorithms_enabled()`` says.
 
@@ -82,27 +88,9 @@ from __future__ import annotations
 from .common import tl, triton
 
 if triton is not None:
-    from .common import bn_act_tile, pointwise_conv_tile, tile_coords
+    from .common import act_grad, bn_act_tile, pointwise_conv_tile, tile_coords
 
 if triton is not None:
-
-    @triton.jit
-    def act_grad(g, u, y, ACT: tl.constexpr):
-        """dL/du from g = dL/dy for y = act(u) (codes: ``common.act``), in fp32 as eager's backward
-        computes it. 1 ReLU: threshold_backward on y, zero where y <= 0, so NaN passes (``y`` must be the
-        value the forward's decision was taken on, bit for bit); 2 SiLU: silu_backward,
-        ``g s (1 + u (1 - s))`` with ``s = 1 / (1 + exp(-u))`` (NaN at u = NaN or +-Inf, as eager);
-        3 Hardswish: hardswish_backward, 0 for u <= -3, ``g (u / 3 + 1/2)`` for u < 3, else g (so u = NaN
-        passes g, as eager's CUDA kernel and CPU scalar loop do; its CPU vectorized loop gives NaN there);
-        0 the identity."""
-        if ACT == 1:
-            g = tl.where(y <= 0.0, 0.0, g)
-        elif ACT == 2:
-            s = 1.0 / (1.0 + tl.exp(-u))
-            g = g * s * (1.0 + u * (1.0 - s))
-        elif ACT == 3:
-            g = tl.where(u <= -3.0, 0.0, tl.where(u < 3.0, g * (u / 3.0 + 0.5), g))
-        return g
 
     @triton.jit(do_not_specialize=["numel", "C", "HW"])
     def _bn_input_grad_kernel(g_ptr, zc_ptr, out_ptr, a_ptr, b_ptr, c_ptr, numel, C, HW,
@@ -128,11 +116,11 @@ if triton is not None:
         sgn, sgc, sgh, sgw,
         sbn, sbc, sbh, sbw,
         n_tiles_h, n_tiles_w, n_mblocks, total_tiles,
-        PHASE: tl.constexpr, STRIDE: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, ACT: tl.constexpr,
+        STRIDE: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, ACT: tl.constexpr,
         BATCH2: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
     ):
-        """B1 (PHASE 1) and B2 (PHASE 2) of the module docstring, on a persistent grid like the forward."""
+        """B2 of the module docstring, on a persistent grid of halo tiles."""
         PAD: tl.constexpr = DW // 2
         P2: tl.constexpr = 2 * PAD
         TH: tl.constexpr = HALO_H - 2 * P2
@@ -193,54 +181,46 @@ if triton is not None:
                     u2 = z2 * tl.load(scale2_ptr + j, mask=c_ok, other=0.0)[:, None] \
                         + tl.load(shift2_ptr + j, mask=c_ok, other=0.0)[:, None]
                     g2 = act_grad(g2, u2, u2, ACT)
-                if PHASE == 1:
-                    g2 = tl.where(on_tile[None, :], g2, 0.0)
-                    row = part_ptr + (tl.cast(tile, tl.int64) * R1 + r) * BLOCK_M + cm
-                    tl.store(row, tl.sum(g2, axis=1))
-                    tl.store(row + total_tiles.to(tl.int64) * R1 * BLOCK_M,
-                             tl.sum(tl.where(on_tile[None, :], g2 * zc2, 0.0), axis=1))
-                else:
-                    gz = tl.load(ga2_ptr + j, mask=c_ok, other=0.0)[:, None] * g2
-                    if BATCH2:  # batch statistics; absent, not multiplied by 0, in eval mode (NaN in z)
-                        gz += (tl.load(gb2_ptr + j, mask=c_ok, other=0.0)[:, None]
-                               + tl.load(gc2_ptr + j, mask=c_ok, other=0.0)[:, None] * zc2)
-                    gz = tl.where(live, gz, 0.0)
-                    # dL/db2[j] (a conv bias before BN2) += sum over the tile of g_z2
-                    tl.store(gwd_ptr + ((tl.cast(tile, tl.int64) * R1 + r) * TAPS1 + DW * DW) * BLOCK_M + cm,
-                             tl.sum(tl.where(on_tile[None, :], gz, 0.0), axis=1))
-                    tl.debug_barrier()                # the previous multiplier's reads of gz_slot are done
-                    tl.store(gz_slot, gz)
-                    tl.debug_barrier()
-                    for dy in range(DW):
-                        for dx in range(DW):
-                            tap = dy * DW + dx
-                            # dL/dwd[j, tap] += sum over the tile of y1(p + tap) g_z2(p)
-                            v = tl.load(y1_slot + ((dy - PAD) * HALO_W + (dx - PAD)), mask=on_tile[None, :],
-                                        other=0.0).to(tl.float32)
-                            tl.store(gwd_ptr + ((tl.cast(tile, tl.int64) * R1 + r) * TAPS1 + tap) * BLOCK_M + cm,
-                                     tl.sum(tl.where(on_tile[None, :], v * gz, 0.0), axis=1))
-                            # dL/dy1(p) += wd[j, tap] g_z2(p - tap): the transposed depthwise conv
-                            wv = tl.load(wd_ptr + j * (DW * DW) + tap, mask=c_ok, other=0.0)
-                            u = tl.load(gz_slot - ((dy - PAD) * HALO_W + (dx - PAD)), mask=tile_px[None, :], other=0.0)
-                            gy1 += wv[:, None] * u
+                gz = tl.load(ga2_ptr + j, mask=c_ok, other=0.0)[:, None] * g2
+                if BATCH2:  # batch statistics; absent, not multiplied by 0, in eval mode (NaN in z)
+                    gz += (tl.load(gb2_ptr + j, mask=c_ok, other=0.0)[:, None]
+                           + tl.load(gc2_ptr + j, mask=c_ok, other=0.0)[:, None] * zc2)
+                gz = tl.where(live, gz, 0.0)
+                # dL/db2[j] (a conv bias before BN2) += sum over the tile of g_z2
+                tl.store(gwd_ptr + ((tl.cast(tile, tl.int64) * R1 + r) * TAPS1 + DW * DW) * BLOCK_M + cm,
+                         tl.sum(tl.where(on_tile[None, :], gz, 0.0), axis=1))
+                tl.debug_barrier()                # the previous multiplier's reads of gz_slot are done
+                tl.store(gz_slot, gz)
+                tl.debug_barrier()
+                for dy in range(DW):
+                    for dx in range(DW):
+                        tap = dy * DW + dx
+                        # dL/dwd[j, tap] += sum over the tile of y1(p + tap) g_z2(p)
+                        v = tl.load(y1_slot + ((dy - PAD) * HALO_W + (dx - PAD)), mask=on_tile[None, :],
+                                    other=0.0).to(tl.float32)
+                        tl.store(gwd_ptr + ((tl.cast(tile, tl.int64) * R1 + r) * TAPS1 + tap) * BLOCK_M + cm,
+                                 tl.sum(tl.where(on_tile[None, :], v * gz, 0.0), axis=1))
+                        # dL/dy1(p) += wd[j, tap] g_z2(p - tap): the transposed depthwise conv
+                        wv = tl.load(wd_ptr + j * (DW * DW) + tap, mask=c_ok, other=0.0)
+                        u = tl.load(gz_slot - ((dy - PAD) * HALO_W + (dx - PAD)), mask=tile_px[None, :], other=0.0)
+                        gy1 += wv[:, None] * u
 
-            if PHASE == 2:
-                store_ok = c_ok[:, None] & on_tile[None, :]
-                g1 = tl.load(g_ptr + c.to(tl.int64)[:, None] * sgc
-                             + (n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[None, :],
-                             mask=store_ok, other=0.0).to(tl.float32)
-                gy1 += g1
-                if ACT != 0:   # at BN1's output u1, as bn_act_tile computed it (ReLU: on y1 itself)
-                    u1 = acc * tl.load(scale1_ptr + c, mask=c_ok, other=0.0)[:, None] \
-                        + tl.load(shift1_ptr + c, mask=c_ok, other=0.0)[:, None]
-                    gy1 = act_grad(gy1, u1, y1, ACT)
-                gy1 = tl.where(store_ok, gy1, 0.0)
-                zc1 = acc - tl.load(mean1_ptr + c, mask=c_ok, other=0.0)[:, None]
-                row = part_ptr + tl.cast(tile, tl.int64) * BLOCK_M + cm
-                tl.store(row, tl.sum(gy1, axis=1))
-                tl.store(row + total_tiles.to(tl.int64) * BLOCK_M, tl.sum(tl.where(store_ok, gy1 * zc1, 0.0), axis=1))
-                b_off = c.to(tl.int64)[:, None] * sbc + (n * sbn + oh.to(tl.int64) * sbh + ow.to(tl.int64) * sbw)[None, :]
-                tl.store(g1m_ptr + b_off, gy1, mask=store_ok)
-                tl.store(zc1_ptr + b_off, zc1, mask=store_ok)
+            store_ok = c_ok[:, None] & on_tile[None, :]
+            g1 = tl.load(g_ptr + c.to(tl.int64)[:, None] * sgc
+                         + (n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[None, :],
+                         mask=store_ok, other=0.0).to(tl.float32)
+            gy1 += g1
+            if ACT != 0:   # at BN1's output u1, as bn_act_tile computed it (ReLU: on y1 itself)
+                u1 = acc * tl.load(scale1_ptr + c, mask=c_ok, other=0.0)[:, None] \
+                    + tl.load(shift1_ptr + c, mask=c_ok, other=0.0)[:, None]
+                gy1 = act_grad(gy1, u1, y1, ACT)
+            gy1 = tl.where(store_ok, gy1, 0.0)
+            zc1 = acc - tl.load(mean1_ptr + c, mask=c_ok, other=0.0)[:, None]
+            row = part_ptr + tl.cast(tile, tl.int64) * BLOCK_M + cm
+            tl.store(row, tl.sum(gy1, axis=1))
+            tl.store(row + total_tiles.to(tl.int64) * BLOCK_M, tl.sum(tl.where(store_ok, gy1 * zc1, 0.0), axis=1))
+            b_off = c.to(tl.int64)[:, None] * sbc + (n * sbn + oh.to(tl.int64) * sbh + ow.to(tl.int64) * sbw)[None, :]
+            tl.store(g1m_ptr + b_off, gy1, mask=store_ok)
+            tl.store(zc1_ptr + b_off, zc1, mask=store_ok)
 
 

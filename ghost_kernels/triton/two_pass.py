@@ -281,6 +281,32 @@ def train_pass2(x: Tensor, out: Tensor, wd: Tensor, scale2: Tensor, shift2: Tens
             _pass2(os_, wd, _affine(scale2, shift2), spec, dtype, cfg)
 
 
+def grad_sums2(x: Tensor, ybuf: Tensor, grad: Tensor, wd: Tensor, scale2: Tensor, shift2: Tensor, mean2: Tensor,
+               spec: GhostSpec, dtype: torch.dtype) -> Tensor:
+    """BN2's backward sums [2, m (r - 1)]: sum(g_u2) and sum(g_u2 (z2 - mean2)) per ghost channel (0 for
+    those sliced off), from y1 in ``ybuf[:, :m]`` (``train_pass1``'s, the forward's bit for bit) and
+    dL/dout ``grad``: pass 2's GRAD variant, with u2 = z2 * scale2 + shift2 as ``train_pass2``
+    computes it. ``mean2``: BN2's mean of the bias-free z2 (float32)."""
+    sums = torch.zeros(2, spec.new, dtype=torch.float32, device=ybuf.device)
+    if spec.oup == spec.m or ybuf.numel() == 0:
+        return sums
+    cfg = _config(x, ybuf, spec, dtype)
+    # dL/dout's tile, u2 and the two sums per group ride on the ring's registers: with the forward's
+    # tiles, 255 registers and 20-136 bytes of spills at 40->120 @28 and 160->960 @7 (offline, Triton 3.8)
+    # and 24 at 24->72 @56 (Triton 3.6); half the channel block, or else half the pixels per group, halves
+    # the ring
+    cfg = cfg._replace(BLOCK_C=cfg.BLOCK_C // 2) if cfg.BLOCK_C >= 16 else cfg._replace(PIXR=max(1, cfg.PIXR // 2))
+    wd = _contiguous(wd)
+    n_per = None
+    with tc.device_ctx(x):
+        for xs, ys in _batches(x, ybuf, cfg):
+            n0 = 0 if n_per is None else n_per
+            n_per = n0 + ys.shape[0]
+            part = _pass2(ys, wd, _affine(scale2, shift2), spec, dtype, cfg, grad=(grad[n0:n_per], mean2))
+            sums[:, :spec.oup - spec.m] += part.sum(1)
+    return sums
+
+
 def _affine(scale: Tensor, shift: Tensor):
     """Kernel BN arguments and flags for a given per-channel fp32 (scale, shift)."""
     return (scale, shift, scale, scale, 0.0, scale), tc.AFFINE
@@ -343,16 +369,18 @@ def _pass1(x: Tensor, out: Tensor, w1: Tensor, bn, spec: GhostSpec, dtype: torch
 
 
 def _pass2(out: Tensor, wd: Tensor, bn, spec: GhostSpec, dtype: torch.dtype, cfg: TwoPassConfig,
-           stats: bool = False):
+           stats: bool = False, grad: Optional[Tuple[Tensor, Tensor]] = None):
     """Launch pass 2 on (a batch slice of) out; ``bn``: ``(kernel args, flags)``. ``stats``: the STATS
     variant (every ghost channel, channels_last or strided kernel), returns (count per program row,
-    sums, M2s) of z2."""
+    sums, M2s) of z2. ``grad`` = (dL/dout slice, BN2's bias-free mean): the GRAD variant, returns the
+    per-program BN2 backward sums [2, programs, oup - m]."""
     n, _, ho, wo = out.shape
     sms = _sms(out)
     o_mode = _mode(out, 1)
     vec = 16 // out.element_size()
     r1, d = spec.ratio - 1, spec.dw_size
     kept = spec.m * r1 if stats else spec.oup - spec.m
+    reduce = stats or grad is not None
     m_need = -(-kept // r1)
     bn_args, flags = bn
     # Weights hoisted into registers up to 25 vectors (dw 5 at ratio 2: Ultralytics' GhostConv; dw 3 at
@@ -362,7 +390,7 @@ def _pass2(out: Tensor, wd: Tensor, bn, spec: GhostSpec, dtype: torch.dtype, cfg
     # would ring them too (compile time of minutes at d = 7, ratio 4).
     hoist = r1 * d * d <= 25
     stages2 = cfg.STAGES2 if r1 * d * d <= 9 else 1
-    if o_mode == DENSE_NCHW and not stats:
+    if o_mode == DENSE_NCHW and not reduce:
         vw = _pow2_divisor(wo, vec)                      # vectors along W never cross a row
         wv = wo // vw
         block_c = min(cfg.BLOCK_C, tc.next_pow2(m_need))
@@ -383,7 +411,7 @@ def _pass2(out: Tensor, wd: Tensor, bn, spec: GhostSpec, dtype: torch.dtype, cfg
         )
         return None
     if o_mode == DENSE_NCHW:
-        o_mode = FLAT            # the statistics of an NCHW output: the strided kernel, one pixel per unit
+        o_mode = FLAT            # the reductions over an NCHW output: the strided kernel, one pixel per unit
     pixr = cfg.PIXR if o_mode == DENSE_CL else 1
     n_cb2 = -(-m_need // cfg.BLOCK_C)
     wg = -(-wo // pixr)                              # pixel groups per row
@@ -394,19 +422,22 @@ def _pass2(out: Tensor, wd: Tensor, bn, spec: GhostSpec, dtype: torch.dtype, cfg
     pairs = (dtype == torch.bfloat16 and spec.ratio == 2 and o_mode == DENSE_CL and spec.oup % 2 == 0
              and cfg.BLOCK_C >= 2 and out.data_ptr() % 4 == 0)
     overread = o_mode == DENSE_CL and n_cb2 * cfg.BLOCK_C <= spec.oup
-    part = torch.empty(2, n_ub * n_bands, kept, dtype=torch.float32, device=out.device) if stats else wd
+    part = torch.empty(2, n_ub * n_bands, kept, dtype=torch.float32, device=out.device) if reduce else wd
+    g, mu = grad if grad is not None else (out, wd)
     tc.launch(
         _dw_kernel, (n_ub * n_bands * n_cb2,),
-        out, wd, *bn_args, part,
+        out, wd, *bn_args, part, g, mu,
         u_total, ho, wo, ho * wo, wg, mg_wg, sh_wg,
-        *out.stride(),
+        *out.stride(), *g.stride(),
         n_bands, band_rows, n_ub * n_bands * kept,
         loops=(ho / n_bands,) + (() if hoist else (d,)),   # rows per program (the last band may be shorter); taps
         M=spec.m, OUP=spec.oup, RATIO=spec.ratio, DW=d, ACT=tc.act_code(spec.act),
-        BN=flags, O_MODE=o_mode, STATS=stats,
+        BN=flags, O_MODE=o_mode, STATS=stats, GRAD=grad is not None,
         BLOCK_G=cfg.BLOCK_G, BLOCK_C=cfg.BLOCK_C, PIXR=pixr, W_HOIST=hoist,
         PAIRS=pairs, OVERREAD=overread, STAGES=stages2, num_warps=cfg.WARPS2,
     )
+    if grad is not None:
+        return part
     if not stats:
         return None
     # values per program row: valid pixels of its unit block x rows of its band

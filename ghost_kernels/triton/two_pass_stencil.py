@@ -150,15 +150,44 @@ if triton is not None:
             tl.store(row_ptr + jj[t], total, mask=jok[t])
             tl.store(row_ptr + plane + jj[t], m2, mask=jok[t])
 
+    @triton.jit
+    def _grad_row(accs, sums, g_row, gcs, col_ok, ss, bs, mus, jok, gcol,
+                  PAD: tl.constexpr, NG: tl.constexpr, PIXR: tl.constexpr, ACT: tl.constexpr):
+        """GRAD: one complete output row of z2 (``accs``) into the program's BN2 backward sums, per group
+        t a (sum of g_u2, sum of g_u2 (z2 - mean2)) pair of [BLOCK_G, BV] tiles; u2 = z2 * scale2 + shift2
+        as the forward's writing pass computes it, g_u2 = act'(u2) dL/dy2 (``common.act_grad``)."""
+        new = ()
+        for t in tl.static_range(NG):
+            s1 = sums[2 * t]
+            s2 = sums[2 * t + 1]
+            for r in tl.static_range(PIXR):
+                ok = col_ok[PAD + r][:, None] & jok[t][None, :]
+                z = accs[t * PIXR + r]
+                u = z * ss[t][None, :] + bs[t][None, :]
+                g = tl.load((g_row + r * gcol)[:, None] + gcs[t][None, :], mask=ok, other=0.0).to(tl.float32)
+                gu = tl.where(ok, tc.act_grad(g, u, tc.act(u, ACT), ACT), 0.0)
+                s1 += gu
+                s2 += gu * (z - mus[t][None, :])
+            new = new + (s1, s2)
+        return new
+
+    @triton.jit
+    def _grad_store(sums, jj, jok, row_ptr, plane, NG: tl.constexpr):
+        """GRAD: the program's two sums per kept ghost channel ``jj[t]``, at ``row_ptr + j`` and ``plane``
+        elements further."""
+        for t in tl.static_range(NG):
+            tl.store(row_ptr + jj[t], tl.sum(sums[2 * t], axis=0), mask=jok[t])
+            tl.store(row_ptr + plane + jj[t], tl.sum(sums[2 * t + 1], axis=0), mask=jok[t])
+
     @triton.jit(do_not_specialize=["U_TOTAL", "HO", "WO", "HWO", "WG", "mg_wg", "sh_wg", "n_bands", "band_rows",
                                    "part_plane"])
     def _dw_kernel(
-        out_ptr, wd_ptr, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, cb2_ptr, part_ptr,
+        out_ptr, wd_ptr, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, cb2_ptr, part_ptr, g_ptr, mu_ptr,
         U_TOTAL, HO, WO, HWO, WG, mg_wg, sh_wg,
-        son, soc, soh, sow,
+        son, soc, soh, sow, sgn, sgc, sgh, sgw,
         n_bands, band_rows, part_plane,
         M: tl.constexpr, OUP: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, ACT: tl.constexpr,
-        BN: tl.constexpr, O_MODE: tl.constexpr, STATS: tl.constexpr,
+        BN: tl.constexpr, O_MODE: tl.constexpr, STATS: tl.constexpr, GRAD: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, PIXR: tl.constexpr,
         W_HOIST: tl.constexpr, PAIRS: tl.constexpr, OVERREAD: tl.constexpr, STAGES: tl.constexpr,
     ):
@@ -194,7 +223,13 @@ if triton is not None:
         sliced-off ones included (nn.BatchNorm2d tracks them), the raw z2 (no bias, no BN) is reduced
         instead of stored: per program and channel the sum and the squared deviations about the
         program's mean, at ``part[0 / 1, band block, j]`` (band block = unit block * n_bands + band,
-        ``part_plane`` elements apart); Chan's merge of them is BN2's batch mean and variance."""
+        ``part_plane`` elements apart); Chan's merge of them is BN2's batch mean and variance.
+
+        GRAD (the training backward's first pass, ``train_backward.py``): y1 is the forward's, recomputed
+        into ``out[:, :M]`` by pass 1; for the kept ghost channels, u2 = z2 * scale2 + shift2 (BN given
+        as AFFINE) and g_u2 = act'(u2) dL/dy2 (``g_ptr``, strides ``sg*``: dL/dout, its ghost channels)
+        are reduced per program and channel into sum(g_u2) and sum(g_u2 (z2 - mean2)) (``mu_ptr``: BN2's
+        mean of the bias-free z2), at ``part[0 / 1, band block, j]``: BN2's backward sums."""
         R1: tl.constexpr = RATIO - 1
         DD: tl.constexpr = DW * DW
         PAD: tl.constexpr = DW // 2
@@ -302,6 +337,16 @@ if triton is not None:
         if not PAIRS:
             cc_ok = c_ok                                   # (unused without PAIRS)
         stats = ()
+        if GRAD:
+            zero = tl.zeros([BLOCK_G, BV], dtype=tl.float32)
+            for t in tl.static_range(NG):
+                stats = stats + (zero, zero)
+            mus = ()
+            gcs = ()
+            for t in tl.static_range(NG):
+                mus = mus + (tl.load(mu_ptr + jj[t], mask=jok[t], other=0.0),)
+                gcs = gcs + ((M + jj[t]).to(tl.int64) * sgc,)
+            g_pix = n64 * sgn + w0.to(tl.int64) * sgw
         if STATS:
             for t in tl.static_range(NG):
                 zero = tl.zeros([BLOCK_G, BV], dtype=tl.float32)
@@ -321,7 +366,10 @@ if triton is not None:
                                       PAD, NCOL, PAIRS, C_FULL)
                 ring = _ring_taps(ring, lo, hi, wts, DW, 2 * PAD, DW, NG, PIXR, PAIRS)
                 # output row o is complete: BN2 + act, store (STATS: reduce); the ring turns
-                if STATS:
+                if GRAD:
+                    stats = _grad_row(ring, stats, g_ptr + (g_pix + tl.cast(o, tl.int64) * sgh), gcs, col_ok,
+                                      ss, bs, mus, jok, sgw, PAD, NG, PIXR, ACT)
+                elif STATS:
                     stats = _stats_row(ring, stats, col_ok, o == h0, PAD, NG, PIXR)
                 else:
                     _cl_store_row(ring, o_pix + tl.cast(o, tl.int64) * o_row, ocol, cgs, col_ok, ss, bs, jok,
@@ -344,11 +392,16 @@ if triton is not None:
                     lo, hi = _cl_load_row(y_ptr, pix, o + dy - PAD, row_step, cy, col_step, HO_U, col_ok, c_ok,
                                           PAD, NCOL, PAIRS, C_FULL)
                     accs = _row_taps(accs, lo, hi, _row_weights(wd_ptr, jj, jok, dy, DW, NG), DW, NG, PIXR, PAIRS)
-                if STATS:
+                if GRAD:
+                    stats = _grad_row(accs, stats, g_ptr + (g_pix + tl.cast(o, tl.int64) * sgh), gcs, col_ok,
+                                      ss, bs, mus, jok, sgw, PAD, NG, PIXR, ACT)
+                elif STATS:
                     stats = _stats_row(accs, stats, col_ok, o == h0, PAD, NG, PIXR)
                 else:
                     _cl_store_row(accs, o_pix + tl.cast(o, tl.int64) * o_row, ocol, cgs, col_ok, ss, bs, jok,
                                   cc_ok, out_ptr, PAD, NG, PIXR, PAIRS, ACT, BLOCK_G, BLOCK_C)
+        if GRAD:
+            _grad_store(stats, jj, jok, part_ptr + (ub * n_bands + band).to(tl.int64) * KEPT, part_plane, NG)
         if STATS:
             _stats_store(stats, col_ok, (h1 - h0).to(tl.float32), jj, jok,
                          part_ptr + (ub * n_bands + band).to(tl.int64) * KEPT, part_plane, PAD, NG, PIXR)

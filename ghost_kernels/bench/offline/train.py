@@ -199,7 +199,7 @@ def case_rows(case, results, batch: int, strict: bool) -> List[dict]:
                 if "error" in res:
                     raise OfflineError(f"compile of {job.name}: {res['error']}")
                 m = model_launch(res, la, job)
-                m.update(kind="triton", **{"pass": pass_name(la)},
+                m.update(kind="triton", **{"pass": pass_name(la, phase)},
                          **triton_traffic(la, spec, batch, shape.h, shape.w, elem))
                 m["hbm_bytes"] = m["read_bytes"] + m["write_bytes"]
                 m["instr_per_byte"] = m["warp_instr"] / m["hbm_bytes"] if m["hbm_bytes"] else None

@@ -19,10 +19,12 @@ KERNEL_INSTR_BUDGET = 0.3    # warp-instructions per byte of a kernel's own traf
 # The kernel files a training row depends on (a committed result records their hashes)
 TRAIN_KERNEL_FILES = ("train_kernels.py", "train_ops.py", "train_backward.py", "two_pass.py", "two_pass_gemm.py",
                       "two_pass_stencil.py", "two_pass_nchw.py", "two_pass_config.py", "common.py")
-# The pass names of the design note (train_kernels.py), per kernel and its STATS or PHASE constexpr
-PASS_NAMES = {("_pw_kernel", True): "F1", ("_pw_kernel", False): "F2", ("_dw_kernel", True): "F3",
-              ("_dw_kernel", False): "F4", "_dw_nchw_kernel": "F4",
-              ("_ghost_bwd_kernel", 1): "B1", ("_ghost_bwd_kernel", 2): "B2", "_bn_input_grad_kernel": "B3"}
+# The pass names of the design note (train_kernels.py), per phase, kernel and its STATS / GRAD constexpr
+PASS_NAMES = {("forward", "_pw_kernel", True): "F1", ("forward", "_pw_kernel", False): "F2",
+              ("forward", "_dw_kernel", True): "F3", ("forward", "_dw_kernel", False): "F4",
+              ("forward", "_dw_nchw_kernel", False): "F4",
+              ("backward", "_pw_kernel", False): "B0", ("backward", "_dw_kernel", "grad"): "B1",
+              ("backward", "_ghost_bwd_kernel", None): "B2", ("backward", "_bn_input_grad_kernel", None): "B3"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,11 +170,11 @@ def _kernel_name(launch) -> str:
     return getattr(launch.kernel, "__name__", None) or getattr(getattr(launch.kernel, "fn", None), "__name__", "?")
 
 
-def pass_name(launch) -> str:
-    """F1-F4, B1-B3 (the design note of ``train_kernels.py``) for a training launch."""
+def pass_name(launch, phase: str) -> str:
+    """F1-F4, B0-B3 (the design note of ``train_kernels.py``) for a launch of a training ``phase``."""
     name = _kernel_name(launch)
-    key = launch.kwargs.get("PHASE", launch.kwargs.get("STATS"))
-    return PASS_NAMES.get((name, key), PASS_NAMES.get(name, name))
+    key = "grad" if launch.kwargs.get("GRAD") else launch.kwargs.get("STATS")
+    return PASS_NAMES.get((phase, name, key), name)
 
 
 def triton_traffic(launch, spec, n: int, h: int, w: int, elem: int) -> dict:
@@ -188,22 +190,22 @@ def triton_traffic(launch, spec, n: int, h: int, w: int, elem: int) -> dict:
     weights = _nbytes(a["w1_ptr"]) if "w1_ptr" in a else 0
     weights += _nbytes(a["wd_ptr"]) if "wd_ptr" in a else 0
     y1 = two_pass_y1_bytes(spec, n, ho, wo, elem, launch)
-    if name == "_pw_kernel":
+    if name == "_pw_kernel":   # F1, F2; B0 (the backward's y1, as F2 wrote it)
         if launch.kwargs.get("STATS"):
             return dict(read_bytes=x + weights, write_bytes=_nbytes(a["part_ptr"]),
                         traffic="reads x, w1; writes per-tile z1 sums")
         return dict(read_bytes=x + weights, write_bytes=n * spec.m * ho * wo * elem,
                     traffic="reads x, w1; writes y1 into out[:, :m]")
     if name in ("_dw_kernel", "_dw_nchw_kernel"):
+        if launch.kwargs.get("GRAD"):
+            return dict(read_bytes=y1 + ghost + weights, write_bytes=_nbytes(a["part_ptr"]),
+                        traffic="reads y1 (B0's), dL/dout[:, m:], wd; writes per-program BN2 backward sums")
         if launch.kwargs.get("STATS"):
             return dict(read_bytes=y1 + weights, write_bytes=_nbytes(a["part_ptr"]),
                         traffic="reads y1 (out[:, :m]), wd; writes per-program z2 sums")
         return dict(read_bytes=y1 + weights, write_bytes=ghost,
                     traffic="reads y1 (out[:, :m]), wd; writes out[:, m:]")
     if name == "_ghost_bwd_kernel":
-        if launch.kwargs.get("PHASE") == 1:
-            return dict(read_bytes=x + ghost + weights, write_bytes=_nbytes(a["part_ptr"]),
-                        traffic="reads x, dL/dout[:, m:], w1, wd; writes per-tile BN2 sums")
         small = _nbytes(a["part_ptr"]) + _nbytes(a["gwd_ptr"])
         return dict(read_bytes=x + out + weights, write_bytes=_nbytes(a["g1m_ptr"]) + _nbytes(a["zc1_ptr"]) + small,
                     traffic="reads x, dL/dout, w1, wd; writes g1m and z1 - mean1 (fp32), per-tile dL/dwd and "
