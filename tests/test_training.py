@@ -501,7 +501,7 @@ def test_statistics_passes_stay_exact_far_from_zero(layout):
     tiles, masked lanes and a ghost channel sliced off (its moments are still reduced). A 1x1 cheap
     op: a wider one's zero padding makes the border pixels' z2 vary as much as the mean itself."""
     from ghost_kernels.core.layout import empty_output
-    from ghost_kernels.triton import two_pass
+    from ghost_kernels.triton import two_pass_train
 
     spec = gk.GhostSpec(8, 11, ratio=3, dw_size=1)                    # m = 4, 8 ghost channels, 7 kept
     gen = torch.Generator().manual_seed(7)
@@ -512,14 +512,14 @@ def test_statistics_passes_stay_exact_far_from_zero(layout):
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     out = empty_output(x, spec.oup, 1, torch.float32).fill_(float("nan"))
-    mean1, var1u, _ = two_pass.train_stats1(x, out, w1, spec, torch.float32).finish()
+    mean1, var1u, _ = two_pass_train.train_stats1(x, out, w1, spec, torch.float32).finish()
     z1 = torch.einsum("nchw,mc->nmhw", x.double(), w1.double())
     assert torch.allclose(mean1.double(), z1.mean((0, 2, 3)), rtol=1e-6)
     assert torch.allclose(var1u.double(), z1.var((0, 2, 3)), rtol=2e-3), (var1u, z1.var((0, 2, 3)))
     assert out.isnan().all(), "a statistics pass writes nothing"
 
     out[:, :spec.m] = (1000 + torch.randn(3, spec.m, 9, 13, generator=gen)).to(DEVICE)      # y1
-    mean2, var2u, _ = two_pass.train_stats2(x, out, wd, spec, torch.float32).finish()
+    mean2, var2u, _ = two_pass_train.train_stats2(x, out, wd, spec, torch.float32).finish()
     z2 = F.conv2d(out[:, :spec.m].double(), wd.double(), groups=spec.m)    # ghost j reads y1[j // 2]
     assert torch.allclose(mean2.double(), z2.mean((0, 2, 3)), rtol=1e-6)
     assert torch.allclose(var2u.double(), z2.var((0, 2, 3)), rtol=2e-3), (var2u, z2.var((0, 2, 3)))

@@ -10,7 +10,7 @@ from ..core.batch_stats import all_reduce
 from ..core.layout import empty_output, output_memory_format
 from ..core.spec import GhostSpec
 from . import common as tc
-from . import two_pass
+from . import two_pass_train
 from .common import triton
 
 if triton is not None:
@@ -80,8 +80,8 @@ def train_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], bn
     # (same kernel, scale and shift: bit for bit), then BN2's backward sums from the stencil's GRAD pass
     # (z2 and u2 as F4 computed them)
     ybuf = empty_output(x, spec.oup, spec.stride, cdtype)
-    two_pass.train_pass1(x, ybuf, w1, scale1, shift1, spec, cdtype)
-    sums2 = two_pass.grad_sums2(x, ybuf, grad, wd, scale2, shift2, mean2, spec, cdtype)
+    two_pass_train.train_pass1(x, ybuf, w1, scale1, shift1, spec, cdtype)
+    sums2 = two_pass_train.grad_sums2(x, ybuf, grad, wd, scale2, shift2, mean2, spec, cdtype)
     del ybuf
 
     pad = spec.dw_size // 2

@@ -52,10 +52,10 @@ Backward: y1 and BN2's backward sums on the forward's kernels, then one launch o
 ``_ghost_bwd_kernel`` on halo tiles with a halo of 2 (d // 2) pixels (z2 is needed on a 1-pixel-wider
 ring than the tile to form the transposed depthwise conv), then cuBLAS.
 
-  B0            ``_pw_kernel`` (``two_pass.train_pass1``): y1 into a scratch tensor shaped like out,
+  B0            ``_pw_kernel`` (``two_pass_train.train_pass1``): y1 into a scratch tensor shaped like out,
                 with F2's kernel, scale and shift: the forward's y1 bit for bit (``out`` itself may have
                 been modified in place since: GhostNet's bottleneck adds its shortcut into it).
-  B1            ``_dw_kernel`` GRAD (``two_pass.grad_sums2``): the row walk over B0's y1 recomputes z2
+  B1            ``_dw_kernel`` GRAD (``two_pass_train.grad_sums2``): the row walk over B0's y1 recomputes z2
                 and u2 = z2 scale2 + shift2 exactly as F4 did (same kernel code, same tap order); g2m =
                 act'(u2) g2 with g2 = dL/dy2 (``common.act_grad``, eager's derivative and its conventions:
                 ReLU zero where y <= 0, NaN passes; Hardswish 0 at u <= -3, 1 at u >= 3); per program and

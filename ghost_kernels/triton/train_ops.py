@@ -24,7 +24,7 @@ from ..core.batch_stats import update_running_stats
 from ..core.layout import empty_output, output_memory_format
 from ..core.params import GhostParams, bn_has_running_stats
 from ..core.spec import GhostSpec
-from . import two_pass
+from . import two_pass_train
 from .train_backward import bn_affine, centred, train_backward
 
 
@@ -45,14 +45,14 @@ def train_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], bn1_weight: Optio
     pass 2 writing the kept ghost channels; an eval-mode BN skips its statistics pass."""
     dtype = w1.dtype
     out = empty_output(x, spec.oup, spec.stride, dtype)
-    mean1, invstd1, var1u = _bn_stats(stats1, lambda: two_pass.train_stats1(x, out, w1, spec, dtype), eps1, b1,
+    mean1, invstd1, var1u = _bn_stats(stats1, lambda: two_pass_train.train_stats1(x, out, w1, spec, dtype), eps1, b1,
                                       sync_group)
     scale1, shift1 = bn_affine(centred(mean1, b1), invstd1, bn1_weight, bn1_bias)
-    two_pass.train_pass1(x, out, w1, scale1, shift1, spec, dtype)
-    mean2, invstd2, var2u = _bn_stats(stats2, lambda: two_pass.train_stats2(x, out, wd, spec, dtype), eps2, b2,
+    two_pass_train.train_pass1(x, out, w1, scale1, shift1, spec, dtype)
+    mean2, invstd2, var2u = _bn_stats(stats2, lambda: two_pass_train.train_stats2(x, out, wd, spec, dtype), eps2, b2,
                                       sync_group)
     scale2, shift2 = bn_affine(centred(mean2, b2), invstd2, bn2_weight, bn2_bias)
-    two_pass.train_pass2(x, out, wd, scale2, shift2, spec, dtype)
+    two_pass_train.train_pass2(x, out, wd, scale2, shift2, spec, dtype)
     return out, mean1, invstd1, var1u, mean2, invstd2, var2u
 
 

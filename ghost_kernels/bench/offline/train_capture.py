@@ -17,8 +17,8 @@ FAMILY = "triton_train"
 BYTES_BUDGET = 1.6           # bytes moved / training floor, over the network's modules
 KERNEL_INSTR_BUDGET = 0.3    # warp-instructions per byte of a kernel's own traffic
 # The kernel files a training row depends on (a committed result records their hashes)
-TRAIN_KERNEL_FILES = ("train_kernels.py", "train_ops.py", "train_backward.py", "two_pass.py", "two_pass_gemm.py",
-                      "two_pass_stencil.py", "two_pass_nchw.py", "two_pass_config.py", "common.py")
+TRAIN_KERNEL_FILES = ("train_kernels.py", "train_ops.py", "train_backward.py", "two_pass.py", "two_pass_train.py",
+                      "two_pass_gemm.py", "two_pass_stencil.py", "two_pass_nchw.py", "two_pass_config.py", "common.py")
 # The pass names of the design note (train_kernels.py), per phase, kernel and its STATS / GRAD constexpr
 PASS_NAMES = {("forward", "_pw_kernel", True): "F1", ("forward", "_pw_kernel", False): "F2",
               ("forward", "_dw_kernel", True): "F3", ("forward", "_dw_kernel", False): "F4",
