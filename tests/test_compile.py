@@ -215,22 +215,22 @@ def test_export_for_inference(grad_mode):
     assert rel_err(got, ref) < 1e-6
 
 
-@pytest.mark.parametrize("mode,act", [("train", "relu"), ("eval", "relu"), ("train", "silu")])
+@pytest.mark.parametrize("mode,act", [("train", "relu"), ("eval", "relu"), ("train", "silu"), ("train", "hardswish")])
 def test_inductor_compiles_a_converted_network(mode, act):
     """torch.compile with the default Inductor backend (on the CPU too: that is where the strides bug
     of the backward op showed), fullgraph=True, forward and backward, train and eval mode: the same
-    loss and gradients as eager; with SiLU in train mode too (Ultralytics' activation: the training
-    ops' SiLU forward and derivative in one graph)."""
+    loss and gradients as eager; with SiLU (Ultralytics' activation) and Hardswish in train mode too (the
+    training ops' forward and derivative of each in one graph)."""
     torch.manual_seed(0)
     net = small_ghost_net()
-    if act == "silu":
+    if act != "relu":
         for mod in list(net.modules()):
             for name, child in mod.named_children():
                 if isinstance(child, nn.ReLU):
-                    setattr(mod, name, nn.SiLU())
+                    setattr(mod, name, {"silu": nn.SiLU, "hardswish": nn.Hardswish}[act]())
     model = randomize(gk.convert(net.to(DEVICE), backend="triton"))
-    if act == "silu":
-        assert {m.spec.act for m in model.modules() if isinstance(m, gk.FusedGhost)} == {"silu", "none"}
+    if act != "relu":
+        assert {m.spec.act for m in model.modules() if isinstance(m, gk.FusedGhost)} == {act, "none"}
     getattr(model, mode)()
     twin = copy.deepcopy(model)
     x = torch.randn(4, 3, 12, 12, device=DEVICE)

@@ -29,7 +29,7 @@ ROW_KEYS = ("regs", "spills", "smem", "warp_instr", "floor_bytes", "floor_us", "
             "predicted_us", "variants", "launches", "error")
 TRAIN_KEYS = ("phase", "modules", "triton_bytes", "torch_bytes", "torch_small_bytes", "bytes_over_floor",
               "max_kernel_instr_per_byte", "worst_kernel")
-PASSES = {"forward": ["F1", "F2", "F3", "F4"], "backward": ["B0", "B1", "B2", "B3"]}
+PASSES = {"forward": ["F1", "F2", "F3", "F4"], "backward": ["B0", "B1", "B2", "B3", "B4", "B5"]}
 
 
 def small():
@@ -61,7 +61,7 @@ def test_floor_by_hand():
 
 
 def test_capture_records_every_pass_and_counts_the_gemms_by_bytes():
-    """No compile: the step's Triton launches are F1-F4 and B0-B3, each with declared bytes, and B3's
+    """No compile: the step's Triton launches are F1-F4 and B0-B5, each with declared bytes, and B6's
     two GEMMs are torch ops counted by hand: dL/dw1 = g_z1^T x reads g_z1 (128 pixels x 8) and x (128 x
     16) and writes 8 x 16; dL/dx = g_z1 w1 reads g_z1 and w1 and writes 128 x 16 (2 B each)."""
     from ghost_kernels.bench.offline.train_capture import torch_entries
@@ -77,7 +77,7 @@ def test_capture_records_every_pass_and_counts_the_gemms_by_bytes():
     f4 = train.triton_traffic(cap["forward"][0][3], spec, 2, 8, 8, 2)
     assert f4["read_bytes"] == 2 * 64 * 32 + 8 * 9 * 2 and f4["write_bytes"] == 2 * 8 * 64 * 2
     mm = next(e for e in torch_entries(cap["backward"][1], "backward") if e["kernel"] == "aten.mm")
-    assert mm["kind"] == "torch" and mm["calls"] == 2 and mm["pass"].startswith("B3")
+    assert mm["kind"] == "torch" and mm["calls"] == 2 and mm["pass"].startswith("B6")
     assert mm["read_bytes"] == 2 * 2048 + 4096 + 256 and mm["write_bytes"] == 256 + 4096
 
 
@@ -147,7 +147,8 @@ def test_training_moves_at_most_the_budget_over_the_floor(result):
     assert s["bytes_over_floor"] <= train.BYTES_BUDGET, f"{s['bytes_over_floor']:.2f}x the training floor"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: B2 (the v1 halo kernel) issues up to 5 warp-instructions per byte, F1 / F3 up to 0.86 / 0.47")
+@pytest.mark.xfail(strict=True, reason="issue 17: F1 / F3 issue up to 0.86 / 0.47 warp-instructions per byte, "
+                   "the backward's passes up to 0.45 (B1, B3, B4 at 14x14 and 7x7)")
 def test_every_training_kernel_keeps_the_instruction_budget(result):
     over = sorted({(la["pass"], r["name"], round(la["instr_per_byte"], 2)) for r, la in triton_launches(result)
                    if la["instr_per_byte"] > train.KERNEL_INSTR_BUDGET})

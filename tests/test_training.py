@@ -170,6 +170,27 @@ def test_gradients_option_sweep(i, ratio, dw, stride, act):
                                                       f"affine={affine} running={running}")
 
 
+# The GPU's tiles under the interpreter: its default tiles for pass 2 and B3 are wide ones
+# (two_pass.INTERPRETER_TILES: one pixel per group, every channel in one block), so these cases run the
+# tiles a GPU runs (several pixels per group, 16-byte channel blocks, bf16 channel pairs, several bands).
+GPU_TILE_CASES = [
+    (dict(), torch.bfloat16, "channels_last", 13, False),
+    (dict(ratio=3, act="silu"), torch.float32, "nchw", 9, True),
+    (dict(dw_size=5), torch.float16, "channels_last", 11, True),
+]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the GPU runs its own tiles in every test")
+@pytest.mark.parametrize("i", range(len(GPU_TILE_CASES)))
+def test_gradients_on_the_gpu_tiles(i, monkeypatch):
+    from ghost_kernels.triton import two_pass
+    monkeypatch.setattr(two_pass, "INTERPRETER_TILES", False)
+    kw, dtype, layout, w, conv_bias = GPU_TILE_CASES[i]
+    spec = gk.GhostSpec(12, 34 if kw.get("ratio", 2) == 2 else 35, **kw)
+    leaves = Leaves(spec, 2, 9, w, layout, conv_bias=conv_bias)
+    assert_matches_reference(leaves, dtype, True, f"{spec} {dtype} {layout} on the GPU's tiles")
+
+
 @pytest.mark.parametrize("shape", distinct_ghostnet_100_specs()[::3], ids=lambda s: s.name)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gradients_ghostnet_100_configurations(shape, layout):

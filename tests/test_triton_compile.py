@@ -21,8 +21,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 import ghost_kernels as gk  # noqa: E402
 from ghost_kernels.triton import common as triton_common  # noqa: E402
 from ghost_kernels.triton import halo as triton_halo
+from ghost_kernels.triton import train_backward  # noqa: E402
 from ghost_kernels.triton import train_kernels as triton_train
-from ghost_kernels.triton.train_backward import backward_config  # noqa: E402
 
 try:
     from triton.backends.compiler import GPUTarget
@@ -41,16 +41,16 @@ VARIANTS = [  # (dtype, spec, output H x W): the dtypes, the extremes of ratio/d
 ]
 
 
-# The training kernels of the backward (train_kernels.py): (kind, dtype, spec, output H x W). The
-# forward's and B0/B1 are triton_two_pass's two kernels (their STATS and GRAD variants too), compiled as
-# each launch specializes them by the offline model (tests/test_offline_train.py: no spills).
+# The training kernel of its own (train_kernels.py: B3, the transposed depthwise stencil): (kind, dtype,
+# spec, output H x W); in-kernel dL/dwd (d*d*(r-1) <= 9) or not. Every other training launch is
+# triton_two_pass's GEMM or stencil (their STATS and GRAD variants), compiled as each launch specializes
+# them by the offline model (tests/test_offline_train.py: no spills).
 TRAIN_VARIANTS = [
-    ("bwd2", "bf16", gk.GhostSpec(16, 16), (112, 112)),
-    ("bwd2", "fp16", gk.GhostSpec(160, 960), (7, 7)),
-    ("bwd2", "fp32", gk.GhostSpec(24, 37, ratio=4, dw_size=7, stride=2, act="none"), (9, 9)),
-    ("bwd2", "bf16", gk.GhostSpec(32, 32, dw_size=5, act="silu"), (40, 40)),      # Ultralytics' GhostConv
-    ("bwd2", "fp16", gk.GhostSpec(40, 60, ratio=3, act="hardswish"), (28, 28)),
-    ("bn_grad", "bf16", gk.GhostSpec(48, 24), (56, 56)),
+    ("dw_bwd", "bf16", gk.GhostSpec(16, 16), (112, 112)),
+    ("dw_bwd", "fp16", gk.GhostSpec(160, 960), (7, 7)),
+    ("dw_bwd", "fp32", gk.GhostSpec(24, 37, ratio=4, dw_size=7, stride=2, act="none"), (9, 9)),
+    ("dw_bwd", "bf16", gk.GhostSpec(32, 32, dw_size=5, act="silu"), (40, 40)),      # Ultralytics' GhostConv
+    ("dw_bwd", "fp16", gk.GhostSpec(40, 60, ratio=3, act="hardswish"), (28, 28)),
 ]
 
 
@@ -96,16 +96,16 @@ def compile_for_sm90(dtype: str, spec: gk.GhostSpec, ho: int, wo: int, kind: str
         consts.update(ACT=triton_common.act_code(spec.act))
         return _compile(triton_halo._ghost_fwd_kernel, dtype, consts, ("x_ptr", "out_ptr", "w1_ptr", "scratch_ptr"),
                         cfg.num_warps)
-    if kind == "bwd2":
-        cfg = backward_config(spec, ho, wo, TORCH_DTYPE[dtype])
-        consts = dict(base)
-        consts.update(BATCH2=True, HALO_H=cfg.HALO_H, HALO_W=cfg.HALO_W,
-                      ACT=triton_common.act_code(spec.act))
-        return _compile(triton_train._ghost_bwd_kernel, dtype, consts, ("x_ptr", "g_ptr", "w1_ptr", "y1s_ptr"),
-                        cfg.num_warps)
-    if kind == "bn_grad":
-        consts = dict(CHANNELS_LAST=True, BATCH=True, BLOCK=1024)
-        return _compile(triton_train._bn_input_grad_kernel, dtype, consts, ("out_ptr",), 4)
+    if kind == "dw_bwd":
+        d, r1 = spec.dw_size, spec.ratio - 1
+        # strides unspecialized here: the tiles of a strided (NCHW) launch; the channels_last launches are
+        # compiled as they specialize by the offline model (test_offline_train: no spills)
+        pixr, block_c, block_g = train_backward._stencil_tiles(spec, wo, False, TORCH_DTYPE[dtype])
+        consts = dict(M=spec.m, OUP=spec.oup, KEPT=spec.oup - spec.m, RATIO=spec.ratio, DW=d, WGRAD=r1 * d * d <= 9,
+                      DENSE=False, STAGES=3 if r1 * d * d <= 9 else 1,
+                      BLOCK_G=block_g, BLOCK_C=block_c, PIXR=pixr)
+        return _compile(triton_train._dw_bwd_kernel, dtype, consts, ("gz_ptr", "y_ptr", "g_ptr", "dy_ptr", "wd_ptr"),
+                        4)
     raise ValueError(f"kind {kind!r}")
 
 
@@ -137,12 +137,9 @@ def run_variant(arg: str) -> dict:
 @pytest.mark.skipif(ASTSource is None or not os.path.exists(PTXAS), reason="this Triton has no offline compiler API")
 @pytest.mark.parametrize("i", range(len(TRAIN_VARIANTS)), ids=lambda i: "-".join(map(str, TRAIN_VARIANTS[i][:3])))
 def test_training_kernels_compile_for_sm90(i):
-    """The training kernels compile for sm_90 (the interpreter does not check what the compiler
-    rejects), use tensor cores where they multiply half types, and do not spill at the CI's Triton."""
-    kind, dtype, spec, _ = TRAIN_VARIANTS[i]
+    """The training kernel compiles for sm_90 (the interpreter does not check what the compiler rejects)
+    and does not spill at the CI's Triton."""
     rep = run_variant(f"t{i}")
-    if kind == "bwd2" and dtype != "fp32":
-        assert rep["tensor_cores"], "the 1x1 conv should run on tensor cores"
     if triton.__version__.startswith("3.8"):
         assert rep["spills"] == 0, rep["log"]
 

@@ -59,7 +59,43 @@ from .common import tl, triton
 from .family import INFERENCE_SUPPORT, TritonFamily, prepare_output
 
 if triton is not None:
-    from .common import bn_act_tile, pointwise_conv_tile, tile_coords
+
+    @triton.jit
+    def tile_coords(tile, n_mblocks, n_tiles_w, n_tiles_h):
+        """(channel block, tile column, tile row, image) of a tile index; channel block fastest, so that
+        programs running together share the x tile through L2."""
+        mb = tile % n_mblocks
+        t = tile // n_mblocks
+        tw = t % n_tiles_w
+        t = t // n_tiles_w
+        th = t % n_tiles_h
+        return mb, tw, th, (t // n_tiles_h).to(tl.int64)
+
+    @triton.jit
+    def pointwise_conv_tile(x_ptr, w1_ptr, x_pix, pix_ok, c, c_ok, C_IN, sxc,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                            IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+        """z1[c, p] = sum_k w1[c, k] x[k, p] in fp32 for BLOCK_M channels and BLOCK_P pixels (64-bit pixel
+        offsets ``x_pix``; masked pixels give 0) with tl.dot, K-loop over the input channels."""
+        ck = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+        for k0 in range(0, C_IN, BLOCK_K):
+            k = k0 + ck
+            k_ok = k < C_IN
+            xt = tl.load(x_ptr + k.to(tl.int64)[:, None] * sxc + x_pix[None, :],
+                         mask=k_ok[:, None] & pix_ok[None, :], other=0.0)
+            xt = xt.to(w1_ptr.dtype.element_ty)  # autocast: fp32 x, half weights (a no-op otherwise)
+            wt = tl.load(w1_ptr + c[:, None] * C_IN + k[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tc.dot_acc(wt, xt, acc, IEEE, DOT_F32)
+        return acc
+
+    @triton.jit
+    def bn_act_tile(z, scale_ptr, shift_ptr, c, c_ok, in_img, ACT: tl.constexpr):
+        """act(z * scale[c] + shift[c]) in fp32 (``act``: code ACT; a bool: ReLU or none), zero outside the
+        image (the depthwise conv zero-pads y1)."""
+        y = z * tl.load(scale_ptr + c, mask=c_ok, other=0.0)[:, None] + tl.load(shift_ptr + c, mask=c_ok, other=0.0)[:, None]
+        y = tc.act(y, ACT)
+        return tl.where(in_img[None, :], y, 0.0)
 
     @triton.jit(do_not_specialize=["C_IN", "HO", "WO", "M", "OUP", "sxn", "sxh", "son", "soh",
                                    "n_tiles_h", "n_tiles_w", "n_mblocks", "total_tiles"])

@@ -12,7 +12,7 @@ codes of ``common.act``) for both stages. The convs may have biases (bias1, bias
 with ``mean - bias`` (``train_backward.centred``): in train mode the batch mean absorbs the bias (the
 batch statistics of z are those of z + bias, shifted), yet the mean the ops return and running_mean
 tracks is eager's, bias included; in eval mode (running statistics) the bias shifts the fold. Not
-here: a k x k primary conv (the 1x1 GEMM tiles of F1/F2/B3) and a conv without a BatchNorm (a deployed
+here: a k x k primary conv (the 1x1 GEMM tiles of F1/F2/B4/B5) and a conv without a BatchNorm (a deployed
 module); ``TRAINING_SUPPORT`` in ``backend.py`` says so.
 
 Forward, train mode: the two kernels of ``triton_two_pass`` (``two_pass.py``, its design note), each
@@ -39,188 +39,228 @@ written raw, so nothing of size P x m is kept besides the output.
   the inference families' (offline, 2026-12-04: NOTES.md, "Training forward on the two-pass kernels").
 
 Saved for backward: x (eager saves it too) and per-channel mean and 1/std of both BNs. Not the output:
-GhostNet's bottleneck adds the shortcut into it in place. y1 and z2 are recomputed from x.
+GhostNet's bottleneck adds the shortcut into it in place. y1, z1 and z2 are recomputed (from x, and
+from B0's y1) with the forward's kernels and tiles, so every activation decision is the forward's bit
+for bit. (The first design's B1 recomputed u2 from z2 rounded to the output dtype, as its F3 did; with
+F4's fp32 z2 that mismatch flipped ReLU's mask at ~0.5% of the elements of a ratio-4 bf16 module and
+put dL/dx at 3e-2 against eager's 5e-3: caught by test_gradients_option_sweep.)
 
-B0/B1 recompute y1, z2 and u2 bit for bit as F2/F4 computed them. B2's y1 and z2 can differ from
-them in the last bit where the GEMM's K order differs (F2: wgmma tiles, B2: ``pointwise_conv_tile``);
-an activation decision differs only where BN's output is within that rounding of the decision point. (The first design's B1 recomputed u2 from
-z2 rounded to the output dtype, as its F3 did; with F4's fp32 z2 that mismatch flipped ReLU's mask at
-~0.5% of the elements of a ratio-4 bf16 module and put dL/dx at 3e-2 against eager's 5e-3: caught by
-test_gradients_option_sweep.)
+Backward: six launches of three kernels -- ``triton_two_pass``'s GEMM and stencil (GRAD variants) and
+the transposed stencil here -- then cuBLAS. g = dL/dout; BN's backward is dL/dz = a g_u + b + c (z -
+mean) with a = gamma/std and, with batch statistics, b = -a sum(g_u)/P, c = -a/var sum(g_u (z -
+mean))/P: two sums over the batch before any input gradient exists, hence the passes in pairs.
 
-Backward: y1 and BN2's backward sums on the forward's kernels, then one launch of
-``_ghost_bwd_kernel`` on halo tiles with a halo of 2 (d // 2) pixels (z2 is needed on a 1-pixel-wider
-ring than the tile to form the transposed depthwise conv), then cuBLAS.
-
-  B0            ``_pw_kernel`` (``two_pass_train.train_pass1``): y1 into a scratch tensor shaped like out,
-                with F2's kernel, scale and shift: the forward's y1 bit for bit (``out`` itself may have
-                been modified in place since: GhostNet's bottleneck adds its shortcut into it).
-  B1            ``_dw_kernel`` GRAD (``two_pass_train.grad_sums2``): the row walk over B0's y1 recomputes z2
-                and u2 = z2 scale2 + shift2 exactly as F4 did (same kernel code, same tap order); g2m =
-                act'(u2) g2 with g2 = dL/dy2 (``common.act_grad``, eager's derivative and its conventions:
-                ReLU zero where y <= 0, NaN passes; Hardswish 0 at u <= -3, 1 at u >= 3); per program and
-                kept ghost channel sum(g2m) and sum(g2m (z2 - mean2)): BN2's backward reductions (dgamma2,
-                dbeta2). Half the forward's channel block (the gradient tile and the sums ride on the
-                ring's registers). The first design recomputed z1 -> y1 -> z2 on halo tiles here, from x:
-                13.7 ms of a 72.9 ms predicted step, now 0.9 ms (NOTES.md).
-  B2            recompute z1 -> y1 (halo, scratch slot) -> z2 on the tile from x, then g_z2 = a2 g2m
-                + b2 + c2 (z2 - mean2) on the tile + ring (the BN2 backward with B1's global sums); the per-tile depthwise weight gradient
-                sum_p y1(p + tap) g_z2(p) for every tap (stored per tile, summed in torch: no atomics,
-                deterministic), and as one more "tap" sum_p g_z2(p), dL/dbias2; g_y1 = g1 +
-                dwconv^T(g_z2) on the tile; g1m = act'(u1) g_y1 (u1 = BN1's output, ``bn_act_tile``;
-                ReLU decides on the recomputed y1 itself); stores g1m and z1 - mean1 (fp32) and per tile
-                sum(g1m), sum(g1m (z1 - mean1)) for BN1.
-  B3            ``_bn_input_grad_kernel``: g_z1 = a1 g1m + b1 + c1 (z1 - mean1) in one pass (compute
-                dtype), then the 1x1 conv's data and weight gradients, two GEMMs (cuBLAS):
-                gx = g_z1 w1, gw1 = g_z1^T x; with a bias, dL/dbias1 = sum_p g_z1(p) (torch). With batch
-                statistics both bias gradients are 0 up to rounding, as eager's: the mean absorbs a bias.
-  Bytes: B0 reads x and writes y1; B1 reads y1 and the ghost half of dL/dout; B2 reads x and dL/dout
-  and writes two fp32 m-channel maps; B3 reads them and x, writes gx. No per-element atomics anywhere: every reduction is a per-tile
-  partial summed by torch, so the backward is deterministic whatever
+  B0  ``_pw_kernel`` (``two_pass_train.train_pass1``): y1 into a scratch tensor shaped like out, with
+      F2's kernel, scale and shift (``out`` itself may have been modified in place since).
+  B1  ``_dw_kernel`` GRAD 1 (``grad_sums2``): the row walk over B0's y1 recomputes z2 and u2 = z2 scale2
+      + shift2 as F4 did (same code, same tap order); g_u2 = act'(u2) g[:, m:] (``common.act_grad``,
+      eager's derivative and conventions: ReLU zero where y <= 0, NaN passes; Hardswish 0 at u <= -3,
+      1 at u >= 3); per program and kept ghost channel sum(g_u2) and sum(g_u2 (z2 - mean2)): dgamma2,
+      dbeta2 and BN2's coefficients. Half the forward's channel block (the sums ride on the ring).
+  B2  ``_dw_kernel`` GRAD 2 (``grad_z2``): the same walk again, now storing g_z2 = a2 g_u2 + b2 + c2 (z2 -
+      mean2) (compute dtype, N x (oup - m) x H' x W') and summing it per program (dL/dbias2).
+  B3  ``_dw_bwd_kernel`` (below; ``train_backward._depthwise_grads``): dL/dy1 = g[:, :m] + dwconv^T(g_z2),
+      the transposed stencil (a window of d g_z2 rows per output row), written in the compute dtype;
+      dL/dwd = sum_p y1(p + tap) g_z2(p) as per-lane sums in registers where d*d*(r-1) <= 9 (GhostNet's
+      3x3 at ratio 2), else by torch (the depthwise conv's weight gradient, as eager computes it).
+  B4  ``_pw_kernel`` GRAD 1 (``grad_bn1``): z1 recomputed from x with F2's tiles, u1, y1 = act(u1) (ReLU
+      decides on it, bit for bit the forward's), g_u1 = act'(u1) dL/dy1; per tile sum(g_u1) and sum(g_u1
+      (z1 - mean1)): dgamma1, dbeta1 and BN1's coefficients. Nothing written.
+  B5  ``_pw_kernel`` GRAD 2 (3 on running statistics): the same tile again, g_z1 = a1 g_u1 + b1 + c1 (z1
+      - mean1) written over dL/dy1 in place (each tile reads its own pixels before writing them).
+  B6  two GEMMs (cuBLAS): dL/dx = g_z1 w1, dL/dw1 = g_z1^T x (stride 2: x sampled, dL/dx zero between);
+      with a conv bias, dL/dbias1 = sum_p g_z1(p) (torch). With batch statistics both bias gradients are
+      0 up to rounding, as eager's: the mean absorbs a bias.
+  Bytes per pixel (ratio 2, k = oup - m kept ghost channels, e the element size): B0 Cin + m, B1 m + k,
+  B2 m + 2k, B3 k + 3m, B4 Cin + m, B5 Cin + 2m, B6 3m + 2Cin, against the floor oup + 2 Cin: z1 is
+  recomputed twice from x and every intermediate map is written once and read back (NOTES.md,
+  "The backward on the two-pass kernels"). The first design (one halo kernel recomputing z1 -> y1 -> z2
+  on overlapping tiles, 9 cross-thread reductions a tile for dL/dwd) moved fewer bytes but was
+  latency-bound at 214-255 registers: 46 of a 51 ms predicted step. No per-element atomics anywhere:
+  every reduction is a per-program partial summed by torch, so the backward is deterministic whatever
   ``torch.are_deterministic_algorithms_enabled()`` says.
 
 SyncBatchNorm: with a process group, the statistics (count, mean, M2) of both BNs are all-gathered
-between F1 and F2 and between F3 and F4, and the backward sums all-reduced between B1 and B2 and before
-B3: the same communication as ``nn.SyncBatchNorm``, on statistics the kernels compute anyway.
+between F1 and F2 and between F3 and F4, and the backward sums all-reduced between B1 and B2 and between
+B4 and B5: the same communication as ``nn.SyncBatchNorm``, on statistics the kernels compute anyway.
 """
 from __future__ import annotations
 
 from .common import tl, triton
 
 if triton is not None:
-    from .common import act_grad, bn_act_tile, pointwise_conv_tile, tile_coords
+    from .two_pass_gemm import _band_program, _tap_weights, _udiv
 
-if triton is not None:
+    @triton.jit
+    def _load_cols(ptr, pix, r, sh, cs, sw, HO_U, col_ok, c_ok, PAD: tl.constexpr, NCOL: tl.constexpr):
+        """The NCOL columns (pixel stride ``sw``, first at -PAD) of row ``r`` (rows outside the image: 0) of
+        channels ``cs`` (element offsets), fp32 [units, channels] tiles."""
+        r = tl.cast(r, tl.int32)                           # (the interpreter's loop index is a Python int)
+        r_ok = r.to(tl.uint32, bitcast=True) < HO_U
+        r_ptr = ptr + (pix + r.to(tl.int64) * sh)
+        out = ()
+        for k in tl.static_range(NCOL):
+            ok = (r_ok & col_ok[k])[:, None] & c_ok[None, :]
+            out = out + (tl.load(r_ptr[:, None] + ((k - PAD) * sw + cs)[None, :], mask=ok, other=0.0).to(tl.float32),)
+        return out
 
-    @triton.jit(do_not_specialize=["numel", "C", "HW"])
-    def _bn_input_grad_kernel(g_ptr, zc_ptr, out_ptr, a_ptr, b_ptr, c_ptr, numel, C, HW,
-                              CHANNELS_LAST: tl.constexpr, BATCH: tl.constexpr, BLOCK: tl.constexpr):
-        """B3's elementwise part in one pass: out = a[c] g + (b[c] + c[c] zc if BATCH), cast to out's dtype.
-        g, zc and out share one dense layout (NCHW or channels_last)."""
-        off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = off < numel
-        ch = (off % C) if CHANNELS_LAST else ((off // HW) % C)
-        y = tl.load(a_ptr + ch, mask=ok, other=0.0) * tl.load(g_ptr + off, mask=ok, other=0.0)
-        if BATCH:  # absent in eval mode: zc is NaN wherever x is, and 0 * NaN is NaN
-            y += tl.load(b_ptr + ch, mask=ok, other=0.0) + tl.load(c_ptr + ch, mask=ok, other=0.0) \
-                * tl.load(zc_ptr + off, mask=ok, other=0.0)
-        tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=ok)
-
-    @triton.jit(do_not_specialize=["C_IN", "HO", "WO", "M", "OUP", "sxn", "sxh", "sgn", "sgh", "sbn", "sbh",
-                                   "n_tiles_h", "n_tiles_w", "n_mblocks", "total_tiles"])
-    def _ghost_bwd_kernel(
-        x_ptr, g_ptr, w1_ptr, scale1_ptr, shift1_ptr, mean1_ptr, wd_ptr, mean2_ptr, scale2_ptr, shift2_ptr,
-        ga2_ptr, gb2_ptr, gc2_ptr, y1s_ptr, gzs_ptr, part_ptr, gwd_ptr, g1m_ptr, zc1_ptr,
-        C_IN, HO, WO, M, OUP,
-        sxn, sxc, sxh, sxw,
-        sgn, sgc, sgh, sgw,
-        sbn, sbc, sbh, sbw,
-        n_tiles_h, n_tiles_w, n_mblocks, total_tiles,
-        STRIDE: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, ACT: tl.constexpr,
-        BATCH2: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
+    @triton.jit(do_not_specialize=["U_TOTAL", "HO", "WO", "WG", "mg_wg", "sh_wg", "n_bands", "band_rows"])
+    def _dw_bwd_kernel(
+        gz_ptr, y_ptr, g_ptr, dy_ptr, wd_ptr, part_ptr,
+        U_TOTAL, HO, WO, WG, mg_wg, sh_wg,
+        szn, szc, szh, szw, syn, syc, syh, syw, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw,
+        n_bands, band_rows,
+        M: tl.constexpr, OUP: tl.constexpr, KEPT: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr,
+        WGRAD: tl.constexpr, DENSE: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, PIXR: tl.constexpr, STAGES: tl.constexpr,
     ):
-        """B2 of the module docstring, on a persistent grid of halo tiles."""
-        PAD: tl.constexpr = DW // 2
-        P2: tl.constexpr = 2 * PAD
-        TH: tl.constexpr = HALO_H - 2 * P2
-        TW: tl.constexpr = HALO_W - 2 * P2
-        BLOCK_P: tl.constexpr = HALO_H * HALO_W
+        """B3, the depthwise conv's backward: ``dL/dy1[p, c] = g1[p, c] + sum_{t, tap} wd[j, tap] g_z2[p -
+        tap, j]`` over the kept ghost channels j = c (r-1) + t < KEPT that read y1 channel c (the transposed
+        stencil), g1 = dL/dout[:, :M]; WGRAD: also the depthwise weights' gradient ``dL/dwd[j, tap] =
+        sum_p y1[p, c] g_z2[p - tap, j]``, per lane in registers, one row per (unit block, band) at
+        ``part[unit block * n_bands + band, j, tap]``.
+
+        A program = (channel block of y1, band of ``band_rows`` rows, block of BLOCK_G units); a unit is
+        PIXR horizontally adjacent pixels of one image, as in pass 2 (``two_pass_stencil._dw_kernel``).
+        Per output row: g1 and (WGRAD) y1 of the unit's pixels, then per tap row dy the PIXR + d - 1
+        columns of g_z2 row ``o + d//2 - dy`` (loaded once per row and tap row: a window, each g_z2
+        element read d times, from L1), each feeding up to d taps of every pixel. Every tensor through
+        its own strides (``sz*`` g_z2, ``sy*`` y1, ``sg*`` dL/dout, ``sd*`` dL/dy1), or (DENSE: all four dense
+        channels_last) through their channel counts as constexprs, so that the vectors' alignment is
+        provable (runtime strides gave 2-byte loads and a memory wait per load); weights hoisted
+        (WGRAD: d*d*(r-1) <= 9 vectors) or loaded per tap row. The row loop is software-pipelined
+        (``tl.range(num_stages=STAGES)``: the next rows' loads in flight as cp.async copies, as in pass 2)."""
         R1: tl.constexpr = RATIO - 1
-        TAPS1: tl.constexpr = DW * DW + 1            # per tile and ghost channel: dL/dwd's taps, then dL/db2
-        pid = tl.program_id(0)
-        nprog = tl.num_programs(0)
-
-        q = tl.arange(0, BLOCK_P)
-        hh = q // HALO_W
-        ww = q % HALO_W
-        tile_px = (hh >= P2) & (hh < HALO_H - P2) & (ww >= P2) & (ww < HALO_W - P2)  # the tile itself
-        ring = (hh >= PAD) & (hh < HALO_H - PAD) & (ww >= PAD) & (ww < HALO_W - PAD)  # tile + PAD ring
-        cm = tl.arange(0, BLOCK_M)
-        slot_off = pid.to(tl.int64) * BLOCK_P * BLOCK_M + cm[:, None] * BLOCK_P + q[None, :]
-        y1_slot = y1s_ptr + slot_off
-        gz_slot = gzs_ptr + slot_off
-
-        for tile in range(pid, total_tiles, nprog):
-            mb, tw, th, n = tile_coords(tile, n_mblocks, n_tiles_w, n_tiles_h)
-            oh = th * TH - P2 + hh
-            ow = tw * TW - P2 + ww
-            in_img = (oh >= 0) & (oh < HO) & (ow >= 0) & (ow < WO)
-            c = mb * BLOCK_M + cm
-            c_ok = c < M
-            on_tile = tile_px & in_img
-
-            # z1 and y1 on the whole halo tile, with the forward's own code (same rounding, same masks)
-            x_pix = n * sxn + (oh * STRIDE).to(tl.int64) * sxh + (ow * STRIDE).to(tl.int64) * sxw
-            acc = pointwise_conv_tile(x_ptr, w1_ptr, x_pix, in_img, c, c_ok, C_IN, sxc,
-                                         BLOCK_M, BLOCK_K, BLOCK_P, IEEE, DOT_F32)
-            y1 = bn_act_tile(acc, scale1_ptr, shift1_ptr, c, c_ok, in_img, ACT)
-            tl.debug_barrier()
-            tl.store(y1_slot, y1.to(y1s_ptr.dtype.element_ty))   # rounded like the forward's y1
-            tl.debug_barrier()
-
-            gy1 = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
-            for r in tl.static_range(R1):
-                j = c * R1 + r
-                j_out = c_ok & (j < OUP - M)          # ghost channels that reach the output
-                z2 = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+        DD: tl.constexpr = DW * DW
+        PAD: tl.constexpr = DW // 2
+        NCOL: tl.constexpr = PIXR + 2 * PAD
+        N_CB: tl.constexpr = (M + BLOCK_C - 1) // BLOCK_C
+        if DENSE:
+            zc: tl.constexpr = 1
+            yc_: tl.constexpr = 1
+            gc_: tl.constexpr = 1
+            dc_: tl.constexpr = 1
+            zw: tl.constexpr = KEPT
+            yw: tl.constexpr = OUP
+            gw: tl.constexpr = OUP
+            dw: tl.constexpr = M
+            plane = tl.cast(HO, tl.int64) * WO
+            zh = tl.cast(WO, tl.int64) * KEPT
+            yh = tl.cast(WO, tl.int64) * OUP
+            gh = yh
+            dh = tl.cast(WO, tl.int64) * M
+            zn = plane * KEPT
+            yn = plane * OUP
+            gn = yn
+            dn = plane * M
+        else:
+            zc, yc_, gc_, dc_ = szc, syc, sgc, sdc
+            zw, yw, gw, dw = szw, syw, sgw, sdw
+            zh, yh, gh, dh = szh, syh, sgh, sdh
+            zn, yn, gn, dn = szn, syn, sgn, sdn
+        cb, band, ub = _band_program(N_CB, n_bands)
+        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < M
+        jj = ()
+        jok = ()
+        zcs = ()
+        wts = ()
+        for t in tl.static_range(R1):
+            jt = c * R1 + t
+            jt_ok = c_ok & (jt < KEPT)
+            jj = jj + (jt,)
+            jok = jok + (jt_ok,)
+            zcs = zcs + (jt.to(tl.int64) * zc,)
+            if WGRAD:
+                wts = wts + (_tap_weights(wd_ptr, jt, jt_ok, DD),)
+        u = ub * BLOCK_G + tl.arange(0, BLOCK_G)
+        u_ok = u < U_TOTAL
+        n = _udiv(u, mg_wg, sh_wg)
+        w0 = (u - n * WG) * PIXR
+        n64 = n.to(tl.int64)
+        w64 = w0.to(tl.int64)
+        z_pix = n64 * zn + w64 * zw
+        y_pix = n64 * yn + w64 * yw
+        g_pix = n64 * gn + w64 * gw
+        d_pix = n64 * dn + w64 * dw
+        yc = c.to(tl.int64) * yc_
+        gc = c.to(tl.int64) * gc_
+        dc = c.to(tl.int64) * dc_
+        HO_U = tl.cast(HO, tl.uint32)
+        WO_U = tl.cast(WO, tl.uint32)
+        col_ok = ()
+        for k in tl.static_range(NCOL):
+            col_ok = col_ok + (u_ok & ((w0 + (k - PAD)).to(tl.uint32, bitcast=True) < WO_U),)
+        dwd = ()
+        if WGRAD:
+            for i in tl.static_range(R1 * DD):
+                dwd = dwd + (tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32),)
+        h0 = band * band_rows
+        h1 = tl.minimum(h0 + band_rows, HO)
+        for o in tl.range(h0, h1, num_stages=STAGES):
+            o64 = tl.cast(o, tl.int64)
+            acc = ()
+            ys = ()
+            for r in tl.static_range(PIXR):
+                ok = col_ok[PAD + r][:, None] & c_ok[None, :]
+                acc = acc + (tl.load(g_ptr + (g_pix + o64 * gh + r * gw)[:, None] + gc[None, :], mask=ok,
+                                     other=0.0).to(tl.float32),)
+                if WGRAD:
+                    ys = ys + (tl.load(y_ptr + (y_pix + o64 * yh + r * yw)[:, None] + yc[None, :], mask=ok,
+                                       other=0.0).to(tl.float32),)
+            if WGRAD:
+                for dy in tl.static_range(DW):
+                    acc, dwd = _bwd_tap_row(acc, dwd, ys, wts, gz_ptr, z_pix, o + PAD - dy, zh, zcs, zw, HO_U,
+                                            col_ok, jok, dy, PAD, DW, R1, PIXR, NCOL, True)
+            else:
                 for dy in range(DW):
-                    for dx in range(DW):
-                        wv = tl.load(wd_ptr + j * (DW * DW) + (dy * DW + dx), mask=c_ok, other=0.0)
-                        v = tl.load(y1_slot + ((dy - PAD) * HALO_W + (dx - PAD)), mask=ring[None, :], other=0.0)
-                        z2 += wv[:, None] * v.to(tl.float32)
-                # z2 unrounded, as F2 reduced it for the batch statistics: BN's scale invariance makes
-                # the sums below cancel, and they cancel to rounding only with the same z2 as the mean.
-                zc2 = z2 - tl.load(mean2_ptr + j, mask=c_ok, other=0.0)[:, None]
-                live = (ring & in_img)[None, :] & j_out[:, None]
-                g2 = tl.load(g_ptr + (M + j).to(tl.int64)[:, None] * sgc
-                             + (n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[None, :],
-                             mask=live, other=0.0).to(tl.float32)
-                if ACT != 0:   # the activation's derivative at BN2's output u2, computed bit for bit as
-                    # the forward's last pass did: from z2 in fp32 (ReLU: u2 <= 0 iff y2 <= 0, NaN passes)
-                    u2 = z2 * tl.load(scale2_ptr + j, mask=c_ok, other=0.0)[:, None] \
-                        + tl.load(shift2_ptr + j, mask=c_ok, other=0.0)[:, None]
-                    g2 = act_grad(g2, u2, u2, ACT)
-                gz = tl.load(ga2_ptr + j, mask=c_ok, other=0.0)[:, None] * g2
-                if BATCH2:  # batch statistics; absent, not multiplied by 0, in eval mode (NaN in z)
-                    gz += (tl.load(gb2_ptr + j, mask=c_ok, other=0.0)[:, None]
-                           + tl.load(gc2_ptr + j, mask=c_ok, other=0.0)[:, None] * zc2)
-                gz = tl.where(live, gz, 0.0)
-                # dL/db2[j] (a conv bias before BN2) += sum over the tile of g_z2
-                tl.store(gwd_ptr + ((tl.cast(tile, tl.int64) * R1 + r) * TAPS1 + DW * DW) * BLOCK_M + cm,
-                         tl.sum(tl.where(on_tile[None, :], gz, 0.0), axis=1))
-                tl.debug_barrier()                # the previous multiplier's reads of gz_slot are done
-                tl.store(gz_slot, gz)
-                tl.debug_barrier()
-                for dy in range(DW):
-                    for dx in range(DW):
-                        tap = dy * DW + dx
-                        # dL/dwd[j, tap] += sum over the tile of y1(p + tap) g_z2(p)
-                        v = tl.load(y1_slot + ((dy - PAD) * HALO_W + (dx - PAD)), mask=on_tile[None, :],
-                                    other=0.0).to(tl.float32)
-                        tl.store(gwd_ptr + ((tl.cast(tile, tl.int64) * R1 + r) * TAPS1 + tap) * BLOCK_M + cm,
-                                 tl.sum(tl.where(on_tile[None, :], v * gz, 0.0), axis=1))
-                        # dL/dy1(p) += wd[j, tap] g_z2(p - tap): the transposed depthwise conv
-                        wv = tl.load(wd_ptr + j * (DW * DW) + tap, mask=c_ok, other=0.0)
-                        u = tl.load(gz_slot - ((dy - PAD) * HALO_W + (dx - PAD)), mask=tile_px[None, :], other=0.0)
-                        gy1 += wv[:, None] * u
+                    w_row = ()
+                    for t in tl.static_range(R1):
+                        ws = ()
+                        for dx in tl.static_range(DW):
+                            ws = ws + (tl.load(wd_ptr + jj[t] * DD + (dy * DW + dx), mask=jok[t],
+                                               other=0.0).to(tl.float32),)
+                        w_row = w_row + (ws,)
+                    acc, dwd = _bwd_tap_row(acc, dwd, ys, w_row, gz_ptr, z_pix, o + PAD - dy, zh, zcs, zw,
+                                            HO_U, col_ok, jok, 0, PAD, DW, R1, PIXR, NCOL, False)
+            for r in tl.static_range(PIXR):
+                tl.store(dy_ptr + (d_pix + o64 * dh + r * dw)[:, None] + dc[None, :],
+                         acc[r].to(dy_ptr.dtype.element_ty), mask=col_ok[PAD + r][:, None] & c_ok[None, :])
+        if WGRAD:
+            row = part_ptr + (ub * n_bands + band).to(tl.int64) * (KEPT * DD)
+            for t in tl.static_range(R1):
+                for tap in tl.static_range(DD):
+                    tl.store(row + jj[t] * DD + tap, tl.sum(dwd[t * DD + tap], axis=0), mask=jok[t])
 
-            store_ok = c_ok[:, None] & on_tile[None, :]
-            g1 = tl.load(g_ptr + c.to(tl.int64)[:, None] * sgc
-                         + (n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[None, :],
-                         mask=store_ok, other=0.0).to(tl.float32)
-            gy1 += g1
-            if ACT != 0:   # at BN1's output u1, as bn_act_tile computed it (ReLU: on y1 itself)
-                u1 = acc * tl.load(scale1_ptr + c, mask=c_ok, other=0.0)[:, None] \
-                    + tl.load(shift1_ptr + c, mask=c_ok, other=0.0)[:, None]
-                gy1 = act_grad(gy1, u1, y1, ACT)
-            gy1 = tl.where(store_ok, gy1, 0.0)
-            zc1 = acc - tl.load(mean1_ptr + c, mask=c_ok, other=0.0)[:, None]
-            row = part_ptr + tl.cast(tile, tl.int64) * BLOCK_M + cm
-            tl.store(row, tl.sum(gy1, axis=1))
-            tl.store(row + total_tiles.to(tl.int64) * BLOCK_M, tl.sum(tl.where(store_ok, gy1 * zc1, 0.0), axis=1))
-            b_off = c.to(tl.int64)[:, None] * sbc + (n * sbn + oh.to(tl.int64) * sbh + ow.to(tl.int64) * sbw)[None, :]
-            tl.store(g1m_ptr + b_off, gy1, mask=store_ok)
-            tl.store(zc1_ptr + b_off, zc1, mask=store_ok)
-
-
+    @triton.jit
+    def _bwd_tap_row(acc, dwd, ys, ws, gz_ptr, z_pix, p, szh, zcs, szw, HO_U, col_ok, jok, dy: tl.constexpr,
+                     PAD: tl.constexpr, DW: tl.constexpr, R1: tl.constexpr, PIXR: tl.constexpr, NCOL: tl.constexpr,
+                     WGRAD: tl.constexpr):
+        """Tap row ``dy`` of every pixel's transposed stencil: g_z2 row ``p`` (= o + d//2 - dy), column k
+        feeds pixel r through tap dx = r + 2 PAD - k. ``ws[t]``: the hoisted weights (WGRAD: all d*d, tap
+        row dy) or this tap row's d (runtime dy)."""
+        for t in tl.static_range(R1):
+            cols = _load_cols(gz_ptr, z_pix, p, szh, zcs[t], szw, HO_U, col_ok, jok[t], PAD, NCOL)
+            new = ()
+            for r in tl.static_range(PIXR):
+                a = acc[r]
+                for dx in tl.static_range(DW):
+                    if WGRAD:
+                        a += ws[t][dy * DW + dx][None, :] * cols[r + 2 * PAD - dx]
+                    else:
+                        a += ws[t][dx][None, :] * cols[r + 2 * PAD - dx]
+                new = new + (a,)
+            acc = new
+            if WGRAD:   # taps (t, dy, dx) of this tap row take y1 x column r + 2 PAD - dx
+                upd = ()
+                for tt in tl.static_range(R1):
+                    for ty in tl.static_range(DW):
+                        for dx in tl.static_range(DW):
+                            v = dwd[(tt * DW + ty) * DW + dx]
+                            if tt == t:
+                                if ty == dy:
+                                    for r in tl.static_range(PIXR):
+                                        v += ys[r] * cols[r + 2 * PAD - dx]
+                            upd = upd + (v,)
+                dwd = upd
+        return acc, dwd

@@ -1,5 +1,5 @@
-"""Training of the Ghost module with the Triton kernels (``two_pass.py``'s for the forward,
-``train_kernels.py``'s for the backward):
+"""Training of the Ghost module with the Triton kernels (``two_pass.py``'s, and ``train_kernels.py``'s
+transposed stencil in the backward):
 the train-mode forward's launches, and the torch.library ops ``ghost_kernels::triton_train_forward``
 and ``triton_train_backward`` (register_fake, register_autograd) that torch.compile, torch.export and
 opcheck see. The design (passes, bytes, statistics) is the note at the top of ``train_kernels.py``.

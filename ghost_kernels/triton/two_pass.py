@@ -126,6 +126,7 @@ triton, tl = tc.triton, tc.tl
 MAX_PIXELS = 1 << 30          # flattened pixels per launch (the magic-number division's range)
 INTERPRETER_SMS = 2           # "SMs" for the grid size under the interpreter: few programs, several steps each
 CAPTURE_SMS = 132             # H100 / H200 SXM, for launches recorded offline (no GPU)
+INTERPRETER_TILES = True      # default tiles shaped for the interpreter's cost (_interpreter_tiles)
 MIN_ROWS = 4                  # pass 2 (channels_last): output rows per band, at least (where the plane has them)
 
 # Layout modes of x (pass 1) and out (both passes), constexprs of the kernels: any strides; the
@@ -184,26 +185,39 @@ def _sms(x: Tensor) -> int:
 
 
 def _config(x: Tensor, out: Tensor, spec: GhostSpec, dtype: torch.dtype,
-            config: Optional[TwoPassConfig] = None) -> TwoPassConfig:
+            config: Optional[TwoPassConfig] = None, channels_last: Optional[bool] = None) -> TwoPassConfig:
     """The tile configuration of a call: ``config`` as given (checked), else the shape's default, with
-    64-pixel tiles in pass 1 where 128 would leave SMs idle."""
+    64-pixel tiles in pass 1 where 128 would leave SMs idle. ``channels_last``: the layout of the output
+    the tiles are for (default: ``out``'s)."""
     n, _, ho, wo = out.shape
-    cl = out.stride(1) == 1 and spec.oup > 1
+    cl = out.stride(1) == 1 and spec.oup > 1 if channels_last is None else channels_last
     cfg = config or default_config(spec, ho, wo, dtype, cl)
+    if config is None and INTERPRETER_TILES and tc.interpreting() and not x.is_cuda and not tc.capturing():
+        cfg = _interpreter_tiles(cfg, spec)
     _check_config(cfg)
     if config is None and cfg.BLOCK_P > 64 and n * ho * wo // cfg.BLOCK_P * -(-spec.m // cfg.BLOCK_N) < 2 * _sms(x):
         cfg = cfg._replace(BLOCK_P=64)   # small problems: 64-pixel tiles keep every SM busy (a given config is literal)
     return cfg
 
 
-def _batches(x: Tensor, out: Tensor, cfg: TwoPassConfig):
-    """(x, out) slices of at most MAX_PIXELS flattened pixels each (the magic-number division's range):
-    the whole tensors unless N * H' * W' >= 2^30."""
+def _interpreter_tiles(cfg: TwoPassConfig, spec: GhostSpec) -> TwoPassConfig:
+    """Pass 2's default tiles under the interpreter, whose cost is per operation, not per element: one
+    pixel per group (a row step's operations grow with PIXR), every channel in one block (up to 64) and
+    64 units per program, on a grid of two bands per unit block where the plane has the rows for them.
+    The GPU's tiles still run under the interpreter where a config is given (``test_family_two_pass``)
+    and with INTERPRETER_TILES off (``test_training``'s GPU-tiles test)."""
+    return cfg._replace(PIXR=1, BLOCK_C=min(64, max(cfg.BLOCK_C, tc.next_pow2(spec.m))), BLOCK_G=64, PROGS2=1)
+
+
+def _batches(x: Tensor, out: Tensor, cfg: TwoPassConfig, *more: Tensor):
+    """(x, out, *more) slices of at most MAX_PIXELS flattened pixels of ``out`` each (the magic-number
+    division's range; ``more``: tensors of the same batch size, sliced alike): the whole tensors unless
+    N * H' * W' >= 2^30."""
     n, _, ho, wo = out.shape
     per_launch = max(1, MAX_PIXELS // (ho * -(-wo // cfg.PIXR) * cfg.PIXR))
     for n0 in range(0, n, per_launch):
         n1 = min(n, n0 + per_launch)
-        yield (x, out) if (n0, n1) == (0, n) else (x[n0:n1], out[n0:n1])
+        yield (x, out) + more if (n0, n1) == (0, n) else tuple(t[n0:n1] for t in (x, out) + more)
 
 
 def _contiguous(t: Tensor) -> Tensor:
@@ -230,9 +244,11 @@ def forward(x: Tensor, params: GhostParams, dtype: torch.dtype, out: Optional[Te
 
 
 def _pass1(x: Tensor, out: Tensor, w1: Tensor, bn, spec: GhostSpec, dtype: torch.dtype, cfg: TwoPassConfig,
-           stats: bool = False):
+           stats: bool = False, grad: Optional[Tuple[Tensor, int]] = None):
     """Launch pass 1 on (a batch slice of) x and out; ``bn``: ``(kernel args, flags)``. ``stats``: the
-    STATS variant, returns (count per pixel tile, sums, M2s) of z1."""
+    STATS variant, returns (count per pixel tile, sums, M2s) of z1. ``grad`` = (coefficients, GRAD 1-3):
+    the backward's variants on dL/dy1 in ``out`` (m channels); GRAD 1 returns the per-tile BN1 backward
+    sums [2, tiles, m]."""
     n, _, h, w = x.shape
     _, _, ho, wo = out.shape
     p_total = n * ho * wo
@@ -254,21 +270,25 @@ def _pass1(x: Tensor, out: Tensor, w1: Tensor, bn, spec: GhostSpec, dtype: torch
     vpx = _pow2_divisor(h * w, 16 // x.element_size())
     vpo = _pow2_divisor(ho * wo, vec)
     bn_args, flags = bn
-    part = torch.empty(2, n_ptiles, spec.m, dtype=torch.float32, device=x.device) if stats else w1
+    reduce = stats or (grad is not None and grad[1] == 1)
+    part = torch.empty(2, n_ptiles, spec.m, dtype=torch.float32, device=x.device) if reduce else w1
+    coef, grad_mode = grad if grad is not None else (w1, 0)
     tc.launch(
         _pw_kernel, (programs,),
-        x, w1, out, *bn_args, part,
+        x, w1, out, *bn_args, part, coef,
         p_total, h * w, w, ho * wo, wo, qb, h * w // vpx, ho * wo // vpo, mg_hw, sh_hw, mg_w, sh_w,
         *x.stride(), *out.stride(),
         n_tiles, tiles_per_prog, n_ptiles * spec.m,
         loops=(n_tiles / programs,) + ((spec.kernel_size ** 2,) if spec.kernel_size != 1 else ())
         + (-(-spec.inp // cfg.BLOCK_K),),   # tiles per program, (taps,) K steps
-        C_IN=spec.inp, M=spec.m, OUP=spec.oup, KS=spec.kernel_size, STRIDE=spec.stride, ACT=tc.act_code(spec.act),
-        STATS=stats, BN=flags, X_MODE=x_mode, O_MODE=o_mode, VPX=vpx, VPO=vpo,
+        C_IN=spec.inp, M=spec.m, OUP=out.shape[1], KS=spec.kernel_size, STRIDE=spec.stride, ACT=tc.act_code(spec.act),
+        STATS=stats, GRAD=grad_mode, BN=flags, X_MODE=x_mode, O_MODE=o_mode, VPX=vpx, VPO=vpo,
         BLOCK_P=cfg.BLOCK_P, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         IEEE=dtype == torch.float32, DOT_F32=tc.interpreting() and dtype == torch.bfloat16,
         num_warps=cfg.WARPS1, num_stages=cfg.STAGES1,
     )
+    if grad_mode == 1:
+        return part
     if not stats:
         return None
     # valid pixels per tile: the last tile of each image (per_image) or of the batch is partial
@@ -280,11 +300,14 @@ def _pass1(x: Tensor, out: Tensor, w1: Tensor, bn, spec: GhostSpec, dtype: torch
 
 
 def _pass2(out: Tensor, wd: Tensor, bn, spec: GhostSpec, dtype: torch.dtype, cfg: TwoPassConfig,
-           stats: bool = False, grad: Optional[Tuple[Tensor, Tensor]] = None):
+           stats: bool = False, grad: Optional[Tuple[Tensor, Tensor]] = None,
+           gz: Optional[Tuple[Tensor, Tensor]] = None):
     """Launch pass 2 on (a batch slice of) out; ``bn``: ``(kernel args, flags)``. ``stats``: the STATS
     variant (every ghost channel, channels_last or strided kernel), returns (count per program row,
     sums, M2s) of z2. ``grad`` = (dL/dout slice, BN2's bias-free mean): the GRAD variant, returns the
-    per-program BN2 backward sums [2, programs, oup - m]."""
+    per-program BN2 backward sums [2, programs, oup - m]; with ``gz`` = (g_z2 buffer N x (oup - m) x H' x
+    W', coefficients [3, oup - m]) also: GRAD 2, g_z2 stored, returns the per-program sums of g_z2 [2,
+    programs, oup - m] (plane 1 unwritten)."""
     n, _, ho, wo = out.shape
     sms = _sms(out)
     o_mode = _mode(out, 1)
@@ -335,15 +358,16 @@ def _pass2(out: Tensor, wd: Tensor, bn, spec: GhostSpec, dtype: torch.dtype, cfg
     overread = o_mode == DENSE_CL and n_cb2 * cfg.BLOCK_C <= spec.oup
     part = torch.empty(2, n_ub * n_bands, kept, dtype=torch.float32, device=out.device) if reduce else wd
     g, mu = grad if grad is not None else (out, wd)
+    zbuf, coef = gz[:2] if gz is not None else (out, wd)
     tc.launch(
         _dw_kernel, (n_ub * n_bands * n_cb2,),
-        out, wd, *bn_args, part, g, mu,
+        out, wd, *bn_args, part, g, mu, coef, zbuf,
         u_total, ho, wo, ho * wo, wg, mg_wg, sh_wg,
-        *out.stride(), *g.stride(),
+        *out.stride(), *g.stride(), *zbuf.stride(),
         n_bands, band_rows, n_ub * n_bands * kept,
         loops=(ho / n_bands,) + (() if hoist else (d,)),   # rows per program (the last band may be shorter); taps
         M=spec.m, OUP=spec.oup, RATIO=spec.ratio, DW=d, ACT=tc.act_code(spec.act),
-        BN=flags, O_MODE=o_mode, STATS=stats, GRAD=grad is not None,
+        BN=flags, O_MODE=o_mode, STATS=stats, GRAD=0 if grad is None else 1 if gz is None else 2 if gz[2] else 3,
         BLOCK_G=cfg.BLOCK_G, BLOCK_C=cfg.BLOCK_C, PIXR=pixr, W_HOIST=hoist,
         PAIRS=pairs, OVERREAD=overread, STAGES=stages2, num_warps=cfg.WARPS2,
     )

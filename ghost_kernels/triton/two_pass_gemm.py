@@ -14,6 +14,14 @@ if triton is not None:
         return q.to(tl.int32, bitcast=True)
 
     @triton.jit
+    def _band_program(N_CB: tl.constexpr, n_bands):
+        """(channel block, band, unit block) of this program of a stencil grid: channel block fastest, then
+        band (programs running together share their rows through L2)."""
+        pid = tl.program_id(0)
+        t = pid // N_CB
+        return pid % N_CB, t % n_bands, t // n_bands
+
+    @triton.jit
     def _tap_weights(wd_ptr, j, j_ok, DD: tl.constexpr):
         """The DD tap weights of ghost channels ``j`` in fp32, as a tuple of [BLOCK_C] vectors."""
         ws = ()
@@ -32,6 +40,46 @@ if triton is not None:
         dev = tl.where(p_ok[:, None], z - mean[None, :], 0.0)
         tl.store(row_ptr + c, total, mask=c_ok)
         tl.store(row_ptr + plane + c, tl.sum(dev * dev, axis=0), mask=c_ok)
+
+    @triton.jit
+    def _o_ptrs(out_ptr, n64, q, p, oh, ow, c, o_plane, son, soc, soh, sow, HWO, OUP: tl.constexpr,
+                O_MODE: tl.constexpr, PER_IMAGE: tl.constexpr):
+        """Pointers of the [pixels, channels] tile of ``out`` (its layout mode)."""
+        if O_MODE == 2:
+            if PER_IMAGE:
+                o_ptrs = out_ptr + ((n64 * HWO + q) * OUP)[:, None] + c[None, :]
+            else:
+                o_ptrs = out_ptr + (p.to(tl.int64) * OUP)[:, None] + c[None, :]
+        elif O_MODE == 3:
+            o_ptrs = out_ptr + ((n64 * OUP + c) * o_plane)[None, :] + q[:, None]
+        elif O_MODE == 1:
+            o_ptrs = out_ptr + (n64 * son + q.to(tl.int64) * sow)[:, None] + c.to(tl.int64)[None, :] * soc
+        else:
+            o_ptrs = (out_ptr + (n64 * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow)[:, None]
+                      + c.to(tl.int64)[None, :] * soc)
+        return o_ptrs
+
+    @triton.jit
+    def _bn1_grad(z, u, y, g, p_ok, c, c_ok, coef_ptr, row_ptr, plane, M: tl.constexpr, ACT: tl.constexpr,
+                  GRAD: tl.constexpr):
+        """GRAD: g_u1 = act'(u1) dL/dy1 (the tile ``g``) on the tile; GRAD 1: its two BN1 backward
+        sums per channel stored at ``row_ptr + c`` and ``plane`` further (returns the tile unchanged);
+        GRAD 2: returns g_z1 = a1 g_u1 + b1 + c1 (z1 - mean1) (coefficients at ``coef_ptr``, M apart);
+        GRAD 3 (BN1 on running statistics): g_z1 = a1 g_u1."""
+        ok = p_ok[:, None] & c_ok[None, :]
+        gu = tl.where(ok, tc.act_grad(g.to(tl.float32), u, y, ACT), 0.0)
+        zc = z - tl.load(coef_ptr + c, mask=c_ok, other=0.0)[None, :]
+        if GRAD == 1:
+            tl.store(row_ptr + c, tl.sum(gu, axis=0), mask=c_ok)
+            tl.store(row_ptr + plane + c, tl.sum(gu * zc, axis=0), mask=c_ok)
+            return y
+        else:
+            gz = tl.load(coef_ptr + M + c, mask=c_ok, other=0.0)[None, :] * gu
+            if GRAD == 2:   # batch statistics (3: running statistics, where zc may be NaN and 0 * NaN is NaN)
+                cb = tl.load(coef_ptr + 2 * M + c, mask=c_ok, other=0.0)
+                cc = tl.load(coef_ptr + 3 * M + c, mask=c_ok, other=0.0)
+                gz += cb[None, :] + cc[None, :] * zc
+            return gz
 
     @triton.jit
     def _act(y, ACT: tl.constexpr):
@@ -75,12 +123,12 @@ if triton is not None:
                                    "mg_hw", "sh_hw", "mg_w", "sh_w", "n_tiles", "tiles_per_prog",
                                    "part_plane"])
     def _pw_kernel(
-        x_ptr, w1_ptr, out_ptr, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, cb1_ptr, part_ptr,
+        x_ptr, w1_ptr, out_ptr, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, cb1_ptr, part_ptr, coef_ptr,
         P_TOTAL, HW_IN, W_IN, HWO, WO, QB, HWV_X, HWV_O, mg_hw, sh_hw, mg_w, sh_w,
         sxn, sxc, sxh, sxw, son, soc, soh, sow,
         n_tiles, tiles_per_prog, part_plane,
         C_IN: tl.constexpr, M: tl.constexpr, OUP: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
-        ACT: tl.constexpr, STATS: tl.constexpr,
+        ACT: tl.constexpr, STATS: tl.constexpr, GRAD: tl.constexpr,
         BN: tl.constexpr, X_MODE: tl.constexpr, O_MODE: tl.constexpr,
         VPX: tl.constexpr, VPO: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -99,7 +147,14 @@ if triton is not None:
         STATS (the training forward's statistics pass, ``train_ops.py``): nothing is stored in ``out``;
         each tile stores, per channel, the sum of its raw z1 = x @ w1 (no bias, no BN) over its valid
         pixels and their squared deviations about the tile's own mean, at ``part[0 / 1, pixel tile, c]``
-        (``part_plane`` elements apart): Chan's merge of them is BN1's batch mean and variance."""
+        (``part_plane`` elements apart): Chan's merge of them is BN1's batch mean and variance.
+
+        GRAD (the training backward's last passes, ``train_backward.py``): ``out`` holds dL/dy1 (M
+        channels); u1 = z1 * scale1 + shift1 and y1 = act(u1) as the forward's writing pass computes
+        them, g_u1 = act'(u1) dL/dy1. GRAD 1 stores per tile sum(g_u1) and sum(g_u1 (z1 - mean1)) as
+        STATS stores its moments (BN1's backward sums; ``coef_ptr``: mean1 of the bias-free z1); GRAD 2
+        overwrites dL/dy1 in place with BN1's input gradient g_z1 = a1 g_u1 + b1 + c1 (z1 - mean1)
+        (``coef_ptr``: [4, M] fp32 mean1, a1, b1, c1); GRAD 3 with a1 g_u1 (BN1 on running statistics)."""
         N_CB: tl.constexpr = (M + BLOCK_N - 1) // BLOCK_N
         ONE_K: tl.constexpr = C_IN <= BLOCK_K
         K_MASK: tl.constexpr = C_IN % BLOCK_K != 0
@@ -124,6 +179,7 @@ if triton is not None:
         else:
             xk = rk.to(tl.int64) * sxc
             x_kstep = BLOCK_K * tl.cast(sxc, tl.int64)
+        o_plane = 0
         if O_MODE == 3:
             o_plane = tl.cast(HWV_O, tl.int64) * VPO
         if N_CB == 1:  # one channel block: BN1 (and w1, if one K step) once per program
@@ -142,6 +198,11 @@ if triton is not None:
                 c = cb * BLOCK_N + rn
                 c_ok = c < M
                 scale, shift = tc.folded_bn(c, c_ok, g1_ptr, b1_ptr, m1_ptr, v1_ptr, eps1, cb1_ptr, BN)
+            q = rp          # (placeholders of the coordinates a layout mode does not use)
+            p = rp
+            oh = rp
+            ow = rp
+            n64 = tl.cast(0, tl.int64)
             # pixel coordinates: image n (scalar per tile, or per pixel), q = oh * W' + ow, (oh, ow)
             if PER_IMAGE:
                 n = pb // QB
@@ -163,6 +224,10 @@ if triton is not None:
                 ow = q - oh * WO
             if PER_IMAGE or SPATIAL:
                 n64 = tl.cast(n, tl.int64)
+            if GRAD:   # dL/dy1's tile, issued before the K loop: its latency hides behind the GEMM's
+                o_ptrs = _o_ptrs(out_ptr, n64, q, p, oh, ow, c, o_plane, son, soc, soh, sow, HWO, OUP, O_MODE,
+                                 PER_IMAGE)
+                g_tile = tl.load(o_ptrs, mask=p_ok[:, None] & c_ok[None, :], other=0.0)
             acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
             if KS != 1:
                 acc = _conv_taps(x_ptr, w1_ptr, acc, n64, oh, ow, p_ok, c, c_ok, rk, xk, x_kstep, HW_IN, W_IN,
@@ -199,20 +264,16 @@ if triton is not None:
             if STATS:
                 _tile_moments(acc, p_ok, c, c_ok, part_ptr + tl.cast(pb, tl.int64) * M, part_plane)
             else:
-                y = _act(acc * scale[None, :] + shift[None, :], ACT)
-                if O_MODE == 2:
-                    if PER_IMAGE:
-                        o_ptrs = out_ptr + ((n64 * HWO + q) * OUP)[:, None] + c[None, :]
+                u = acc * scale[None, :] + shift[None, :]
+                y = _act(u, ACT)
+                if not GRAD:
+                    o_ptrs = _o_ptrs(out_ptr, n64, q, p, oh, ow, c, o_plane, son, soc, soh, sow, HWO, OUP, O_MODE,
+                                     PER_IMAGE)
+                if GRAD:
+                    y = _bn1_grad(acc, u, y, g_tile, p_ok, c, c_ok, coef_ptr, part_ptr + tl.cast(pb, tl.int64) * M,
+                                  part_plane, M, ACT, GRAD)
+                if GRAD != 1:
+                    if M % BLOCK_N == 0:
+                        tl.store(o_ptrs, y.to(dt), mask=p_ok[:, None])
                     else:
-                        o_ptrs = out_ptr + (p.to(tl.int64) * OUP)[:, None] + c[None, :]
-                elif O_MODE == 3:
-                    o_ptrs = out_ptr + ((n64 * OUP + c) * o_plane)[None, :] + q[:, None]
-                elif O_MODE == 1:
-                    o_ptrs = out_ptr + (n64 * son + q.to(tl.int64) * sow)[:, None] + c.to(tl.int64)[None, :] * soc
-                else:
-                    o_ptrs = (out_ptr + (n64 * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow)[:, None]
-                              + c.to(tl.int64)[None, :] * soc)
-                if M % BLOCK_N == 0:
-                    tl.store(o_ptrs, y.to(dt), mask=p_ok[:, None])
-                else:
-                    tl.store(o_ptrs, y.to(dt), mask=p_ok[:, None] & c_ok[None, :])
+                        tl.store(o_ptrs, y.to(dt), mask=p_ok[:, None] & c_ok[None, :])

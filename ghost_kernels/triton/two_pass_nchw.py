@@ -6,7 +6,7 @@ from . import common as tc
 from .common import tl, triton
 
 if triton is not None:
-    from .two_pass_gemm import _act, _tap_weights, _udiv
+    from .two_pass_gemm import _act, _band_program, _tap_weights, _udiv
     from .two_pass_stencil import _hoisted_row, _row_weights
 
     @triton.jit
@@ -143,11 +143,7 @@ if triton is not None:
         C_FULL: tl.constexpr = M_NEED % BLOCK_C == 0
         ENTRY: tl.constexpr = R1 * VW
 
-        pid = tl.program_id(0)
-        cb = pid % N_CB                                       # channel block fastest, then band
-        t = pid // N_CB
-        band = t % n_bands
-        ub = t // n_bands
+        cb, band, ub = _band_program(N_CB, n_bands)
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < M_NEED
         ss = ()

@@ -6,7 +6,8 @@ from . import common as tc
 from .common import tl, triton
 
 if triton is not None:
-    from .two_pass_gemm import _act, _tap_weights, _udiv
+    from .two_pass_gemm import _act, _band_program, _tap_weights, _udiv
+    from .two_pass_rows import _grad_row, _grad_store, _gz_row, _stats_row, _stats_store
 
     @triton.jit
     def _row_weights(wd_ptr, jj, jok, dy, DW: tl.constexpr, NG: tl.constexpr):
@@ -110,81 +111,33 @@ if triton is not None:
                              mask=p_ok[:, None] & jok[t][None, :])
 
     @triton.jit
-    def _stats_row(accs, stats, col_ok, first, PAD: tl.constexpr, NG: tl.constexpr, PIXR: tl.constexpr):
-        """STATS: one complete output row's accumulators into the program's running moments, per group
-        t a (shift, sum, sum of squares) triple of [BLOCK_G, BV] tiles: the sums are of z2 - shift over
-        the lane's valid pixels, the shift is the lane's first value (row h0, pixel 0), so that the
-        squares do not cancel however far the mean is from 0."""
-        new = ()
-        for t in tl.static_range(NG):
-            sh = tl.where(first, accs[t * PIXR], stats[3 * t])
-            s = stats[3 * t + 1]
-            q = stats[3 * t + 2]
-            for r in tl.static_range(PIXR):
-                v = tl.where(col_ok[PAD + r][:, None], accs[t * PIXR + r] - sh, 0.0)
-                s += v
-                q += v * v
-            new = new + (sh, s, q)
-        return new
-
-    @triton.jit
-    def _stats_store(stats, col_ok, rows, jj, jok, row_ptr, plane,
-                     PAD: tl.constexpr, NG: tl.constexpr, PIXR: tl.constexpr):
-        """STATS: the program's moments per ghost channel ``jj[t]``: the sum over its pixels and their
-        squared deviations about the program's mean (Chan's merge of the lanes), at ``row_ptr + j`` and
-        ``plane`` elements further."""
-        cnt = col_ok[PAD].to(tl.float32)
-        for r in tl.static_range(1, PIXR):
-            cnt += col_ok[PAD + r].to(tl.float32)
-        n_l = (cnt * rows)[:, None]                        # values per lane
-        has = n_l > 0
-        inv = 1.0 / tl.maximum(n_l, 1.0)
-        n_all = tl.maximum(tl.sum(cnt, axis=0) * rows, 1.0)
-        for t in tl.static_range(NG):
-            sh = stats[3 * t]
-            s = stats[3 * t + 1]
-            q = stats[3 * t + 2]
-            total = tl.sum(tl.where(has, s + n_l * sh, 0.0), axis=0)
-            dev = sh + s * inv - (total / n_all)[None, :]
-            m2 = tl.sum(tl.where(has, q - s * s * inv + n_l * dev * dev, 0.0), axis=0)
-            tl.store(row_ptr + jj[t], total, mask=jok[t])
-            tl.store(row_ptr + plane + jj[t], m2, mask=jok[t])
-
-    @triton.jit
-    def _grad_row(accs, sums, g_row, gcs, col_ok, ss, bs, mus, jok, gcol,
-                  PAD: tl.constexpr, NG: tl.constexpr, PIXR: tl.constexpr, ACT: tl.constexpr):
-        """GRAD: one complete output row of z2 (``accs``) into the program's BN2 backward sums, per group
-        t a (sum of g_u2, sum of g_u2 (z2 - mean2)) pair of [BLOCK_G, BV] tiles; u2 = z2 * scale2 + shift2
-        as the forward's writing pass computes it, g_u2 = act'(u2) dL/dy2 (``common.act_grad``)."""
-        new = ()
-        for t in tl.static_range(NG):
-            s1 = sums[2 * t]
-            s2 = sums[2 * t + 1]
-            for r in tl.static_range(PIXR):
-                ok = col_ok[PAD + r][:, None] & jok[t][None, :]
-                z = accs[t * PIXR + r]
-                u = z * ss[t][None, :] + bs[t][None, :]
-                g = tl.load((g_row + r * gcol)[:, None] + gcs[t][None, :], mask=ok, other=0.0).to(tl.float32)
-                gu = tl.where(ok, tc.act_grad(g, u, tc.act(u, ACT), ACT), 0.0)
-                s1 += gu
-                s2 += gu * (z - mus[t][None, :])
-            new = new + (s1, s2)
-        return new
-
-    @triton.jit
-    def _grad_store(sums, jj, jok, row_ptr, plane, NG: tl.constexpr):
-        """GRAD: the program's two sums per kept ghost channel ``jj[t]``, at ``row_ptr + j`` and ``plane``
-        elements further."""
-        for t in tl.static_range(NG):
-            tl.store(row_ptr + jj[t], tl.sum(sums[2 * t], axis=0), mask=jok[t])
-            tl.store(row_ptr + plane + jj[t], tl.sum(sums[2 * t + 1], axis=0), mask=jok[t])
+    def _finish_row(accs, stats, o, h0, g_ptr, g_pix, sgh, gcs, sgw, gz_ptr, z_pix, szh, zcs, szw, mus, coefs,
+                    o_pix, o_row, ocol, cgs, col_ok, ss, bs, jok, cc_ok, out_ptr,
+                    PAD: tl.constexpr, NG: tl.constexpr, PIXR: tl.constexpr, PAIRS: tl.constexpr, ACT: tl.constexpr,
+                    STATS: tl.constexpr, GRAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Output row ``o`` is complete in ``accs``: BN2 + act and the store, or the row's part of the
+        program's reductions (STATS, GRAD 1), or its g_z2 (GRAD 2). Returns the reductions."""
+        o64 = tl.cast(o, tl.int64)
+        if GRAD == 1:
+            stats = _grad_row(accs, stats, g_ptr + (g_pix + o64 * sgh), gcs, col_ok, ss, bs, mus, jok, cc_ok, sgw,
+                              PAD, NG, PIXR, ACT, PAIRS, BLOCK_G, BLOCK_C)
+        elif GRAD >= 2:
+            stats = _gz_row(accs, stats, g_ptr + (g_pix + o64 * sgh), gcs, col_ok, ss, bs, mus, coefs, jok, cc_ok,
+                            sgw, gz_ptr + (z_pix + o64 * szh), zcs, szw, PAD, NG, PIXR, PAIRS, ACT, GRAD == 2,
+                            BLOCK_G, BLOCK_C)
+        elif STATS:
+            stats = _stats_row(accs, stats, col_ok, o == h0, PAD, NG, PIXR)
+        else:
+            _cl_store_row(accs, o_pix + o64 * o_row, ocol, cgs, col_ok, ss, bs, jok, cc_ok, out_ptr,
+                          PAD, NG, PIXR, PAIRS, ACT, BLOCK_G, BLOCK_C)
+        return stats
 
     @triton.jit(do_not_specialize=["U_TOTAL", "HO", "WO", "HWO", "WG", "mg_wg", "sh_wg", "n_bands", "band_rows",
                                    "part_plane"])
     def _dw_kernel(
-        out_ptr, wd_ptr, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, cb2_ptr, part_ptr, g_ptr, mu_ptr,
+        out_ptr, wd_ptr, g2_ptr, b2_ptr, m2_ptr, v2_ptr, eps2, cb2_ptr, part_ptr, g_ptr, mu_ptr, coef_ptr, gz_ptr,
         U_TOTAL, HO, WO, HWO, WG, mg_wg, sh_wg,
-        son, soc, soh, sow, sgn, sgc, sgh, sgw,
+        son, soc, soh, sow, sgn, sgc, sgh, sgw, szn, szc, szh, szw,
         n_bands, band_rows, part_plane,
         M: tl.constexpr, OUP: tl.constexpr, RATIO: tl.constexpr, DW: tl.constexpr, ACT: tl.constexpr,
         BN: tl.constexpr, O_MODE: tl.constexpr, STATS: tl.constexpr, GRAD: tl.constexpr,
@@ -229,7 +182,11 @@ if triton is not None:
         into ``out[:, :M]`` by pass 1; for the kept ghost channels, u2 = z2 * scale2 + shift2 (BN given
         as AFFINE) and g_u2 = act'(u2) dL/dy2 (``g_ptr``, strides ``sg*``: dL/dout, its ghost channels)
         are reduced per program and channel into sum(g_u2) and sum(g_u2 (z2 - mean2)) (``mu_ptr``: BN2's
-        mean of the bias-free z2), at ``part[0 / 1, band block, j]``: BN2's backward sums."""
+        mean of the bias-free z2), at ``part[0 / 1, band block, j]``: BN2's backward sums. GRAD 2 (the
+        backward's second pass): with B1's sums over the batch as per-channel coefficients (``coef_ptr``:
+        [3, OUP - M] fp32 a2, b2, c2), BN2's input gradient g_z2 = a2 g_u2 + b2 + c2 (z2 - mean2) is
+        stored for the kept ghost channels (``gz_ptr``, strides ``sz*``, channel j at j) and summed per
+        program into ``part[0, band block, j]`` (dL/dbias2); GRAD 3: a2 g_u2 (BN2 on running statistics)."""
         R1: tl.constexpr = RATIO - 1
         DD: tl.constexpr = DW * DW
         PAD: tl.constexpr = DW // 2
@@ -242,11 +199,7 @@ if triton is not None:
         BV: tl.constexpr = BLOCK_C // 2 if PAIRS else BLOCK_C
         ENTRY: tl.constexpr = NG * PIXR                    # accumulator tiles of one output row
 
-        pid = tl.program_id(0)
-        cb = pid % N_CB                                    # channel block fastest, then band
-        t = pid // N_CB
-        band = t % n_bands
-        ub = t // n_bands
+        cb, band, ub = _band_program(N_CB, n_bands)
         cv = cb * BV + tl.arange(0, BV)                    # channel (pair) vector
         if PAIRS:
             c_ok = 2 * cv < M_NEED
@@ -337,16 +290,32 @@ if triton is not None:
         if not PAIRS:
             cc_ok = c_ok                                   # (unused without PAIRS)
         stats = ()
+        mus = ()
+        gcs = ()
+        coefs = ()
+        zcs = ()
+        g_pix = n64
+        z_pix = n64
         if GRAD:
             zero = tl.zeros([BLOCK_G, BV], dtype=tl.float32)
             for t in tl.static_range(NG):
                 stats = stats + (zero, zero)
-            mus = ()
-            gcs = ()
-            for t in tl.static_range(NG):
                 mus = mus + (tl.load(mu_ptr + jj[t], mask=jok[t], other=0.0),)
-                gcs = gcs + ((M + jj[t]).to(tl.int64) * sgc,)
+                if PAIRS:   # one load of the block's interleaved channels
+                    gcs = ((M + cc).to(tl.int64) * sgc,)
+                else:
+                    gcs = gcs + ((M + jj[t]).to(tl.int64) * sgc,)
             g_pix = n64 * sgn + w0.to(tl.int64) * sgw
+        if GRAD >= 2:
+            for t in tl.static_range(NG):
+                coefs = coefs + ((tl.load(coef_ptr + jj[t], mask=jok[t], other=0.0),
+                                  tl.load(coef_ptr + KEPT + jj[t], mask=jok[t], other=0.0),
+                                  tl.load(coef_ptr + 2 * KEPT + jj[t], mask=jok[t], other=0.0)),)
+                if PAIRS:   # one interleaved store of the block's channels
+                    zcs = (cc.to(tl.int64) * szc,)
+                else:
+                    zcs = zcs + (jj[t].to(tl.int64) * szc,)
+            z_pix = n64 * szn + w0.to(tl.int64) * szw
         if STATS:
             for t in tl.static_range(NG):
                 zero = tl.zeros([BLOCK_G, BV], dtype=tl.float32)
@@ -365,15 +334,10 @@ if triton is not None:
                 lo, hi = _cl_load_row(y_ptr, pix, o + PAD, row_step, cy, col_step, HO_U, col_ok, c_ok,
                                       PAD, NCOL, PAIRS, C_FULL)
                 ring = _ring_taps(ring, lo, hi, wts, DW, 2 * PAD, DW, NG, PIXR, PAIRS)
-                # output row o is complete: BN2 + act, store (STATS: reduce); the ring turns
-                if GRAD:
-                    stats = _grad_row(ring, stats, g_ptr + (g_pix + tl.cast(o, tl.int64) * sgh), gcs, col_ok,
-                                      ss, bs, mus, jok, sgw, PAD, NG, PIXR, ACT)
-                elif STATS:
-                    stats = _stats_row(ring, stats, col_ok, o == h0, PAD, NG, PIXR)
-                else:
-                    _cl_store_row(ring, o_pix + tl.cast(o, tl.int64) * o_row, ocol, cgs, col_ok, ss, bs, jok,
-                                  cc_ok, out_ptr, PAD, NG, PIXR, PAIRS, ACT, BLOCK_G, BLOCK_C)
+                # output row o is complete (stored, or reduced); the ring turns
+                stats = _finish_row(ring, stats, o, h0, g_ptr, g_pix, sgh, gcs, sgw, gz_ptr, z_pix, szh, zcs, szw,
+                                    mus, coefs, o_pix, o_row, ocol, cgs, col_ok, ss, bs, jok, cc_ok, out_ptr,
+                                    PAD, NG, PIXR, PAIRS, ACT, STATS, GRAD, BLOCK_G, BLOCK_C)
                 turned = ()
                 for i in tl.static_range(ENTRY, DW * ENTRY):
                     turned = turned + (ring[i],)
@@ -392,16 +356,11 @@ if triton is not None:
                     lo, hi = _cl_load_row(y_ptr, pix, o + dy - PAD, row_step, cy, col_step, HO_U, col_ok, c_ok,
                                           PAD, NCOL, PAIRS, C_FULL)
                     accs = _row_taps(accs, lo, hi, _row_weights(wd_ptr, jj, jok, dy, DW, NG), DW, NG, PIXR, PAIRS)
-                if GRAD:
-                    stats = _grad_row(accs, stats, g_ptr + (g_pix + tl.cast(o, tl.int64) * sgh), gcs, col_ok,
-                                      ss, bs, mus, jok, sgw, PAD, NG, PIXR, ACT)
-                elif STATS:
-                    stats = _stats_row(accs, stats, col_ok, o == h0, PAD, NG, PIXR)
-                else:
-                    _cl_store_row(accs, o_pix + tl.cast(o, tl.int64) * o_row, ocol, cgs, col_ok, ss, bs, jok,
-                                  cc_ok, out_ptr, PAD, NG, PIXR, PAIRS, ACT, BLOCK_G, BLOCK_C)
+                stats = _finish_row(accs, stats, o, h0, g_ptr, g_pix, sgh, gcs, sgw, gz_ptr, z_pix, szh, zcs, szw,
+                                    mus, coefs, o_pix, o_row, ocol, cgs, col_ok, ss, bs, jok, cc_ok, out_ptr,
+                                    PAD, NG, PIXR, PAIRS, ACT, STATS, GRAD, BLOCK_G, BLOCK_C)
         if GRAD:
-            _grad_store(stats, jj, jok, part_ptr + (ub * n_bands + band).to(tl.int64) * KEPT, part_plane, NG)
+            _grad_store(stats, jj, jok, part_ptr + (ub * n_bands + band).to(tl.int64) * KEPT, part_plane, NG, GRAD == 1)
         if STATS:
             _stats_store(stats, col_ok, (h1 - h0).to(tl.float32), jj, jok,
                          part_ptr + (ub * n_bands + band).to(tl.int64) * KEPT, part_plane, PAD, NG, PIXR)

@@ -140,7 +140,10 @@ def _compile_job_safe(job: CompileJob) -> dict:
     try:
         return compile_job(job)
     except Exception as exc:  # reported per row
-        return dict(key=job.key, error=f"{type(exc).__name__}: {exc}"[:4000])
+        msg, cause = f"{type(exc).__name__}: {exc}", exc.__cause__ or exc.__context__
+        while cause is not None:   # a CompilationError in a called jit function: the cause is chained
+            msg, cause = f"{msg}\n{type(cause).__name__}: {cause}", cause.__cause__ or cause.__context__
+        return dict(key=job.key, error=msg if len(msg) <= 4000 else f"{msg[:1000]} [...] {msg[-3000:]}")
 
 
 def compile_jobs(jobs: Sequence[CompileJob], workers: int = MAX_WORKERS, progress=None) -> Dict[str, dict]:

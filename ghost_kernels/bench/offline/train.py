@@ -6,7 +6,7 @@ writes ``offline-train.json`` and ``offline-train.md``; from Python :func:`model
 
 Why a separate path from the inference rows: a training step is not one family's launcher but the
 training ops' Python (``triton/train_ops.py``, ``triton/train_backward.py``), which mixes Triton
-launches with torch ops (the per-tile partial sums, BatchNorm's per-channel arithmetic, and B3's two
+launches with torch ops (the per-tile partial sums, BatchNorm's per-channel arithmetic, and B6's two
 cuBLAS GEMMs). Leaving the torch ops out would make the backward look cheap exactly where its bytes
 are; so every torch op the step runs is counted too, by bytes.
 
@@ -18,7 +18,7 @@ How a phase's row is made
    run on CPU tensors of the real shapes (``cases.make_inputs``: ``torch.empty`` inputs, nothing
    touched until read) inside :func:`ghost_kernels.triton.common.capture_launches`: every Triton launch
    is recorded, not run. Where a launch's output feeds a later step (F1's partial sums -> BN1's moments
-   -> F2's scale, F3's -> F4's; B2's fp32 maps -> B3), the later step runs on the uninitialised buffer: the model
+   -> F2's scale, F3's -> F4's; B1's sums -> B2's coefficients, ...), the later step runs on the uninitialised buffer: the model
    needs only shapes, strides and dtypes, so the values are irrelevant. dL/dout is an empty tensor
    shaped like ``out``.
 2. **Torch ops.** The same run happens under ``train_capture.TorchTraffic``, a ``TorchDispatchMode``
@@ -30,17 +30,16 @@ How a phase's row is made
    GEMMs read zero pages, a fraction of a second per module.
 3. **Triton launches** are specialized, compiled and modelled exactly as inference launches
    (``specialize.specialize_launch``, ``compiler.compile_jobs``, ``rows.model_launch``: instructions,
-   registers, spills, the latency term; the persistent kernels B1 and B2 take their grid's CPU
-   path, 3 programs, and the latency term sizes the GPU's grid from the occupancy, as for inference;
-   F1-F4 are ``triton_two_pass``'s launches, gridded for 132 SMs while captured).
+   registers, spills, the latency term; every pass is ``triton_two_pass``'s two kernels or B3's
+   transposed stencil, gridded for 132 SMs while captured).
    Their HBM bytes are declared per kernel in ``train_capture.triton_traffic`` from the design note
    of ``triton/train_kernels.py`` (which tensor a pass reads and writes, and how much of it): a kernel
    not declared there is an error in the row, never a silent zero. Conventions: x counts once per
-   pass that reads it (the halo tiles' overlap and the channel blocks of one tile share it through L2,
-   as the inference model counts ``triton_halo`` and ``triton_two_pass``); F3 and F4 read y1 back
-   from ``out[:, :m]`` in whole 32-byte sectors where the output is channels_last (as the inference
-   model counts two-pass's pass 2); per-program scratch (``y1s``, ``gzs``) stays in L2 and counts
-   nothing; weights and per-channel vectors count once.
+   pass that reads it (the channel blocks of one tile share it through L2, as the inference model
+   counts ``triton_two_pass``); the stencil passes (F3, F4, B1, B2) read y1 back from ``out[:, :m]``
+   (or B0's scratch) in whole 32-byte sectors where the output is channels_last (as the inference
+   model counts two-pass's pass 2); B3 reads g_z2, y1 and dL/dout[:, :m] once each (its window's
+   overlapping rows and columns come from L1/L2); weights and per-channel vectors count once.
 
 The floor (:func:`train_floor`)
 ===============================

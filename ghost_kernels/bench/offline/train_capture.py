@@ -18,13 +18,16 @@ BYTES_BUDGET = 1.6           # bytes moved / training floor, over the network's 
 KERNEL_INSTR_BUDGET = 0.3    # warp-instructions per byte of a kernel's own traffic
 # The kernel files a training row depends on (a committed result records their hashes)
 TRAIN_KERNEL_FILES = ("train_kernels.py", "train_ops.py", "train_backward.py", "two_pass.py", "two_pass_train.py",
-                      "two_pass_gemm.py", "two_pass_stencil.py", "two_pass_nchw.py", "two_pass_config.py", "common.py")
+                      "two_pass_gemm.py", "two_pass_stencil.py", "two_pass_rows.py", "two_pass_nchw.py",
+                      "two_pass_config.py", "common.py")
 # The pass names of the design note (train_kernels.py), per phase, kernel and its STATS / GRAD constexpr
 PASS_NAMES = {("forward", "_pw_kernel", True): "F1", ("forward", "_pw_kernel", False): "F2",
               ("forward", "_dw_kernel", True): "F3", ("forward", "_dw_kernel", False): "F4",
               ("forward", "_dw_nchw_kernel", False): "F4",
-              ("backward", "_pw_kernel", False): "B0", ("backward", "_dw_kernel", "grad"): "B1",
-              ("backward", "_ghost_bwd_kernel", None): "B2", ("backward", "_bn_input_grad_kernel", None): "B3"}
+              ("backward", "_pw_kernel", False): "B0", ("backward", "_dw_kernel", "grad1"): "B1",
+              ("backward", "_dw_kernel", "grad2"): "B2", ("backward", "_dw_kernel", "grad3"): "B2",
+              ("backward", "_dw_bwd_kernel", None): "B3", ("backward", "_pw_kernel", "grad1"): "B4",
+              ("backward", "_pw_kernel", "grad2"): "B5", ("backward", "_pw_kernel", "grad3"): "B5"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,9 +174,10 @@ def _kernel_name(launch) -> str:
 
 
 def pass_name(launch, phase: str) -> str:
-    """F1-F4, B0-B3 (the design note of ``train_kernels.py``) for a launch of a training ``phase``."""
+    """F1-F4, B0-B5 (the design note of ``train_kernels.py``) for a launch of a training ``phase``."""
     name = _kernel_name(launch)
-    key = "grad" if launch.kwargs.get("GRAD") else launch.kwargs.get("STATS")
+    grad = launch.kwargs.get("GRAD")
+    key = f"grad{int(grad)}" if grad else launch.kwargs.get("STATS")
     return PASS_NAMES.get((phase, name, key), name)
 
 
@@ -185,34 +189,40 @@ def triton_traffic(launch, spec, n: int, h: int, w: int, elem: int) -> dict:
     a = dict(zip(launch.kernel.arg_names, launch.args))
     ho, wo = spec.out_hw(h, w)
     x = n * spec.inp * h * w * elem
-    out = n * spec.oup * ho * wo * elem
     ghost = n * (spec.oup - spec.m) * ho * wo * elem          # out[:, m:] / dL/dout[:, m:]
     weights = _nbytes(a["w1_ptr"]) if "w1_ptr" in a else 0
     weights += _nbytes(a["wd_ptr"]) if "wd_ptr" in a else 0
     y1 = two_pass_y1_bytes(spec, n, ho, wo, elem, launch)
-    if name == "_pw_kernel":   # F1, F2; B0 (the backward's y1, as F2 wrote it)
+    m_map = n * spec.m * ho * wo * elem                       # y1, dL/dy1, dL/dz1 (m channels)
+    grad = int(launch.kwargs.get("GRAD") or 0)
+    if name == "_pw_kernel":   # F1, F2; B0 (the backward's y1, as F2 wrote it); B4, B5
+        if grad == 1:
+            return dict(read_bytes=x + weights + m_map, write_bytes=_nbytes(a["part_ptr"]),
+                        traffic="reads x, w1, dL/dy1; writes per-tile BN1 backward sums")
+        if grad:
+            return dict(read_bytes=x + weights + m_map, write_bytes=m_map,
+                        traffic="reads x, w1, dL/dy1; writes dL/dz1 over dL/dy1")
         if launch.kwargs.get("STATS"):
             return dict(read_bytes=x + weights, write_bytes=_nbytes(a["part_ptr"]),
                         traffic="reads x, w1; writes per-tile z1 sums")
         return dict(read_bytes=x + weights, write_bytes=n * spec.m * ho * wo * elem,
                     traffic="reads x, w1; writes y1 into out[:, :m]")
     if name in ("_dw_kernel", "_dw_nchw_kernel"):
-        if launch.kwargs.get("GRAD"):
+        if grad == 1:
             return dict(read_bytes=y1 + ghost + weights, write_bytes=_nbytes(a["part_ptr"]),
                         traffic="reads y1 (B0's), dL/dout[:, m:], wd; writes per-program BN2 backward sums")
+        if grad:
+            return dict(read_bytes=y1 + ghost + weights, write_bytes=ghost + _nbytes(a["part_ptr"]),
+                        traffic="reads y1 (B0's), dL/dout[:, m:], wd; writes g_z2, per-program dL/dbias2")
         if launch.kwargs.get("STATS"):
             return dict(read_bytes=y1 + weights, write_bytes=_nbytes(a["part_ptr"]),
                         traffic="reads y1 (out[:, :m]), wd; writes per-program z2 sums")
         return dict(read_bytes=y1 + weights, write_bytes=ghost,
                     traffic="reads y1 (out[:, :m]), wd; writes out[:, m:]")
-    if name == "_ghost_bwd_kernel":
-        small = _nbytes(a["part_ptr"]) + _nbytes(a["gwd_ptr"])
-        return dict(read_bytes=x + out + weights, write_bytes=_nbytes(a["g1m_ptr"]) + _nbytes(a["zc1_ptr"]) + small,
-                    traffic="reads x, dL/dout, w1, wd; writes g1m and z1 - mean1 (fp32), per-tile dL/dwd and "
-                            "BN1 sums")
-    if name == "_bn_input_grad_kernel":
-        return dict(read_bytes=_nbytes(a["g_ptr"]) + _nbytes(a["zc_ptr"]), write_bytes=_nbytes(a["out_ptr"]),
-                    traffic="reads g1m and z1 - mean1 (fp32); writes dL/dz1 (compute dtype)")
+    if name == "_dw_bwd_kernel":
+        wgrad = _nbytes(a["part_ptr"]) if launch.kwargs.get("WGRAD") else 0
+        return dict(read_bytes=ghost + m_map + m_map + weights, write_bytes=m_map + wgrad,
+                    traffic="reads g_z2, y1 (B0's), dL/dout[:, :m], wd; writes dL/dy1, per-program dL/dwd")
     raise OfflineError(f"no HBM traffic declared for training kernel {name} (bench/offline/train.py: "
                        "triton_traffic)")
 
@@ -239,7 +249,7 @@ def torch_entries(ops: Sequence[dict], phase: str) -> List[dict]:
             e["small_bytes"] += op["read_bytes"] + op["write_bytes"]
     out = []
     for e in by.values():
-        e["pass"] = ("B3 GEMMs (cuBLAS)" if e["kernel"] in ("aten.mm", "aten.bmm", "aten.addmm") and
+        e["pass"] = ("B6 GEMMs (cuBLAS)" if e["kernel"] in ("aten.mm", "aten.bmm", "aten.addmm") and
                      phase == "backward" else "torch")
         e["hbm_bytes"] = e["read_bytes"] + e["write_bytes"]
         e["hbm_us"] = terms.hbm_us(e["hbm_bytes"])
